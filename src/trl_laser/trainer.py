@@ -1,0 +1,489 @@
+"""`LaSeRGRPOTrainer`: GRPO with LaSeR's last-token self-rewarding (`LASER_SPEC.md`), inside TRL's own data flow.
+
+How it rides on `GRPOTrainer` (TRL 1.16), one small seam each:
+
+- `_generate`: after TRL has generated, decoded, and measured the completions, z_c is appended to every finished
+  completion (one that ends with an EOS id). Its position gets attention 1, so TRL's fused LM head scores
+  `log pi(z_c | x, y, EOS)` in the same forward pass as the policy's tokens, and loss-mask 0 (through TRL's
+  `tool_mask`), so it adds nothing to the policy loss, KL, entropy or token counts. `mask_truncated_completions`
+  is applied here too, through the same mask, because TRL's own check would read z_c as a truncation.
+- `_calculate_rewards`: reward functions see the completion ids without z_c; the verifier's column is kept.
+- `_generate_and_score_completions`: class weights over the whole generation batch (all processes), c_ref, phase,
+  and the mixed advantage are attached to the batch as per-row tensors, which TRL shuffles and splits with the rest.
+- `_compute_loss`: the z_c log-probs are read from TRL's own forward (`_get_per_token_logps_and_entropies`) and
+  `alpha * l_MSE` is added, scaled so that the gradient accumulated over a generation batch is exactly the spec's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import textwrap
+from collections import defaultdict
+from typing import Any
+
+import torch
+from accelerate.utils import gather, is_peft_model
+from trl import GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
+
+from .config import LaSeRConfig
+from .core import Phase, class_weights, laser_phase, mixed_advantages, self_reward_loss, self_reward_score
+from .metrics import self_verification_metrics
+from .settings import SELF_REWARD_CONFIG_NAME, SelfRewardSettings
+
+
+logger = logging.getLogger(__name__)
+
+# Keys of TRL's generation batch that `_get_per_token_logps_and_entropies` takes (multimodal inputs).
+_FORWARD_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+_PHASE_CODE = {Phase.REASONING: 0, Phase.SELF_REWARD: 1, Phase.MIXED: 2}
+
+
+class LaSeRGRPOTrainer(GRPOTrainer):
+    """[`~trl.GRPOTrainer`] that also trains the policy to score its own answers with one token (LaSeR).
+
+    Same constructor as `GRPOTrainer`; `args` must be a [`LaSeRConfig`]. The first reward function (or the one named
+    by `self_reward_verifier`) must return the 0/1 verifier reward (or None to leave a completion out).
+    """
+
+    _tag_names = ["trl", "grpo", "laser", "self-rewarding"]
+    _name = "LaSeR"
+    _paper = {
+        "title": "LaSeR: Reinforcement Learning with Last-Token Self-Rewarding",
+        "id": "2510.14943",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @inproceedings{yang2026laser,
+                title        = {{LaSeR: Reinforcement Learning with Last-Token Self-Rewarding}},
+                author       = {Wenkai Yang and Weijie Liu and Ruobing Xie and Yiju Guo and Lulu Wu and Saiyong Yang and Yankai Lin},
+                booktitle    = {The Fourteenth International Conference on Learning Representations},
+                year         = 2026,
+                eprint       = {arXiv:2510.14943},
+            }"""),
+    }
+
+    def __init__(self, model: Any, reward_funcs: Any = None, args: LaSeRConfig | None = None, *pargs, **kwargs):
+        if not isinstance(args, LaSeRConfig):
+            raise TypeError(
+                "LaSeRGRPOTrainer needs `args=LaSeRConfig(...)` (a GRPOConfig with the self-reward settings), got "
+                f"{type(args).__name__}. `LaSeRConfig` takes every GRPOConfig argument."
+            )
+        if args.self_reward_token is None:
+            raise ValueError(
+                "`self_reward_token` is required: a special token the model never emits and the chat template does "
+                "not use, e.g. `<|vision_start|>` (Qwen2.5), `<|reserved_special_token_0|>` (Llama-3), `<gh_stars>` "
+                "(SmolLM2)."
+            )
+        super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+        self.self_reward_token_id, self.self_reward_token = self._resolve_self_reward_token(args.self_reward_token)
+
+        if args.self_reward_verifier is None:
+            self._verifier_index = 0
+        elif args.self_reward_verifier in self.reward_func_names:
+            self._verifier_index = self.reward_func_names.index(args.self_reward_verifier)
+        else:
+            raise ValueError(
+                f"`self_reward_verifier={args.self_reward_verifier!r}` is not among the reward functions "
+                f"{self.reward_func_names}. Set it to the name of the function that returns the 0/1 verifier reward."
+            )
+
+        self._ref_mode = (
+            "constant" if isinstance(args.self_reward_ref_constant, float) else args.self_reward_ref_constant
+        )
+        if self._ref_mode == "model" and self.beta == 0.0 and not is_peft_model(self.model):
+            raise ValueError(
+                "`self_reward_ref_constant='model'` reads z_c's log-prob from the reference model, which TRL only "
+                "keeps with `beta > 0` or a PEFT model (adapters disabled). Set `beta > 0`, train with PEFT, or use "
+                "`self_reward_ref_constant='auto'` / a number (the paper finds the constant matches the model)."
+            )
+        self._ref_constant: float | None = args.self_reward_ref_constant if self._ref_mode == "constant" else None
+        self._ref_model_stats = torch.zeros(2, dtype=torch.float64)  # sum and count of reference log-probs
+
+        # TRL decides truncation by the last completion id, which is z_c for finished completions: LaSeR applies
+        # `mask_truncated_completions` itself, through the loss mask.
+        self._laser_mask_truncated = self.mask_truncated_completions
+        self.mask_truncated_completions = False
+
+        self._laser_finished: list[bool] = []
+        self._laser_verifier: torch.Tensor | None = None
+        self._laser_unscorable: torch.Tensor | None = None
+        self._laser_capture = False
+        self._laser_captured: torch.Tensor | None = None
+        self._laser_window = {m: defaultdict(list) for m in ("train", "eval")}
+        self._laser_rows = {"train": 0, "eval": 0}
+        self._laser_table: dict[str, dict[int, float]] = {"train": {}, "eval": {}}
+
+    # ------------------------------------------------------------------ set-up checks
+    def _resolve_self_reward_token(self, token: str | int) -> tuple[int, str]:
+        tok = self._tokenizer
+        vocab_size = self.accelerator.unwrap_model(self.model).get_input_embeddings().weight.shape[0]
+        if isinstance(token, int):
+            if not 0 <= token < vocab_size:
+                raise ValueError(
+                    f"`self_reward_token={token}` is not a token id of this model (vocabulary size {vocab_size})."
+                )
+            token_id, token_str = token, tok.convert_ids_to_tokens(token)
+        else:
+            token_id = tok.convert_tokens_to_ids(token)
+            if token_id is None or token_id == tok.unk_token_id or tok.convert_ids_to_tokens(token_id) != token:
+                raise ValueError(
+                    f"`self_reward_token={token!r}` is not a single token of the tokenizer's vocabulary. Candidates in "
+                    f"this vocabulary: {self._candidate_tokens()}."
+                )
+            token_str = token
+        if token_id >= vocab_size:
+            raise ValueError(
+                f"`self_reward_token={token!r}` has id {token_id}, beyond the model's {vocab_size} embedding rows."
+            )
+        if token_id in self.eos_token_ids or token_id == tok.pad_token_id:
+            raise ValueError(
+                f"`self_reward_token={token!r}` (id {token_id}) is an EOS or the pad token; z_c must be a token that "
+                f"follows EOS and is never generated. Candidates: {self._candidate_tokens()}."
+            )
+        if self._chat_template_uses(token_id, token_str):
+            raise ValueError(
+                f"`self_reward_token={token!r}` is used by the chat template, so its log-prob after EOS is not a free "
+                f"signal. Pick a token the template does not use. Candidates: {self._candidate_tokens()}."
+            )
+        return token_id, token_str
+
+    def _chat_template_uses(self, token_id: int, token_str: str) -> bool:
+        tok = self._tokenizer
+        if not getattr(tok, "chat_template", None):
+            return False
+        if token_str in tok.chat_template:
+            return True
+        messages = [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "u"},
+            {"role": "assistant", "content": "a"},
+        ]
+        for conversation in (messages, messages[1:]):
+            try:
+                ids = tok.apply_chat_template(conversation, tokenize=True, add_generation_prompt=False)
+            except Exception:  # templates that refuse a system message: try without it
+                continue
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            return token_id in list(ids)
+        return False
+
+    def _candidate_tokens(self, limit: int = 5) -> list[str]:
+        tok = self._tokenizer
+        template = getattr(tok, "chat_template", None) or ""
+        special = [t for t in getattr(tok, "all_special_tokens", []) if t not in template]
+        added = [t for t in tok.get_added_vocab() if t not in template]
+        ids = set(self.eos_token_ids) | {tok.pad_token_id}
+        return [t for t in dict.fromkeys(added + special) if tok.convert_tokens_to_ids(t) not in ids][:limit]
+
+    # ------------------------------------------------------------------ TRL seams
+    def _generate(self, prompts: list):
+        (
+            prompt_ids,
+            completion_ids,
+            tool_mask,
+            completions,
+            logprobs,
+            extra_fields,
+            images,
+            tool_images,
+        ) = super()._generate(prompts)
+        eos = set(self.eos_token_ids)
+        finished = [len(ids) > 0 and ids[-1] in eos for ids in completion_ids]
+        self._laser_finished = finished
+        new_ids, new_mask, new_logprobs = [], [], None if logprobs is None else []
+        for i, (ids, done) in enumerate(zip(completion_ids, finished)):
+            mask = list(tool_mask[i]) if tool_mask is not None else [1] * len(ids)
+            if self._laser_mask_truncated and not done:
+                mask = [0] * len(ids)
+            new_ids.append(list(ids) + [self.self_reward_token_id] if done else list(ids))
+            new_mask.append(mask + [0] if done else mask)
+            if logprobs is not None:
+                new_logprobs.append(list(logprobs[i]) + [None] if done else list(logprobs[i]))
+        return prompt_ids, new_ids, new_mask, completions, new_logprobs, extra_fields, images, tool_images
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        completion_ids_list = [
+            ids[:-1] if done else ids for ids, done in zip(completion_ids_list, self._laser_finished)
+        ]
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        verifier = rewards_per_func[:, self._verifier_index]
+        bad = ~(torch.isnan(verifier) | (verifier == 0) | (verifier == 1))
+        if bad.any():
+            name = self.reward_func_names[self._verifier_index]
+            raise ValueError(
+                f"The verifier reward function {name!r} returned {verifier[bad][0].item()}, but LaSeR's self-reward "
+                "target must be 0 or 1 (or None to leave a completion out). Set `self_reward_verifier` to the name of "
+                "a 0/1 reward function, or make this one return 0/1."
+            )
+        self._laser_verifier = verifier.clone()
+        self._laser_unscorable = torch.isnan(rewards_per_func).all(dim=1)
+        return rewards_per_func
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        result = super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+        )
+        if self._laser_capture:  # the policy forward of `_compute_loss`: keep its log-probs, graph included
+            self._laser_captured = result[0]
+            self._laser_capture = False
+        return result
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        args = self.args
+        device = output["completion_ids"].device
+        local_n = output["completion_ids"].size(0)
+        process_slice = slice(self.accelerator.process_index * local_n, (self.accelerator.process_index + 1) * local_n)
+
+        finished_local = torch.tensor(self._laser_finished, dtype=torch.bool, device=device)
+        # TRL's own truncation masking is off (see `__init__`), so the attention mask counts every id, z_c included.
+        index = torch.where(finished_local, output["completion_mask"].sum(dim=1) - 1, -1)
+        finished = gather(finished_local)
+        targets = self._laser_verifier.to(device)
+        phase = laser_phase(self.state.global_step, args.reasoning_warmup_steps, args.self_reward_warmup_steps)
+        mixing = phase == Phase.MIXED and args.self_reward_advantage_coef > 0 and mode == "train"
+
+        # Generation-time (old policy) log-prob of z_c: from TRL's old log-probs when it computed them, else one
+        # no-grad forward, only when needed (the first batch of "auto", and the mixing phase).
+        old_zc = None
+        needs_old = mixing or (self._ref_mode == "auto" and self._ref_constant is None and mode == "train")
+        if needs_old:
+            old_logps = output.get("old_per_token_logps")
+            if old_logps is None:
+                old_logps = self._laser_logps(output)
+            old_zc = self._at(old_logps, index)
+
+        if self._ref_mode == "auto" and self._ref_constant is None and mode == "train":
+            stats = gather(torch.stack([torch.nan_to_num(old_zc).sum(), finished_local.sum()]).double()[None])
+            total, count = stats.sum(dim=0).tolist()
+            if count == 0:
+                raise RuntimeError(
+                    "`self_reward_ref_constant='auto'` estimates c_ref from the first generation batch's finished "
+                    "completions, but none of them ended with EOS. Raise `max_completion_length`, or set "
+                    "`self_reward_ref_constant` to a number (measure it with `trl-laser estimate-ref-constant`)."
+                )
+            self._ref_constant = total / count
+            logger.info("LaSeR: estimated c_ref = %.4f from %d finished completions.", self._ref_constant, int(count))
+
+        if self._ref_mode == "model":
+            ref_logps = output.get("ref_per_token_logps")
+            if ref_logps is None:  # PEFT with beta == 0: the reference is the model with its adapters disabled
+                ref_logps = self._laser_logps(output, reference=True)
+            ref = self._at(ref_logps, index)
+            stats = gather(torch.stack([torch.nan_to_num(ref).sum(), finished_local.sum()]).double()[None]).sum(0)
+            if mode == "train":
+                self._ref_model_stats += stats.cpu()
+                self._ref_constant = (self._ref_model_stats[0] / self._ref_model_stats[1].clamp(min=1)).item()
+        elif self._ref_constant is not None:
+            ref = torch.full((local_n,), self._ref_constant, device=device)
+        else:  # "auto" before any training batch (evaluation first): no score yet
+            ref = torch.full((local_n,), float("nan"), device=device)
+
+        valid = finished & ~torch.isnan(targets) & ~torch.isnan(gather(ref))
+        coef, counts = class_weights(torch.nan_to_num(targets), valid, balanced=args.self_reward_balanced)
+        loss_coef = 0.0 if phase == Phase.REASONING else args.self_reward_loss_coef
+
+        if mixing:
+            scores = gather(self_reward_score(old_zc, ref, args.self_reward_beta))
+            usable = finished & ~torch.isnan(scores)
+            verifier_adv = gather(output["advantages"])
+            mixed, used = mixed_advantages(
+                verifier_adv,
+                torch.nan_to_num(scores),
+                usable,
+                self.num_generations,
+                args.self_reward_advantage_coef,
+                args.self_reward_std_threshold,
+            )
+            mixed = torch.where(self._laser_unscorable.to(device), 0.0, mixed)  # as TRL: no signal, no update
+            output["advantages"] = mixed[process_slice]
+            self._metrics[mode]["self_reward/mix_groups_used"].append(used.float().mean().item())
+
+        output["self_reward_index"] = index
+        output["self_reward_target"] = torch.nan_to_num(targets[process_slice])
+        output["self_reward_coef"] = coef[process_slice]
+        output["self_reward_loss_coef"] = torch.full((local_n,), float(loss_coef), device=device)
+        output["self_reward_ref"] = torch.nan_to_num(ref)
+        base = self._laser_rows[mode]
+        output["self_reward_row"] = (
+            base + self.accelerator.process_index * local_n + torch.arange(local_n, device=device)
+        )
+        self._laser_rows[mode] = base + finished.numel()
+        self._laser_window[mode]["generation_batches"].append(1.0)
+
+        metrics = self._metrics[mode]
+        metrics["self_reward/phase"].append(float(_PHASE_CODE[phase]))
+        metrics["self_reward/frac_truncated"].append(1.0 - finished.float().mean().item())
+        metrics["self_reward/w_correct"].append(counts["w_correct"])
+        metrics["self_reward/w_incorrect"].append(counts["w_incorrect"])
+        metrics["self_reward/n_correct"].append(float(counts["n_correct"]))
+        metrics["self_reward/n_incorrect"].append(float(counts["n_incorrect"]))
+        if self._ref_constant is not None:
+            metrics["self_reward/c_ref"].append(float(self._ref_constant))
+        return output
+
+    def _compute_loss(self, model, inputs):
+        self._laser_capture = True
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            self._laser_capture = False
+        logps, self._laser_captured = self._laser_captured, None
+        logp_zc = self._at(logps, inputs["self_reward_index"], fill=0.0)
+        scores = self_reward_score(logp_zc.float(), inputs["self_reward_ref"], self.args.self_reward_beta)
+        coef = inputs["self_reward_coef"]
+        # Each micro-batch adds its rows' share of alpha * l_MSE (coef holds w / (N_c + N_i) of the whole generation
+        # batch); times num_processes because data-parallel gradients are averaged, not summed, over processes.
+        mse_term = self_reward_loss(scores, inputs["self_reward_target"], coef * inputs["self_reward_loss_coef"])
+        loss = loss + self.accelerator.num_processes * mse_term
+        self._laser_record(scores.detach(), inputs)
+        return loss
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _at(per_token: torch.Tensor, index: torch.Tensor, fill: float = float("nan")) -> torch.Tensor:
+        """Value of `per_token` (B, T) at column `index` (B,), `fill` where index is -1."""
+        values = per_token.gather(1, index.clamp(min=0).unsqueeze(1)).squeeze(1)
+        return torch.where(index >= 0, values, torch.full_like(values, fill))
+
+    def _laser_logps(self, batch: dict, reference: bool = False) -> torch.Tensor:
+        """Per-token log-probs of the policy (or its PEFT reference) on a generation batch, without grad."""
+        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        mode = "train" if self.model.training else "eval"
+        batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        forward_kwargs = {k: batch[k] for k in _FORWARD_KEYS if k in batch}
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if reference:
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                    logps, _, _ = self._get_per_token_logps_and_entropies(
+                        self.model,
+                        input_ids,
+                        attention_mask,
+                        batch["completion_ids"].size(1),
+                        batch_size,
+                        **forward_kwargs,
+                    )
+            else:
+                logps, _, _ = self._get_per_token_logps_and_entropies(
+                    self.model,
+                    input_ids,
+                    attention_mask,
+                    batch["completion_ids"].size(1),
+                    batch_size,
+                    **forward_kwargs,
+                )
+        return logps
+
+    def _laser_record(self, scores: torch.Tensor, inputs: dict) -> None:
+        """Keep this micro-batch's scores for the logged metrics and the completions table (first iteration only)."""
+        mode = "train" if self.model.training else "eval"
+        if mode == "train" and (self._step // self.args.steps_per_generation) % self.num_iterations != 0:
+            return
+        coef = inputs["self_reward_coef"]
+        sq = coef * (scores - inputs["self_reward_target"]).square()
+        mse = self.accelerator.reduce(torch.where(coef != 0, sq, 0.0).sum(), reduction="sum")
+        has = (inputs["self_reward_index"] >= 0).float()
+        packed = torch.stack([scores, inputs["self_reward_target"], has, coef, inputs["self_reward_row"].float()], 1)
+        packed = gather(packed)
+        window = self._laser_window[mode]
+        window["mse"].append(mse.item())
+        keep = (packed[:, 2] > 0) & (packed[:, 3] != 0)
+        window["score"].extend(packed[keep, 0].tolist())
+        window["label"].extend(packed[keep, 1].tolist())
+        if self.log_completions:
+            rows = packed[packed[:, 2] > 0]
+            self._laser_table[mode].update(zip(rows[:, 4].long().tolist(), rows[:, 0].tolist()))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        window = self._laser_window[mode]
+        metrics = self._metrics[mode]
+        if window["generation_batches"] and window["mse"]:
+            metrics["self_reward/mse"] = [sum(window["mse"]) / len(window["generation_batches"])]
+        if window["score"]:
+            scores, labels = window["score"], [int(v > 0.5) for v in window["label"]]
+            sv = self_verification_metrics(scores, labels)
+            for key, name in (
+                ("sv_accuracy", "accuracy"),
+                ("sv_f1_paper", "f1_paper"),
+                ("sv_f1_binary", "f1"),
+                ("auroc", "auroc"),
+                ("ece", "ece"),
+            ):
+                if sv[key] is not None:
+                    metrics[f"self_reward/{name}"] = [sv[key]]
+            for label, name in ((1, "score_correct"), (0, "score_incorrect")):
+                values = [s for s, y in zip(scores, labels) if y == label]
+                if values:
+                    metrics[f"self_reward/{name}"] = [sum(values) / len(values)]
+        window.clear()
+        if self.log_completions and self.accelerator.is_main_process:
+            total, shown = self._laser_rows[mode], len(self._logs["prompt"])
+            table = self._laser_table[mode]
+            column = self._logs["extra"]["self_reward"]
+            column.clear()
+            column.extend(table.get(row) for row in range(total - shown, total))
+            self._laser_table[mode] = {k: v for k, v in table.items() if k >= total - shown}
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ saving and resuming
+    def self_reward_settings(self) -> SelfRewardSettings | None:
+        """The settings to score with this model later; None while "auto" c_ref is not estimated yet."""
+        if self._ref_constant is None:
+            return None
+        return SelfRewardSettings(
+            self_reward_token=self.self_reward_token,
+            self_reward_token_id=self.self_reward_token_id,
+            self_reward_beta=self.args.self_reward_beta,
+            self_reward_ref_constant=float(self._ref_constant),
+            self_reward_ref_mode=self._ref_mode,
+            temperature=1.0,
+            eos_token_ids=[int(i) for i in self.eos_token_ids],
+        )
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        settings = self.self_reward_settings()
+        if self.args.should_save:
+            if settings is not None:
+                settings.save_pretrained(output_dir)
+            else:
+                logger.warning(
+                    "LaSeR: c_ref is not estimated yet ('auto' estimates it on the first training batch), so %s "
+                    "was not written to %s.",
+                    SELF_REWARD_CONFIG_NAME,
+                    output_dir,
+                )
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self._ref_mode == "constant":
+            return
+        path = os.path.join(checkpoint, SELF_REWARD_CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"Resuming with `self_reward_ref_constant={self._ref_mode!r}` needs the c_ref saved in {path}, which is "
+                "missing; re-estimating it from a trained policy would be wrong. Set `self_reward_ref_constant` to the "
+                "value of the original run."
+            )
+        with open(path, encoding="utf-8") as f:
+            self._ref_constant = float(json.load(f)["self_reward_ref_constant"])
+        logger.info("LaSeR: resumed c_ref = %.4f from %s.", self._ref_constant, path)

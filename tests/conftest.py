@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny Llama built locally with the real SmolLM2 tokenizer (pad == EOS), no network."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+SELF_REWARD_TOKEN = "<gh_stars>"
+
+
+def _tokenizer_dir(root) -> str:
+    from trl_laser.models import smollm2_gguf_path
+
+    path = os.path.join(root, "tokenizer")
+    if not os.path.isdir(path):
+        gguf = smollm2_gguf_path()
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(path)
+    return path
+
+
+def build_tiny_model(tokenizer, seed: int = 0, eos_logit: float = 8.8) -> LlamaForCausalLM:
+    """A 2-layer Llama in which EOS has probability about 0.12 at every position, whatever the context.
+
+    Every input embedding carries a large constant feature in dimension 0, which survives to the final norm; only
+    the EOS row of the LM head reads it, so the EOS logit is about `eos_logit` everywhere (the others are near 0).
+    """
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        model.lm_head.weight[:, 0] = 0.0
+        ids = torch.randint(0, len(tokenizer), (4, 32))
+        feature = model.model(ids).last_hidden_state[..., 0].mean()
+        model.lm_head.weight[tokenizer.eos_token_id, 0] = eos_logit / feature
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """Directory with the tiny model and the SmolLM2 tokenizer, saved once per session."""
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(root))
+    path = os.path.join(root, "model")
+    build_tiny_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
