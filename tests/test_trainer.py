@@ -47,7 +47,9 @@ def parity_reward(completion_ids, **kwargs):
     return [float(len(ids) % 2 == 0) for ids in completion_ids]
 
 
-def make_trainer(model_dir, tmp_path, reward_funcs=None, peft_config=None, eos_ids=(EOS, EOS2), **overrides):
+def make_trainer(
+    model_dir, tmp_path, reward_funcs=None, peft_config=None, eos_ids=(EOS, EOS2), eval_dataset=None, **overrides
+):
     kwargs = dict(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=8,
@@ -73,6 +75,7 @@ def make_trainer(model_dir, tmp_path, reward_funcs=None, peft_config=None, eos_i
         reward_funcs=reward_funcs or [parity_reward],
         args=LaSeRConfig(**kwargs),
         train_dataset=prompts_dataset(),
+        eval_dataset=eval_dataset,
         peft_config=peft_config,
     )
 
@@ -503,3 +506,54 @@ def test_auto_ref_with_no_finished_completion(tiny_model_dir, tmp_path):
     trainer.model.train()
     with pytest.raises(RuntimeError, match="max_completion_length"):
         trainer._generate_and_score_completions(generation_batch())
+
+
+@pytest.mark.parametrize(
+    "overrides, trl_calls, laser_calls",
+    [
+        ({"self_reward_warmup_steps": 1}, 0, 0),  # before mixing: the score comes from the training forward only
+        ({}, 0, 1),  # mixing, steps aligned: TRL computes no old log-probs, LaSeR adds one no-grad forward
+        ({"num_iterations": 2}, 1, 0),  # mixing, TRL computes old log-probs: LaSeR reuses them
+        ({"self_reward_advantage_coef": 0.0}, 0, 0),  # tau = 0: nothing to mix
+    ],
+)
+def test_extra_forward_only_when_mixing_needs_it(tiny_model_dir, tmp_path, overrides, trl_calls, laser_calls):
+    trainer = make_trainer(tiny_model_dir, tmp_path, **overrides)
+    force_completions(trainer)
+    trainer.model.train()
+    calls = []
+    original = trainer._laser_logps
+
+    def counting(batch, reference=False):
+        calls.append(reference)
+        return original(batch, reference)
+
+    trainer._laser_logps = counting
+    forward = type(trainer)._get_per_token_logps_and_entropies
+    total = []
+    trainer._get_per_token_logps_and_entropies = lambda *a, **k: total.append(1) or forward(trainer, *a, **k)
+    batch = trainer._generate_and_score_completions(generation_batch())
+    assert len(calls) == laser_calls and len(total) == trl_calls + laser_calls
+    assert ("old_per_token_logps" in batch) == bool(trl_calls)
+
+
+def test_completions_table_has_self_reward_column(tiny_model_dir, tmp_path):
+    import pandas as pd
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, log_completions=True, max_steps=1)
+    force_completions(trainer)
+    trainer.train()
+    table = pd.read_parquet(tmp_path / "out" / "completions" / "completions_00001.parquet")
+    assert "self_reward" in table.columns and len(table) == 8
+    scores = table["self_reward"]  # every row is logged; truncated rows have no score
+    assert scores.notna().sum() == sum(FINISHED)
+    assert scores.dropna().between(-5, 5).all()
+
+
+def test_evaluation_logs_self_reward_metrics(tiny_model_dir, tmp_path):
+    trainer = make_trainer(
+        tiny_model_dir, tmp_path, max_steps=1, eval_strategy="steps", eval_steps=1, eval_dataset=prompts_dataset(4)
+    )
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert evals and "eval_self_reward/mse" in evals[0] and "eval_self_reward/frac_truncated" in evals[0]

@@ -1,0 +1,96 @@
+"""One LaSeR step on fixed completions, run under torchrun with 1 or 2 CPU processes (gloo).
+
+Writes, from rank 0, every row's advantage, class coefficient and target, the logged metrics, and the parameter update,
+so that a test can check that splitting the generation batch over processes changes none of them.
+"""
+
+import json
+import os
+import sys
+
+import torch
+from accelerate.utils import gather_object
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+
+from trl_laser import LaSeRConfig, LaSeRGRPOTrainer
+
+
+# Completions per (prompt parity, k-th sample of that prompt): finished (EOS 2) and truncated rows in each group.
+TABLE = [
+    [[105, 106, 2], [109, 2], [111, 112, 113, 114, 115, 2], [120, 121, 122, 123, 124, 125]],
+    [[130, 131, 132, 2], [131, 132, 2], [140, 141, 142, 143, 144, 145], [2]],
+]
+
+
+def parity_reward(completion_ids, **kwargs):
+    return [float(len(ids) % 2 == 0) for ids in completion_ids]
+
+
+def fixed_generation(prompt_ids, *args, **kwargs):
+    seen, out = {}, []
+    for ids in prompt_ids:
+        k = seen.get(tuple(ids), 0)
+        seen[tuple(ids)] = k + 1
+        out.append(list(TABLE[sum(ids) % 2][k]))
+    return out, None
+
+
+def main(model_dir: str, out_path: str) -> None:
+    dataset = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": f"What is {i} + {i}?"}], "answer": str(2 * i)} for i in range(8)]
+    )
+    args = LaSeRConfig(
+        output_dir=out_path + ".run",
+        per_device_train_batch_size=8 // int(os.environ.get("WORLD_SIZE", "1")),  # one generation batch of 8
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        self_reward_token="<gh_stars>",
+        self_reward_ref_constant=-12.0,
+        self_reward_advantage_coef=0.3,
+        self_reward_std_threshold=0.0,
+    )
+    world = args.world_size
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    trainer = LaSeRGRPOTrainer(model=model, reward_funcs=parity_reward, args=args, train_dataset=dataset)
+    trainer._generate_single_turn = fixed_generation
+    rows = []
+    original = trainer._generate_and_score_completions
+
+    def capture(inputs):
+        output = original(inputs)
+        for i in range(output["completion_ids"].size(0)):
+            rows.append(
+                {
+                    "prompt": inputs[i]["prompt"][0]["content"],
+                    "completion": output["completion_ids"][i][output["completion_mask"][i].bool()].tolist(),
+                    "advantage": output["advantages"][i].item(),
+                    "coef": output["self_reward_coef"][i].item(),
+                    "target": output["self_reward_target"][i].item(),
+                }
+            )
+        return output
+
+    trainer._generate_and_score_completions = capture
+    before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
+    trainer.train()
+    delta = torch.cat([p.detach().flatten() for p in trainer.model.parameters()]) - before
+    all_rows = gather_object(rows)
+    if trainer.accelerator.is_main_process:
+        metrics = {k: v for k, v in trainer.state.log_history[0].items() if k.startswith("self_reward/")}
+        torch.save(delta.double(), out_path + ".delta.pt")
+        with open(out_path, "w") as f:
+            json.dump({"rows": all_rows, "metrics": metrics, "world": world}, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
