@@ -130,7 +130,8 @@ class LaSeRGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ set-up checks
     def _resolve_self_reward_token(self, token: str | int) -> tuple[int, str]:
         tok = self._tokenizer
-        vocab_size = self.accelerator.unwrap_model(self.model).get_input_embeddings().weight.shape[0]
+        # `num_embeddings`, not the weight's shape: ZeRO-3 partitions the weight to an empty tensor.
+        vocab_size = self.accelerator.unwrap_model(self.model).get_input_embeddings().num_embeddings
         if isinstance(token, int):
             if not 0 <= token < vocab_size:
                 raise ValueError(
