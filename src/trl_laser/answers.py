@@ -6,12 +6,18 @@ One definition serves the training reward, the evaluation report and the equival
 from __future__ import annotations
 
 import functools
+import logging
+import re
 from typing import Any
 
-from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+from math_verify import LatexExtractionConfig, parse, verify
 
 
-_EXTRACTION = [LatexExtractionConfig(), ExprExtractionConfig()]
+_LATEX = [LatexExtractionConfig()]
+# A plain number: optional sign, thousands separators, decimals, or a fraction a/b.
+_NUMBER = re.compile(r"(?<![\w.])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|(?<![\w.])-?\d+(?:\.\d+)?(?:/\d+)?")
+# math-verify warns once that its signal-based timeout is off; it must be off to run outside the main thread.
+logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
 def last_boxed(text: str) -> str | None:
@@ -44,48 +50,52 @@ def completion_text(completion: Any) -> str:
 
 
 @functools.lru_cache(maxsize=65536)
-def _parse(text: str) -> tuple:
-    return tuple(parse(text, extraction_config=_EXTRACTION, parsing_timeout=None))
-
-
-def parse_answer(text: str) -> tuple:
-    """math-verify's parse of a predicted or gold answer; an empty tuple if nothing could be parsed.
-
-    The last `\\boxed{}` is used when there is one, else whatever math-verify extracts from the whole text.
-    """
-    boxed = last_boxed(text)
-    if boxed is not None:
-        parsed = _parse(f"${boxed}$")
-        if parsed:
-            return parsed
-        return _parse(boxed)
-    parsed = _parse(text)
-    if not parsed and text.strip():
-        parsed = _parse(f"${text.strip()}$")
-    return parsed
+def _parse(text: str, latex_only: bool = False) -> tuple:
+    config = _LATEX if latex_only else None
+    kwargs = {"extraction_config": config} if config else {}
+    return tuple(parse(text, parsing_timeout=None, **kwargs))
 
 
 def extract_answer(text: str) -> str | None:
-    """The answer a completion gives, as a string: the last `\\boxed{}`, else what math-verify extracts; or None."""
+    """The answer a completion gives: the last `\\boxed{}`, else the last `$...$` math, else the last plain number.
+
+    An unboxed completion's expressions are not evaluated: "86 * 59 is hard" answers 59, not 5074, so restating the
+    problem never counts as solving it.
+    """
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed
-    parsed = _parse(text)
-    return str(parsed[-1]) if parsed else None
+    latex = _parse(text, latex_only=True)
+    if latex:
+        return str(latex[-1])
+    numbers = _NUMBER.findall(text)
+    return numbers[-1].replace(",", "") if numbers else None
 
 
-def answers_equivalent(a: str | tuple, b: str | tuple) -> bool:
+def parse_answer(answer: str) -> tuple:
+    """math-verify's parse of one answer (a gold answer or an extracted one): the whole string, or its `\\boxed{}`.
+
+    Empty if nothing could be parsed.
+    """
+    boxed = last_boxed(answer)
+    text = (boxed if boxed is not None else answer).strip().strip("$").strip()
+    if not text:
+        return ()
+    return _parse(f"${text}$") or _parse(text)
+
+
+def answers_equivalent(a: str, b: str) -> bool:
     """Whether two answers are mathematically equal (`0.5`, `\\frac{1}{2}` and `\\boxed{1/2}` are)."""
-    pa = parse_answer(a) if isinstance(a, str) else a
-    pb = parse_answer(b) if isinstance(b, str) else b
+    pa, pb = parse_answer(a), parse_answer(b)
     if not pa or not pb:
         return False
     return bool(verify(list(pa), list(pb), timeout_seconds=None))
 
 
 def is_correct(completion: str, gold: str) -> bool:
-    """r_v: whether the completion's answer equals the gold answer (LaTeX or a plain number)."""
-    return answers_equivalent(parse_answer(str(gold)), parse_answer(completion))
+    """r_v: whether the answer extracted from the completion equals the gold answer (LaTeX or a plain number)."""
+    answer = extract_answer(completion)
+    return answer is not None and answers_equivalent(str(gold), answer)
 
 
 def math_verify_reward(completions: list, answer: list, **kwargs: Any) -> list[float]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 
 from datasets import Dataset, load_dataset
 
@@ -30,13 +32,20 @@ def load_problems(
     """Load a Hub dataset by name or a local JSON/JSONL/parquet/CSV file, with `problem` and `answer` columns.
 
     Raises a `ValueError` naming the missing column (and the columns there are), or saying the dataset is empty.
+    `builtin:arithmetic` is the generated arithmetic set (seed 0; it also has a `difficulty` column).
     """
+    if name_or_path == ARITHMETIC_DATASET:
+        return make_arithmetic_dataset(split)
     extension = os.path.splitext(str(name_or_path))[1].lower()
     if os.path.isfile(name_or_path):
         if extension not in _LOCAL_FORMATS:
             raise ValueError(
                 f"Unsupported data file {name_or_path!r}: use one of {sorted(_LOCAL_FORMATS)} or a Hub dataset name."
             )
+        with open(name_or_path, "rb") as f:
+            head = f.read(64).strip()
+        if head in (b"", b"[]"):  # `datasets` fails on these with unrelated errors
+            raise ValueError(f"Dataset {name_or_path!r} is empty.")
         dataset = load_dataset(_LOCAL_FORMATS[extension], data_files=str(name_or_path), split="train")
     elif extension in _LOCAL_FORMATS:
         raise FileNotFoundError(f"Data file {name_or_path!r} does not exist.")
@@ -59,3 +68,87 @@ def to_prompt_dataset(
 ) -> Dataset:
     """Add the conversational `prompt` column that TRL's GRPOTrainer expects; `answer` feeds the verifier reward."""
     return dataset.map(lambda x: {"prompt": make_conversation(x["problem"], system_prompt, instruction)})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The built-in arithmetic dataset: generated, seeded, no network. Small models answer arithmetic briefly, so the
+# verifier gets a real mix of right and wrong answers, which is what the self-reward score has to learn to separate.
+
+ARITHMETIC_DATASET = "builtin:arithmetic"
+# SmolLM2-135M-Instruct almost never writes \boxed{}; asked for just the number it often answers with one, which the
+# verifier's fallback extraction (the last number) reads.
+ARITHMETIC_INSTRUCTION = "Answer with just the number."
+ARITHMETIC_DIFFICULTIES = {"easy": 0.5, "medium": 0.3, "hard": 0.2}
+_ARITHMETIC_SIZES = {"train": 2000, "test": 200}
+
+
+def _arithmetic_problem(rng: random.Random, difficulty: str) -> tuple[str, int]:
+    """One problem of a band, in words ("7 plus 5") so that a completion restating it is not read as an answer."""
+    if difficulty == "easy":  # one-digit addition / subtraction with a non-negative result
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        if rng.random() < 0.5:
+            return f"What is {a} plus {b}?", a + b
+        a, b = max(a, b), min(a, b)
+        return f"What is {a} minus {b}?", a - b
+    if difficulty == "medium":  # two-digit +- one-digit, or the one-digit times table
+        kind = rng.randrange(3)
+        if kind == 2:
+            a, b = rng.randint(2, 9), rng.randint(2, 9)
+            return f"What is {a} times {b}?", a * b
+        a, b = rng.randint(10, 99), rng.randint(1, 9)
+        return (f"What is {a} plus {b}?", a + b) if kind == 0 else (f"What is {a} minus {b}?", a - b)
+    if difficulty == "hard":  # two-digit multiplication, or three-digit addition / subtraction
+        kind = rng.randrange(3)
+        if kind == 2:
+            a, b = rng.randint(11, 99), rng.randint(11, 99)
+            return f"What is {a} times {b}?", a * b
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        if kind == 0:
+            return f"What is {a} plus {b}?", a + b
+        a, b = max(a, b), min(a, b)
+        return f"What is {a} minus {b}?", a - b
+    raise ValueError(f"Unknown difficulty {difficulty!r}: use one of {sorted(ARITHMETIC_DIFFICULTIES)}.")
+
+
+def _in_test_split(problem: str, seed: int, test_fraction: float) -> bool:
+    """Which split a problem belongs to: a hash of (seed, problem), so that train and test never share a problem."""
+    digest = hashlib.sha256(f"{seed}:{problem}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < test_fraction
+
+
+def make_arithmetic_dataset(
+    split: str = "train",
+    num_samples: int | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    difficulties: dict[str, float] | None = None,
+) -> Dataset:
+    """Generate the built-in arithmetic problems (`problem`, `answer`, `difficulty` columns), reproducibly.
+
+    Each problem belongs to one split, chosen by a hash of (seed, problem): the "train" and "test" splits of one seed
+    are disjoint. Problems repeat within a split (there are only 155 one-digit ones). `difficulties` maps "easy",
+    "medium" and "hard" to their shares; by default half are easy, which SmolLM2-135M-Instruct answers right about a
+    third of the time at temperature 1, and a fifth hard, which it almost never does.
+    """
+    if split not in _ARITHMETIC_SIZES:
+        raise ValueError(f"{ARITHMETIC_DATASET} has the splits {sorted(_ARITHMETIC_SIZES)}, not {split!r}.")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"`test_fraction` must be in (0, 1), got {test_fraction}.")
+    shares = difficulties if difficulties is not None else ARITHMETIC_DIFFICULTIES
+    num_samples = _ARITHMETIC_SIZES[split] if num_samples is None else num_samples
+    rng = random.Random(f"{ARITHMETIC_DATASET}:{seed}:{split}")
+    names, weights = list(shares), list(shares.values())
+    rows = {"problem": [], "answer": [], "difficulty": []}
+    while len(rows["problem"]) < num_samples:
+        difficulty = rng.choices(names, weights)[0]
+        problem, answer = _arithmetic_problem(rng, difficulty)
+        if _in_test_split(problem, seed, test_fraction) == (split == "test"):
+            rows["problem"].append(problem)
+            rows["answer"].append(str(answer))
+            rows["difficulty"].append(difficulty)
+    return Dataset.from_dict(rows)
+
+
+def default_instruction(dataset_name: str | None) -> str:
+    """The instruction appended to each problem when none is set: the paper's, or the arithmetic set's own."""
+    return ARITHMETIC_INSTRUCTION if dataset_name == ARITHMETIC_DATASET else PAPER_INSTRUCTION

@@ -80,14 +80,11 @@ class SelfRewardSettings:
                 path = hf_hub_download(str(name_or_path), SELF_REWARD_CONFIG_NAME, **hub_kwargs)
             except Exception as err:  # offline, missing repo or missing file: one clear message
                 raise FileNotFoundError(
-                    f"Could not get {SELF_REWARD_CONFIG_NAME} for {name_or_path!r} ({err.__class__.__name__}). "
-                    "Pass the self-reward settings explicitly (self_reward_token, self_reward_ref_constant, "
-                    "self_reward_beta) or use a model saved by LaSeRGRPOTrainer."
+                    f"Could not get {SELF_REWARD_CONFIG_NAME} for {name_or_path!r} ({err.__class__.__name__})."
                 ) from err
         elif not os.path.isfile(path):
             raise FileNotFoundError(
-                f"{name_or_path} has no {SELF_REWARD_CONFIG_NAME}: it was not saved by LaSeRGRPOTrainer. Pass the "
-                "self-reward settings explicitly (self_reward_token, self_reward_ref_constant, self_reward_beta)."
+                f"{name_or_path} has no {SELF_REWARD_CONFIG_NAME}: it was not saved by LaSeRGRPOTrainer."
             )
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))

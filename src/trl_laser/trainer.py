@@ -459,6 +459,16 @@ class LaSeRGRPOTrainer(GRPOTrainer):
             eos_token_ids=[int(i) for i in self.eos_token_ids],
         )
 
+    def create_model_card(
+        self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
+    ):
+        """TRL's card (LaSeR, the paper, its citation) plus the self-reward settings, final metrics and recipe."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if self.is_world_process_zero():
+            from .hub import add_laser_card_section
+
+            add_laser_card_section(self)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
         output_dir = output_dir if output_dir is not None else self.args.output_dir

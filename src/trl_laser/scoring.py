@@ -1,0 +1,427 @@
+"""Test-time self-rewarding: the LaSeR score r_s of finished completions, alone or captured while generating.
+
+The score is the trainer's own quantity (`LASER_SPEC.md`): for the token sequence `prompt, completion, EOS`,
+`r_s = beta_v * (log softmax(raw logits at the EOS position)[z_c] - c_ref)`, at temperature 1 whatever the sampling
+temperature. Prompts are tokenized as TRL's `GRPOTrainer` tokenizes them, so a model trained with
+`LaSeRGRPOTrainer` scores the identical sequence at test time.
+
+Conventions:
+
+- A prompt is a conversation (a list of `{"role", "content"}` messages), rendered with the chat template and
+  `add_generation_prompt=True` as in training; a plain string, tokenized as is (TRL's non-conversational prompts);
+  or a list of token ids, used as is.
+- A completion is a list of token ids (exact; what `generate` returned) or a text. It is finished iff its last id is
+  one of the EOS ids; a text is tokenized without special tokens, so it is finished iff it ends with the EOS token
+  string (e.g. `<|im_end|>`). A completion without EOS (truncated) has no score: `None`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import math
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import parse_ref_constant
+from .core import self_reward_score
+from .settings import SELF_REWARD_CONFIG_NAME, SelfRewardSettings
+
+
+# The beta_v of the paper, used when the model carries no settings and no beta is given.
+DEFAULT_BETA = 0.1
+
+_GENERATE_UNSUPPORTED = ("num_beams", "assistant_model", "prompt_lookup_num_tokens", "num_return_sequences")
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """EOS ids exactly as TRL's GRPOTrainer collects them: the tokenizer's EOS first, then the generation config's."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids = [tokenizer.eos_token_id, *ids]
+    return [int(i) for i in ids]
+
+
+def _token_id(tokenizer: Any, token: str | int) -> tuple[int, str]:
+    if isinstance(token, str) and token.strip().isdigit():
+        token = int(token.strip())
+    if isinstance(token, int):
+        if not 0 <= token < len(tokenizer):
+            raise ValueError(
+                f"`self_reward_token={token}` is not a token id of this tokenizer (size {len(tokenizer)})."
+            )
+        return token, tokenizer.convert_ids_to_tokens(token)
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != token:
+        raise ValueError(f"`self_reward_token={token!r}` is not a single token of the tokenizer's vocabulary.")
+    return int(token_id), token
+
+
+def resolve_settings(
+    model: Any,
+    tokenizer: Any,
+    settings: SelfRewardSettings | str | os.PathLike | None = None,
+    *,
+    self_reward_token: str | int | None = None,
+    self_reward_ref_constant: float | None = None,
+    self_reward_beta: float | None = None,
+) -> SelfRewardSettings:
+    """The settings to score with: those saved with the model (or given), with any override applied.
+
+    `settings` is a `SelfRewardSettings` or a directory / Hub id holding `self_reward_config.json`; by default the
+    model's own `name_or_path`. Without that file, `self_reward_token` and `self_reward_ref_constant` must be given
+    (beta_v then defaults to the paper's 0.1); otherwise a `FileNotFoundError` says so.
+    """
+    complete = self_reward_token is not None and self_reward_ref_constant is not None
+    base = settings if isinstance(settings, SelfRewardSettings) else None
+    source = "" if base is not None else str(settings or getattr(model, "name_or_path", "") or "")
+    # A Hub id is fetched only when some value is not overridden: offline, a fetch can take long to fail.
+    if source and (os.path.isdir(source) or not (complete and self_reward_beta is not None)):
+        try:
+            base = SelfRewardSettings.from_pretrained(source)
+        except FileNotFoundError as err:
+            if not complete:
+                raise FileNotFoundError(
+                    f"{err} At test time give at least `self_reward_token` and `self_reward_ref_constant` "
+                    "(CLI: --self-reward-token, --self-reward-ref-constant)."
+                ) from None
+    elif base is None and not complete:
+        raise FileNotFoundError(
+            f"The model has no path to read {SELF_REWARD_CONFIG_NAME} from: give `settings`, or `self_reward_token` "
+            "and `self_reward_ref_constant` (CLI: --self-reward-token, --self-reward-ref-constant)."
+        )
+
+    if self_reward_token is not None:
+        token_id, token = _token_id(tokenizer, self_reward_token)
+    else:
+        token_id, token = base.self_reward_token_id, base.self_reward_token
+        if tokenizer.convert_tokens_to_ids(token) != token_id:
+            raise ValueError(
+                f"{SELF_REWARD_CONFIG_NAME} says z_c is {token!r} with id {token_id}, but this tokenizer maps "
+                f"{token!r} to {tokenizer.convert_tokens_to_ids(token)}: use the tokenizer saved with the model, or "
+                "override `self_reward_token`."
+            )
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
+    if vocab is not None and token_id >= vocab:
+        raise ValueError(f"`self_reward_token` {token!r} has id {token_id}, beyond the model's {vocab} output logits.")
+
+    if self_reward_ref_constant is not None:
+        ref = parse_ref_constant(self_reward_ref_constant, "self_reward_ref_constant")
+        if isinstance(ref, str):
+            raise ValueError(
+                f"At test time `self_reward_ref_constant` must be a number (the c_ref used in training), got {ref!r}."
+            )
+        ref_mode = "constant"
+    else:
+        ref, ref_mode = float(base.self_reward_ref_constant), base.self_reward_ref_mode
+    beta = float(self_reward_beta if self_reward_beta is not None else base.self_reward_beta if base else DEFAULT_BETA)
+    if not (beta > 0 and math.isfinite(beta)):
+        raise ValueError(f"`self_reward_beta` must be a finite number > 0, got {beta}.")
+    eos = list(base.eos_token_ids) if base is not None and base.eos_token_ids else _eos_ids(model, tokenizer)
+    if token_id in eos:
+        raise ValueError(f"`self_reward_token` {token!r} (id {token_id}) is an EOS id; z_c must follow EOS.")
+    return SelfRewardSettings(
+        self_reward_token=token,
+        self_reward_token_id=token_id,
+        self_reward_beta=beta,
+        self_reward_ref_constant=float(ref),
+        self_reward_ref_mode=ref_mode,
+        temperature=1.0,
+        eos_token_ids=eos,
+    )
+
+
+def tokenize_prompt(tokenizer: Any, prompt: Any, chat_template_kwargs: dict | None = None) -> list[int]:
+    """Prompt ids as `GRPOTrainer._tokenize_prompts` makes them (see the module docstring for the accepted forms)."""
+    if isinstance(prompt, torch.Tensor):
+        prompt = prompt.tolist()
+    if isinstance(prompt, str):
+        return list(tokenizer(text=prompt)["input_ids"])
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        out = tokenizer.apply_chat_template(
+            conversation=prompt,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            **(chat_template_kwargs or {}),
+        )
+        return list(out["input_ids"])
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return prompt
+    raise TypeError(
+        f"Unsupported prompt {prompt!r:.80}: expected a list of chat messages, a string, or a list of token ids."
+    )
+
+
+def tokenize_completion(tokenizer: Any, completion: Any) -> list[int]:
+    """Completion ids: token ids as given, or a text tokenized without special tokens (EOS text becomes EOS id)."""
+    if isinstance(completion, torch.Tensor):
+        return completion.tolist()
+    if isinstance(completion, str):
+        return list(tokenizer(text=completion, add_special_tokens=False)["input_ids"])
+    if isinstance(completion, (list, tuple)) and all(isinstance(t, int) for t in completion):
+        return list(completion)
+    raise TypeError(f"Unsupported completion {completion!r:.80}: expected a string or a list of token ids.")
+
+
+@contextlib.contextmanager
+def _inference(model: Any) -> Iterator[None]:
+    """Eval mode (no dropout) and no grad, restoring the model's mode afterwards."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(training)
+
+
+def _supported(model: Any, **kwargs: Any) -> dict[str, Any]:
+    """The keyword arguments that `model.forward` takes (`logits_to_keep`, `position_ids`), the others dropped."""
+    parameters = inspect.signature(model.forward).parameters
+    return {k: v for k, v in kwargs.items() if k in parameters}
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _log_prob_after(
+    model: Any, sequences: list[list[int]], token_id: int, pad_id: int, batch_size: int
+) -> list[float]:
+    """log pi(token | sequence) at each sequence's last position: left-padded batches, last-position logits only."""
+    device = _device(model)
+    result = [0.0] * len(sequences)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths: little padding
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(len(sequences[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, width - len(sequences[i]) :] = torch.tensor(sequences[i])
+            mask[r, width - len(sequences[i]) :] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as `generate`: positions count real tokens only
+        logits = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            use_cache=False,
+            **_supported(model, position_ids=position_ids.to(device), logits_to_keep=1),
+        ).logits[:, -1]
+        values = logits.float().log_softmax(-1)[:, token_id].tolist()
+        for r, i in enumerate(rows):
+            result[i] = values[r]
+    return result
+
+
+def score_completions(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    *,
+    settings: SelfRewardSettings | str | os.PathLike | None = None,
+    self_reward_token: str | int | None = None,
+    self_reward_ref_constant: float | None = None,
+    self_reward_beta: float | None = None,
+    batch_size: int = 8,
+    chat_template_kwargs: dict | None = None,
+) -> list[float | None]:
+    """Self-reward scores r_s of finished completions, `None` for those without EOS.
+
+    One forward pass over `prompt + completion` per completion (the official way of scoring after the fact);
+    `generate_with_self_rewards` gets the same numbers for one extra token. Settings as in `resolve_settings`.
+    """
+    if len(prompts) != len(completions):
+        raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions: give one prompt each.")
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    cfg = resolve_settings(
+        model,
+        tokenizer,
+        settings,
+        self_reward_token=self_reward_token,
+        self_reward_ref_constant=self_reward_ref_constant,
+        self_reward_beta=self_reward_beta,
+    )
+    eos = set(cfg.eos_token_ids)
+    sequences, rows = [], []
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        ids = tokenize_completion(tokenizer, completion)
+        if ids and ids[-1] in eos:
+            sequences.append(tokenize_prompt(tokenizer, prompt, chat_template_kwargs) + ids)
+            rows.append(i)
+    scores: list[float | None] = [None] * len(completions)
+    if sequences:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else cfg.eos_token_ids[0]
+        with _inference(model):
+            logps = _log_prob_after(model, sequences, cfg.self_reward_token_id, pad_id, batch_size)
+        for i, logp in zip(rows, logps):
+            scores[i] = _score(logp, cfg)
+    return scores
+
+
+def _score(logp: float, cfg: SelfRewardSettings) -> float:
+    return float(
+        self_reward_score(torch.tensor(logp, dtype=torch.float64), cfg.self_reward_ref_constant, cfg.self_reward_beta)
+    )
+
+
+@dataclasses.dataclass
+class ScoredCompletion:
+    """One sampled completion with its self-reward score, captured during generation."""
+
+    prompt_index: int
+    sample_index: int
+    text: str  # decoded without special tokens
+    token_ids: list[int]  # generated ids up to and including the first EOS (all of them if truncated)
+    finished: bool  # ended with an EOS id
+    self_reward: float | None  # r_s, None when truncated
+    self_reward_logprob: float | None  # log pi(z_c | x, y, EOS), None when truncated
+
+
+class _ZcRecorder:
+    """Forward hook: log pi(z_c | prefix) from the raw last-position logits of every forward call of `generate`.
+
+    Only `(rows,)` floats per step are kept, where `output_logits=True` would keep `(rows, vocab)` per step
+    (e.g. 5 GB per row for 8192 tokens of a 152k vocabulary). The values are the logits `generate` itself reads.
+    """
+
+    def __init__(self, token_id: int):
+        self.token_id = token_id
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, module: Any, args: Any, kwargs: Any, output: Any) -> None:
+        logits = output.logits if hasattr(output, "logits") else output[0]
+        self.steps.append(logits[:, -1].float().log_softmax(-1)[:, self.token_id])
+
+
+def generate_with_self_rewards(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    num_samples: int = 1,
+    *,
+    settings: SelfRewardSettings | str | os.PathLike | None = None,
+    self_reward_token: str | int | None = None,
+    self_reward_ref_constant: float | None = None,
+    self_reward_beta: float | None = None,
+    batch_size: int = 8,
+    chat_template_kwargs: dict | None = None,
+    progress: bool = False,
+    **generate_kwargs: Any,
+) -> list[list[ScoredCompletion]]:
+    """Sample `num_samples` completions per prompt, each with its score r_s, read during generation itself.
+
+    For a row whose first EOS is generated at step t, `generate` feeds that EOS back at step t + 1 with the full
+    context (its attention mask is 1), so the logits of step t + 1 are exactly the distribution after EOS; rows that
+    end at the very last step get one extra cached forward of a single token. No prefill of prompt + completion is
+    repeated. Sampling follows `generate_kwargs` (default: `do_sample=True`, temperature 1, top-p 1, no top-k); the
+    score is always at temperature 1. `batch_size` counts sequences per `generate` call. Returns, per prompt, its
+    `num_samples` completions.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"`num_samples` must be an integer >= 1, got {num_samples!r}.")
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    bad = [k for k in _GENERATE_UNSUPPORTED if k in generate_kwargs and generate_kwargs[k] not in (None, 1)]
+    if bad:
+        raise ValueError(
+            f"generate_with_self_rewards does not support {bad}: it samples one sequence per row "
+            "(use `num_samples` for several samples per prompt)."
+        )
+    cfg = resolve_settings(
+        model,
+        tokenizer,
+        settings,
+        self_reward_token=self_reward_token,
+        self_reward_ref_constant=self_reward_ref_constant,
+        self_reward_beta=self_reward_beta,
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else cfg.eos_token_ids[0]
+    kwargs = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "disable_compile": True}
+    kwargs.update(generate_kwargs)
+    kwargs.update(eos_token_id=cfg.eos_token_ids, pad_token_id=pad_id, return_dict_in_generate=True, use_cache=True)
+
+    prompt_ids = [tokenize_prompt(tokenizer, p, chat_template_kwargs) for p in prompts]
+    jobs = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
+    results: list[list[ScoredCompletion]] = [[] for _ in prompts]
+    bar = tqdm(total=len(jobs), desc="generating", unit="sample", disable=not progress)
+    with _inference(model):
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start : start + batch_size]
+            for item in _generate_batch(model, tokenizer, prompt_ids, chunk, cfg, pad_id, kwargs):
+                results[item.prompt_index].append(item)
+            bar.update(len(chunk))
+    bar.close()
+    return results
+
+
+def _generate_batch(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: list[list[int]],
+    jobs: list[tuple[int, int]],
+    cfg: SelfRewardSettings,
+    pad_id: int,
+    kwargs: dict,
+) -> list[ScoredCompletion]:
+    """One `generate` call, one row per `(prompt index, sample index)` job, left-padded prompts; z_c's log-prob is
+    recorded after each row's first EOS."""
+    device = _device(model)
+    width = max(len(prompt_ids[p]) for p, _ in jobs)
+    input_ids = torch.full((len(jobs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for r, (p, _) in enumerate(jobs):
+        input_ids[r, width - len(prompt_ids[p]) :] = torch.tensor(prompt_ids[p])
+        mask[r, width - len(prompt_ids[p]) :] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+
+    recorder = _ZcRecorder(cfg.self_reward_token_id)
+    handle = model.register_forward_hook(recorder, with_kwargs=True)
+    try:
+        out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+    finally:
+        handle.remove()
+    generated = out.sequences[:, width:].tolist()
+    steps = len(generated[0])
+
+    eos = set(cfg.eos_token_ids)
+    # The first EOS of a row is its real end: before it the row is unfinished, so no pad can precede it.
+    ends = [next((t for t, tok in enumerate(row) if tok in eos), None) for row in generated]
+    after = recorder.steps[:steps]  # the logits of forward call t predict generated token t
+    if any(end == steps - 1 for end in ends):
+        # Rows that ended at the last step: one cached forward of their EOS (the single token after the last step).
+        full_mask = torch.cat([mask, mask.new_ones((mask.shape[0], steps))], dim=1)
+        logits = model(
+            input_ids=out.sequences[:, -1:],
+            attention_mask=full_mask,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+            **_supported(model, position_ids=full_mask.sum(dim=1, keepdim=True) - 1, logits_to_keep=1),
+        ).logits[:, -1]
+        after.append(logits.float().log_softmax(-1)[:, cfg.self_reward_token_id])
+    after = torch.stack(after).cpu().tolist()  # (steps [+ 1], rows): one transfer
+
+    items = []
+    for r, ((p, s), row, end) in enumerate(zip(jobs, generated, ends)):
+        ids = row if end is None else row[: end + 1]
+        logp = None if end is None else after[end + 1][r]
+        items.append(
+            ScoredCompletion(
+                prompt_index=p,
+                sample_index=s,
+                text=tokenizer.decode(ids, skip_special_tokens=True),
+                token_ids=ids,
+                finished=end is not None,
+                self_reward=None if logp is None else _score(logp, cfg),
+                self_reward_logprob=logp,
+            )
+        )
+    return items

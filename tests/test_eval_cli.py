@@ -1,0 +1,246 @@
+"""`trl-laser eval` end to end on a tiny local model and a local JSONL, and the summary against hand computations."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import SELF_REWARD_TOKEN, build_tiny_model
+from PIL import Image
+
+from trl_laser import SelfRewardSettings
+from trl_laser.data import PAPER_INSTRUCTION, make_conversation
+from trl_laser.evaluation import scaling_curves, summarize
+from trl_laser.scoring import score_completions
+from trl_laser.scripts.eval import main, make_parser
+
+
+ZC, EOS, FOUR = 7, 2, 36  # <gh_stars>, <|im_end|>, "4"
+BETA = 20.0  # a large beta_v spreads the tiny model's scores around the 0.5 threshold
+PROBLEMS = [("What is 2 + 2?", "4"), ("What is 8 / 2?", "\\frac{8}{2}"), ("Write 44.", "44"), ("Write 444.", "444")]
+SAMPLE_FIELDS = {"problem", "gold", "completion", "pred", "correct", "finished", "self_reward", "sample_index"}
+
+
+def answering_model(tokenizer):
+    """A tiny model that answers "", "4", "44", "444", ... (p("4") ~ 0.6, p(EOS) ~ 0.4 at every step)."""
+    model = build_tiny_model(tokenizer, eos_logit=13.8)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model.lm_head.weight[FOUR] = model.lm_head.weight[EOS] * (14.2 / 13.8)
+        model.lm_head.weight[ZC, 1:] = torch.randn(model.lm_head.weight.shape[1] - 1, generator=generator) * 3.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def workdir(tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    bare = str(root / "bare")
+    model = answering_model(tokenizer)
+    model.save_pretrained(bare)
+    tokenizer.save_pretrained(bare)
+    # c_ref at the median log pi(z_c | x, y, EOS), so that scores fall on both sides of 0.5.
+    logps = score_completions(
+        model,
+        tokenizer,
+        [make_conversation(p) for p, _ in PROBLEMS] * 2,
+        [[EOS]] * 4 + [[FOUR, FOUR, EOS]] * 4,
+        self_reward_token=SELF_REWARD_TOKEN,
+        self_reward_ref_constant=0.0,
+        self_reward_beta=1.0,
+    )
+    c_ref = sorted(logps)[4] - 0.025
+    trained = shutil.copytree(bare, root / "trained")
+    SelfRewardSettings(SELF_REWARD_TOKEN, ZC, BETA, c_ref, eos_token_ids=[EOS]).save_pretrained(trained)
+    data = root / "problems.jsonl"
+    data.write_text("".join(json.dumps({"question": p, "solution": a}) + "\n" for p, a in PROBLEMS))
+    return {"root": root, "bare": bare, "trained": str(trained), "data": str(data), "c_ref": c_ref}
+
+
+def run(*argv: str) -> int:
+    return main(make_parser().parse_args(list(argv)))
+
+
+@pytest.fixture(scope="module")
+def result(workdir):
+    out = str(workdir["root"] / "out")
+    common = ["--problem-column", "question", "--answer-column", "solution", "--max-new-tokens", "8"]
+    assert run("--model", workdir["trained"], "--dataset", workdir["data"], *common, "--output-dir", out) == 0
+    return {"out": out, "samples": read_samples(out), "summary": read_summary(out)}
+
+
+def read_samples(out: str) -> list[dict]:
+    with open(os.path.join(out, "samples.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def read_summary(out: str) -> dict:
+    with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def hand_votes(rows):
+    """Votes written out for plain-integer answers, where equivalence is string equality."""
+    preds = [r["pred"] for r in rows]
+    answered = [i for i, p in enumerate(preds) if p is not None]
+    weights = {p: 0.0 for p in preds if p is not None}
+    counts = {p: 0 for p in weights}
+    for i in answered:
+        counts[preds[i]] += 1
+        weights[preds[i]] += min(max(rows[i]["self_reward"] or 0.0, 0.0), 1.0)
+    order = list(dict.fromkeys(preds[i] for i in answered))
+    majority = max(order, key=lambda p: (counts[p], -order.index(p)), default=None)
+    weighted = max(order, key=lambda p: (weights[p], counts[p], -order.index(p)), default=None)
+    scored = [(r["self_reward"] if r["self_reward"] is not None else -1e9, -i) for i, r in enumerate(rows)]
+    best = rows[-max(scored)[1]]
+    first_correct = {p: rows[preds.index(p)]["correct"] for p in order}
+    return first_correct.get(majority, False), first_correct.get(weighted, False), best["correct"]
+
+
+def test_eval_writes_samples_with_all_fields(result, workdir):
+    samples = result["samples"]
+    assert len(samples) == 4 * 4  # the default --num-samples is 4 as well
+    assert [(s["problem_index"], s["sample_index"]) for s in samples] == [(p, i) for p in range(4) for i in range(4)]
+    for s in samples:
+        assert SAMPLE_FIELDS <= set(s)
+        assert (s["problem"], s["gold"]) == PROBLEMS[s["problem_index"]]
+        assert isinstance(s["correct"], bool) and isinstance(s["finished"], bool)
+        assert (s["self_reward"] is None) == (not s["finished"])
+        if s["finished"]:  # the saved settings are used: r_s = beta_v (log pi(z_c) - c_ref)
+            assert s["self_reward"] == pytest.approx(BETA * (s["self_reward_logprob"] - workdir["c_ref"]), abs=1e-9)
+        # This model writes runs of "4": pred is that number, and it is right iff the gold equals it.
+        text = s["completion"].strip()
+        if text and set(text) == {"4"}:
+            assert s["pred"] == text
+            assert s["correct"] == (
+                text == "4" and s["problem_index"] in (0, 1) or text == PROBLEMS[s["problem_index"]][1]
+            )
+        elif not text:
+            assert s["pred"] is None and s["correct"] is False
+    # Both labels and both sides of the threshold occur, so the self-verification numbers below are not degenerate.
+    assert {s["correct"] for s in samples} == {True, False}
+    assert any(s["self_reward"] > 0.5 for s in samples if s["finished"])
+    assert any(s["self_reward"] <= 0.5 for s in samples if s["finished"])
+
+
+def test_eval_summary_matches_hand_computations(result):
+    samples, summary = result["samples"], result["summary"]
+    assert all(s["pred"] is None or s["pred"].isdigit() for s in samples)  # premise of `hand_votes`
+    assert (summary["n_problems"], summary["n_samples"]) == (4, 16)
+    assert summary["config"]["instruction"] == PAPER_INSTRUCTION  # a local file: the paper's, as in training
+    assert summary["accuracy"] == pytest.approx(sum(s["correct"] for s in samples) / 16)
+    by_problem = [[s for s in samples if s["problem_index"] == p] for p in range(4)]
+    votes = [hand_votes(rows) for rows in by_problem]
+    for k, key in enumerate(("majority_at_n", "weighted_at_n", "best_of_n")):
+        assert summary[key] == pytest.approx(sum(v[k] for v in votes) / 4), key
+    scored = [s for s in samples if s["self_reward"] is not None]
+    assert summary["sv_accuracy"] == pytest.approx(
+        sum((s["self_reward"] > 0.5) == s["correct"] for s in scored) / len(scored)
+    )
+    for key in ("sv_f1_paper", "sv_f1_binary", "auroc", "ece"):
+        assert key in summary and key in summary["filtered"]
+
+    # The "answer extracted" variant: the same computations on the samples with a pred, over all 4 problems.
+    answered = [s for s in samples if s["pred"] is not None]
+    filtered = summary["filtered"]
+    assert (filtered["n_problems"], filtered["n_samples"]) == (4, len(answered))
+    assert filtered["accuracy"] == pytest.approx(sum(s["correct"] for s in answered) / len(answered))
+    votes = [
+        hand_votes([s for s in rows if s["pred"] is not None]) if any(s["pred"] for s in rows) else (0, 0, 0)
+        for rows in by_problem
+    ]
+    assert filtered["best_of_n"] == pytest.approx(sum(v[2] for v in votes) / 4)
+
+    # Scaling curves: k = 1..N, ending at the summary's votes; k = 1 is the accuracy of one sample in expectation.
+    scaling = summary["scaling"]
+    assert scaling["k"] == [1, 2, 3, 4]
+    assert (scaling["majority"][-1], scaling["weighted"][-1], scaling["best_of_n"][-1]) == (
+        summary["majority_at_n"],
+        summary["weighted_at_n"],
+        summary["best_of_n"],
+    )
+    assert all(0.0 <= v <= 1.0 for key in ("majority", "weighted", "best_of_n") for v in scaling[key])
+
+
+def test_eval_writes_png_plots_and_prints_a_table(result, capsys, workdir):
+    for name in ("reliability.png", "scaling.png"):
+        path = os.path.join(result["out"], name)
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
+    out = str(workdir["root"] / "tiny")
+    args = "--num-samples 1 --max-problems 1 --max-new-tokens 2 --problem-column question --answer-column solution"
+    run("--model", workdir["trained"], "--dataset", workdir["data"], *args.split(), "--output-dir", out)
+    table = capsys.readouterr().out
+    assert "majority_at_n" in table and "answer extracted" in table and "sv_f1_paper" in table
+    summary = read_summary(out)
+    assert (summary["n_problems"], summary["n_samples"], summary["scaling"]["k"]) == (1, 1, [1])
+
+
+def test_scaling_curves_average_random_subsets():
+    # One problem, 2 samples: "1" (right, r_s 0.9) and "2" (wrong, r_s 0.2). With k = 1 every vote is right iff
+    # the drawn sample is the right one: 1/2 in expectation; with k = 2 majority ties (first wins), weighted and
+    # best-of-N pick the right one.
+    rows = [
+        {"problem_index": 0, "sample_index": 0, "pred": "2", "correct": False, "self_reward": 0.2, "finished": True},
+        {"problem_index": 0, "sample_index": 1, "pred": "1", "correct": True, "self_reward": 0.9, "finished": True},
+    ]
+    curves = scaling_curves(rows, 2, num_subsets=4000, seed=0)
+    for key in ("majority", "weighted", "best_of_n"):
+        assert curves[key][0] == pytest.approx(0.5, abs=0.03)
+    assert (curves["majority"][1], curves["weighted"][1], curves["best_of_n"][1]) == (0.0, 1.0, 1.0)
+    assert curves == scaling_curves(rows, 2, num_subsets=4000, seed=0)  # seeded
+    summary = summarize(rows, 1)
+    assert (summary["majority_at_n"], summary["weighted_at_n"], summary["best_of_n"]) == (0.0, 1.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------ errors
+def error_of(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run(*argv)
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("trl-laser eval: error:")]
+    assert len(lines) == 1
+    return lines[0]
+
+
+def test_errors_are_one_line_and_name_the_problem(workdir, capsys, tmp_path):
+    model, data = workdir["trained"], workdir["data"]
+    cols = ["--problem-column", "question", "--answer-column", "solution"]
+    out = ["--output-dir", str(tmp_path / "never")]
+    assert "'nope'" in error_of(capsys, "--model", model, "--dataset", data, "--problem-column", "nope", *out)
+    assert "solution_x" in error_of(
+        capsys, "--model", model, "--dataset", data, "--problem-column", "question", "--answer-column", "solution_x"
+    )
+    assert "--num-samples" in error_of(capsys, "--model", model, "--dataset", data, *cols, "--num-samples", "0")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert "empty" in error_of(capsys, "--model", model, "--dataset", str(empty), *cols)
+    empty_list = tmp_path / "empty.json"
+    empty_list.write_text("[]")
+    assert "empty" in error_of(capsys, "--model", model, "--dataset", str(empty_list), *cols)
+    message = error_of(capsys, "--model", workdir["bare"], "--dataset", data, *cols, *out)
+    assert "self_reward_config.json" in message and "--self-reward-ref-constant" in message
+    assert "missing.jsonl" in error_of(capsys, "--model", model, "--dataset", str(tmp_path / "missing.jsonl"))
+    assert not os.path.exists(tmp_path / "never")  # nothing was written
+
+
+def test_overrides_score_a_model_saved_without_settings(workdir):
+    out = str(workdir["root"] / "override")
+    args = "--num-samples 2 --max-problems 2 --max-new-tokens 4 --problem-column question --answer-column solution"
+    overrides = f"--self-reward-token {SELF_REWARD_TOKEN} --self-reward-ref-constant -16 --self-reward-beta 0.5"
+    more = ["--instruction", "Answer with just the number.", "--output-dir", out]
+    run("--model", workdir["bare"], "--dataset", workdir["data"], *args.split(), *overrides.split(), *more)
+    summary = read_summary(out)
+    settings = summary["config"]["self_reward"]
+    assert settings["self_reward_token_id"] == ZC
+    assert (settings["self_reward_ref_constant"], settings["self_reward_beta"]) == (-16.0, 0.5)
+    assert summary["config"]["instruction"] == "Answer with just the number."
+    for s in read_samples(out):
+        if s["finished"]:
+            assert s["self_reward"] == pytest.approx(0.5 * (s["self_reward_logprob"] + 16.0), abs=1e-9)

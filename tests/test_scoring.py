@@ -1,0 +1,250 @@
+"""Test-time scores equal the trainer's, and scores captured during generation equal scoring after the fact."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from conftest import SELF_REWARD_TOKEN, build_tiny_model
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trl_laser import SELF_REWARD_CONFIG_NAME, LaSeRConfig, LaSeRGRPOTrainer, SelfRewardSettings
+from trl_laser.scoring import generate_with_self_rewards, resolve_settings, score_completions
+
+
+ZC = 7  # <gh_stars>
+EOS = 2  # <|im_end|>, also the pad token
+EOS2 = 0  # <|endoftext|>, a second EOS id
+BETA, C_REF = 0.1, -10.0
+MAX_LEN = 6
+PROMPTS = [[{"role": "user", "content": f"What is {i} + {i}?"}] for i in range(2)]
+# As TRL returns completions (cut after the first EOS), 4 per prompt: EOS at the last allowed position (row 2),
+# the second EOS id (row 4), an EOS-only completion (row 7), and truncated rows 3 and 6.
+FIXED = [
+    [105, 106, EOS],
+    [109, EOS],
+    [111, 112, 113, 114, 115, EOS],
+    [120, 121, 122, 123, 124, 125],
+    [130, EOS2],
+    [131, 132, EOS],
+    [140, 141, 142, 143, 144, 145],
+    [EOS],
+]
+FINISHED = [True, True, True, False, True, True, False, True]
+
+
+def sensitive_model(tokenizer) -> torch.nn.Module:
+    """The tiny model with a z_c logit that depends on the context, so that a misplaced read changes the score.
+
+    (In the plain tiny model z_c's row is untrained and log pi(z_c) is the same everywhere to 1e-4.)
+    """
+    model = build_tiny_model(tokenizer)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        hidden = model.lm_head.weight.shape[1]
+        model.lm_head.weight[ZC, 1:] = torch.randn(hidden - 1, generator=generator) * 3.0
+    model.generation_config.eos_token_id = [EOS, EOS2]
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir, tokenizer, tmp_path_factory) -> str:
+    """The sensitive tiny model saved with its tokenizer and self-reward settings (as the trainer saves them)."""
+    path = str(tmp_path_factory.mktemp("scoring") / "model")
+    sensitive_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    SelfRewardSettings(SELF_REWARD_TOKEN, ZC, BETA, C_REF, eos_token_ids=[EOS, EOS2]).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+
+
+def direct_score(model, tokenizer, prompt, completion_ids) -> float:
+    """beta * (log pi(z_c | x, y) - c_ref) from a plain, unpadded full-logits forward (independent of the module)."""
+    if isinstance(prompt, str):  # TRL's standard (non-conversational) prompt: the text as it is
+        prompt_ids = tokenizer(prompt)
+    else:
+        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+    ids = torch.tensor([list(prompt_ids["input_ids"]) + list(completion_ids)])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, -1].double()
+    return BETA * (torch.log_softmax(logits, -1)[ZC].item() - C_REF)
+
+
+# ------------------------------------------------------------------------------------------ against the trainer
+def test_score_completions_equals_the_trainers_score(model_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    trainer = LaSeRGRPOTrainer(
+        model=model,
+        reward_funcs=[lambda completion_ids, **kw: [float(len(c) % 2 == 0) for c in completion_ids]],
+        args=LaSeRConfig(
+            output_dir=str(tmp_path / "out"),
+            per_device_train_batch_size=8,
+            num_generations=4,
+            max_completion_length=MAX_LEN,
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            bf16=False,  # fp32 forward, so that 1e-5 is meaningful
+            self_reward_token=SELF_REWARD_TOKEN,
+            self_reward_ref_constant=C_REF,
+            self_reward_beta=BETA,
+        ),
+        train_dataset=Dataset.from_list([{"prompt": p, "answer": "0"} for p in PROMPTS]),
+    )
+    trainer._generate_single_turn = lambda prompt_ids, *args, **kwargs: ([list(c) for c in FIXED], None)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([{"prompt": p, "answer": "0"} for p in PROMPTS for _ in range(4)])
+
+    # The trainer's own computation: its training forward (TRL's fused LM head) on its ids with z_c appended.
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, ids, mask, batch["completion_ids"].size(1)
+        )
+    index = batch["self_reward_index"]
+    assert index.tolist() == [len(c) if done else -1 for c, done in zip(FIXED, FINISHED)]
+    assert all(batch["completion_ids"][r, i].item() == ZC for r, i in enumerate(index.tolist()) if i >= 0)
+    trainer_scores = BETA * (
+        logps.gather(1, index.clamp(min=0)[:, None]).squeeze(1).double() - batch["self_reward_ref"]
+    )
+
+    # Score with the model as the trainer saved it: the settings come from its self_reward_config.json.
+    saved = str(tmp_path / "saved")
+    trainer.save_model(saved)
+    assert SelfRewardSettings.from_pretrained(saved).eos_token_ids == [EOS, EOS2]
+    prompts = [p for p in PROMPTS for _ in range(4)]
+    scores = score_completions(
+        AutoModelForCausalLM.from_pretrained(saved), AutoTokenizer.from_pretrained(saved), prompts, FIXED
+    )
+    assert [s is not None for s in scores] == FINISHED
+    finished = [i for i, done in enumerate(FINISHED) if done]
+    got = torch.tensor([scores[i] for i in finished], dtype=torch.float64)
+    assert torch.allclose(got, trainer_scores[finished], atol=1e-5, rtol=0)
+    assert got.max() - got.min() > 0.05  # the scores differ across rows: a misplaced read would show
+
+
+def test_score_completions_equals_a_direct_forward_in_any_batch(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompts = [PROMPTS[i // 4] for i in range(8)]
+    expected = [direct_score(model, tokenizer, p, c) if done else None for p, c, done in zip(prompts, FIXED, FINISHED)]
+    for batch_size in (1, 3, 8):  # padding and sorting by length must not change a score
+        scores = score_completions(model, tokenizer, prompts, FIXED, batch_size=batch_size)
+        for s, e in zip(scores, expected):
+            assert (s is None and e is None) or s == pytest.approx(e, abs=1e-5)
+    assert max(e for e in expected if e is not None) - min(e for e in expected if e is not None) > 0.05
+
+
+def test_text_completions_and_prompt_forms(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    ids = tokenizer("The answer is 4.", add_special_tokens=False)["input_ids"]
+    by_ids = score_completions(model, tokenizer, [PROMPTS[0]], [ids + [EOS]])[0]
+    prompt_ids = tokenizer.apply_chat_template(PROMPTS[0], add_generation_prompt=True, tokenize=True, return_dict=True)
+    # A text ending with the EOS string is finished; without it, it is truncated. Prompt ids are used as given.
+    scores = score_completions(
+        model,
+        tokenizer,
+        [PROMPTS[0], PROMPTS[0], list(prompt_ids["input_ids"])],
+        ["The answer is 4.<|im_end|>", "The answer is 4.", ids + [EOS]],
+    )
+    assert scores[0] == pytest.approx(by_ids, abs=1e-6) and scores[2] == pytest.approx(by_ids, abs=1e-6)
+    assert scores[1] is None
+    assert score_completions(model, tokenizer, [PROMPTS[0]], [[]]) == [None]
+
+
+def test_overrides_apply_the_formula(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    saved = score_completions(model, tokenizer, [PROMPTS[0]], [FIXED[0]])[0]
+    logp = saved / BETA + C_REF
+    other = score_completions(
+        model, tokenizer, [PROMPTS[0]], [FIXED[0]], self_reward_beta=0.5, self_reward_ref_constant=-20.0
+    )[0]
+    assert other == pytest.approx(0.5 * (logp + 20.0), abs=1e-6)
+    # Another z_c: <repo_name> (id 3) reads another logit.
+    settings = resolve_settings(model, tokenizer, self_reward_token="<repo_name>")
+    assert (settings.self_reward_token_id, settings.self_reward_ref_constant, settings.eos_token_ids) == (
+        3,
+        C_REF,
+        [2, 0],
+    )
+
+
+# ------------------------------------------------------------------------------------------ during generation
+@pytest.mark.parametrize(("max_new_tokens", "temperature"), [(5, 1.0), (64, 1.0), (2, 0.7)])
+def test_generation_scores_equal_score_completions(model_and_tokenizer, max_new_tokens, temperature):
+    model, tokenizer = model_and_tokenizer
+    prompts = [PROMPTS[0], PROMPTS[1], "A plain text prompt"]
+    torch.manual_seed(2)  # a seed under which every path below is taken (asserted at the end)
+    results = generate_with_self_rewards(
+        model, tokenizer, prompts, num_samples=4, batch_size=6, max_new_tokens=max_new_tokens, temperature=temperature
+    )
+    assert not model._forward_hooks
+    flat = [c for samples in results for c in samples]
+    assert [(c.prompt_index, c.sample_index) for c in flat] == [(p, s) for p in range(3) for s in range(4)]
+    eos = {EOS, EOS2}
+    for c in flat:
+        assert c.finished == (c.token_ids[-1] in eos)
+        assert not eos & set(c.token_ids[:-1])  # cut right after the first EOS, pad (== EOS) after it dropped
+        assert (c.self_reward is None) == (not c.finished)
+
+    expected = score_completions(
+        model, tokenizer, [prompts[c.prompt_index] for c in flat], [c.token_ids for c in flat]
+    )
+    for c, e in zip(flat, expected):
+        assert (c.self_reward is None and e is None) or c.self_reward == pytest.approx(e, abs=1e-5)
+    # Discriminative: rows have scores that differ by more than the tolerance (a read from another row would show),
+    # and reading one position too early (before the EOS) gives another value.
+    assert len({round(c.self_reward, 4) for c in flat if c.finished}) >= 3
+    early = [c for c in flat if c.finished and len(c.token_ids) > 1][0]
+    before_eos = direct_score(model, tokenizer, prompts[early.prompt_index], early.token_ids[:-1])
+    assert abs(before_eos - early.self_reward) > 0.05
+
+    # The paths this must cover: a row ending at the last step (the one extra cached forward), rows ending earlier
+    # while others go on (pads after their EOS), and, with a short limit, truncated rows.
+    batches = [flat[:6], flat[6:]]
+    last_step = [max(len(c.token_ids) for c in b) for b in batches]
+    assert any(c.finished and len(c.token_ids) == n for b, n in zip(batches, last_step) for c in b)
+    assert any(c.finished and len(c.token_ids) < n for b, n in zip(batches, last_step) for c in b)
+    if max_new_tokens < 10:
+        assert any(not c.finished for c in flat)
+    else:
+        assert all(c.finished for c in flat)
+
+
+# ------------------------------------------------------------------------------------------ errors
+def test_model_without_settings_needs_overrides(tiny_model_dir, tmp_path, tokenizer):
+    path = shutil.copytree(tiny_model_dir, tmp_path / "bare")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with pytest.raises(FileNotFoundError, match=f"{SELF_REWARD_CONFIG_NAME}.*self_reward_ref_constant"):
+        score_completions(model, tokenizer, [PROMPTS[0]], [FIXED[0]])
+    with pytest.raises(FileNotFoundError, match="self_reward_ref_constant"):
+        generate_with_self_rewards(model, tokenizer, [PROMPTS[0]], self_reward_token=SELF_REWARD_TOKEN)
+    # Both overrides: beta_v defaults to the paper's 0.1, EOS ids come from the model as in TRL.
+    settings = resolve_settings(model, tokenizer, self_reward_token=SELF_REWARD_TOKEN, self_reward_ref_constant=-12)
+    assert (settings.self_reward_beta, settings.self_reward_ref_constant, settings.eos_token_ids) == (
+        0.1,
+        -12.0,
+        [EOS],
+    )
+
+
+def test_bad_arguments_are_named(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    with pytest.raises(ValueError, match="num_samples"):
+        generate_with_self_rewards(model, tokenizer, [PROMPTS[0]], num_samples=0)
+    with pytest.raises(ValueError, match="num_beams"):
+        generate_with_self_rewards(model, tokenizer, [PROMPTS[0]], num_beams=2)
+    with pytest.raises(ValueError, match="2 prompts but 1 completions"):
+        score_completions(model, tokenizer, PROMPTS, [FIXED[0]])
+    with pytest.raises(ValueError, match="not a single token"):
+        score_completions(model, tokenizer, [PROMPTS[0]], [FIXED[0]], self_reward_token="<not a token>")
+    with pytest.raises(ValueError, match="must be a number"):
+        score_completions(model, tokenizer, [PROMPTS[0]], [FIXED[0]], self_reward_ref_constant="auto")
+    with pytest.raises(ValueError, match="EOS"):
+        score_completions(model, tokenizer, [PROMPTS[0]], [FIXED[0]], self_reward_token=EOS)
