@@ -14,6 +14,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
 SELF_REWARD_TOKEN = "<gh_stars>"
+ZC = 7  # id of <gh_stars> in the SmolLM2 tokenizer
+EOS = 2  # <|im_end|>, also the pad token
+EOS2 = 0  # <|endoftext|>, a second EOS id for the several-EOS case
+MAX_LEN = 6
+
+# Completions as TRL returns them (cut after the first EOS), 4 per prompt for two prompts: EOS at the last allowed
+# position (row 2), the second EOS id (row 4), an EOS-only completion (row 7), and truncated rows 3 and 6.
+FIXED = [
+    [105, 106, EOS],
+    [109, EOS],
+    [111, 112, 113, 114, 115, EOS],
+    [120, 121, 122, 123, 124, 125],
+    [130, EOS2],
+    [131, 132, EOS],
+    [140, 141, 142, 143, 144, 145],
+    [EOS],
+]
+FINISHED = [True, True, True, False, True, True, False, True]
 
 
 def _tokenizer_dir(root) -> str:

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import SELF_REWARD_TOKEN, build_tiny_model
+from conftest import EOS, EOS2, FINISHED, FIXED, MAX_LEN, SELF_REWARD_TOKEN, ZC, build_tiny_model
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -14,25 +14,8 @@ from trl_laser import SELF_REWARD_CONFIG_NAME, LaSeRConfig, LaSeRGRPOTrainer, Se
 from trl_laser.scoring import generate_with_self_rewards, resolve_settings, score_completions
 
 
-ZC = 7  # <gh_stars>
-EOS = 2  # <|im_end|>, also the pad token
-EOS2 = 0  # <|endoftext|>, a second EOS id
 BETA, C_REF = 0.1, -10.0
-MAX_LEN = 6
 PROMPTS = [[{"role": "user", "content": f"What is {i} + {i}?"}] for i in range(2)]
-# As TRL returns completions (cut after the first EOS), 4 per prompt: EOS at the last allowed position (row 2),
-# the second EOS id (row 4), an EOS-only completion (row 7), and truncated rows 3 and 6.
-FIXED = [
-    [105, 106, EOS],
-    [109, EOS],
-    [111, 112, 113, 114, 115, EOS],
-    [120, 121, 122, 123, 124, 125],
-    [130, EOS2],
-    [131, 132, EOS],
-    [140, 141, 142, 143, 144, 145],
-    [EOS],
-]
-FINISHED = [True, True, True, False, True, True, False, True]
 
 
 def sensitive_model(tokenizer) -> torch.nn.Module:

@@ -8,32 +8,13 @@ import os
 
 import pytest
 import torch
-from conftest import SELF_REWARD_TOKEN
+from conftest import EOS, EOS2, FINISHED, FIXED, MAX_LEN, SELF_REWARD_TOKEN, ZC
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 from trl.trainer.utils import split_tensor_dict
 
 from trl_laser import SELF_REWARD_CONFIG_NAME, LaSeRConfig, LaSeRGRPOTrainer
 from trl_laser.core import class_weights
-
-
-ZC = 7  # id of <gh_stars> in the SmolLM2 tokenizer
-EOS = 2  # <|im_end|>, also the pad token
-EOS2 = 0  # a second EOS id (<|endoftext|>) for the several-EOS case
-MAX_LEN = 6
-
-# Two prompts x 4 generations. Finished rows end with an EOS id; row 2 ends exactly at MAX_LEN; rows 3, 6 truncated.
-FIXED = [
-    [105, 106, EOS],
-    [109, EOS],
-    [111, 112, 113, 114, 115, EOS],
-    [120, 121, 122, 123, 124, 125],
-    [130, EOS2],
-    [131, 132, EOS],
-    [140, 141, 142, 143, 144, 145],
-    [EOS],
-]
-FINISHED = [True, True, True, False, True, True, False, True]
 
 
 def prompts_dataset(n: int = 8) -> Dataset:
