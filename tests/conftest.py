@@ -90,3 +90,23 @@ def tiny_model_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def force_completions(trainer, completions=FIXED) -> None:
+    """Replace the trainer's sampling by fixed completion ids (as TRL returns them: cut after the first EOS)."""
+    trainer._generate_single_turn = lambda prompt_ids, *args, **kwargs: (
+        [list(c) for c in completions[: len(prompt_ids)]],
+        None,
+    )
+
+
+def training_zc_logps(trainer, batch) -> torch.Tensor:
+    """z_c's log-prob as the trainer's training forward computes it (TRL's fused LM head, z_c appended)."""
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, ids, mask, batch["completion_ids"].size(1)
+        )
+    index = batch["self_reward_index"]
+    return logps.gather(1, index.clamp(min=0)[:, None]).squeeze(1)

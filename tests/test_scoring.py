@@ -6,7 +6,18 @@ import shutil
 
 import pytest
 import torch
-from conftest import EOS, EOS2, FINISHED, FIXED, MAX_LEN, SELF_REWARD_TOKEN, ZC, build_tiny_model
+from conftest import (
+    EOS,
+    EOS2,
+    FINISHED,
+    FIXED,
+    MAX_LEN,
+    SELF_REWARD_TOKEN,
+    ZC,
+    build_tiny_model,
+    force_completions,
+    training_zc_logps,
+)
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -80,23 +91,15 @@ def test_score_completions_equals_the_trainers_score(model_dir, tmp_path):
         ),
         train_dataset=Dataset.from_list([{"prompt": p, "answer": "0"} for p in PROMPTS]),
     )
-    trainer._generate_single_turn = lambda prompt_ids, *args, **kwargs: ([list(c) for c in FIXED], None)
+    force_completions(trainer)
     trainer.model.train()
     batch = trainer._generate_and_score_completions([{"prompt": p, "answer": "0"} for p in PROMPTS for _ in range(4)])
 
     # The trainer's own computation: its training forward (TRL's fused LM head) on its ids with z_c appended.
-    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
-    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-    with torch.no_grad():
-        logps, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model, ids, mask, batch["completion_ids"].size(1)
-        )
     index = batch["self_reward_index"]
     assert index.tolist() == [len(c) if done else -1 for c, done in zip(FIXED, FINISHED)]
     assert all(batch["completion_ids"][r, i].item() == ZC for r, i in enumerate(index.tolist()) if i >= 0)
-    trainer_scores = BETA * (
-        logps.gather(1, index.clamp(min=0)[:, None]).squeeze(1).double() - batch["self_reward_ref"]
-    )
+    trainer_scores = BETA * (training_zc_logps(trainer, batch).double() - batch["self_reward_ref"])
 
     # Score with the model as the trainer saved it: the settings come from its self_reward_config.json.
     saved = str(tmp_path / "saved")

@@ -8,7 +8,17 @@ import os
 
 import pytest
 import torch
-from conftest import EOS, EOS2, FINISHED, FIXED, MAX_LEN, SELF_REWARD_TOKEN, ZC
+from conftest import (
+    EOS,
+    EOS2,
+    FINISHED,
+    FIXED,
+    MAX_LEN,
+    SELF_REWARD_TOKEN,
+    ZC,
+    force_completions,
+    training_zc_logps,
+)
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 from trl.trainer.utils import split_tensor_dict
@@ -61,14 +71,6 @@ def make_trainer(
     )
 
 
-def force_completions(trainer, completions=FIXED):
-    """Replace sampling by fixed completion ids (as TRL returns them: cut after the first EOS)."""
-    trainer._generate_single_turn = lambda prompt_ids, *args, **kwargs: (
-        [list(c) for c in completions[: len(prompt_ids)]],
-        None,
-    )
-
-
 def generation_batch():
     return [
         {"prompt": [{"role": "user", "content": f"What is {i // 4} + {i // 4}?"}], "answer": "0"} for i in range(8)
@@ -86,18 +88,6 @@ def direct_zc_logps(model, trainer, batch):
             logits = model(input_ids=ids).logits[0, -1].double()
         values.append(torch.log_softmax(logits, -1)[ZC].item())
     return torch.tensor(values, dtype=torch.float64)
-
-
-def training_zc_logps(trainer, batch):
-    """z_c's log-prob as the training forward pass computes it (TRL's fused LM head)."""
-    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
-    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-    with torch.no_grad():
-        logps, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model, ids, mask, batch["completion_ids"].size(1)
-        )
-    index = batch["self_reward_index"]
-    return logps.gather(1, index.clamp(min=0)[:, None]).squeeze(1)
 
 
 # ------------------------------------------------------------------------------------------ exactness

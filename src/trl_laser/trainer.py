@@ -16,6 +16,7 @@ How it rides on `GRPOTrainer` (TRL 1.16), one small seam each:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -369,27 +370,18 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
         forward_kwargs = {k: batch[k] for k in _FORWARD_KEYS if k in batch}
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            if reference:
-                unwrapped = self.accelerator.unwrap_model(self.model)
-                with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-                    logps, _, _ = self._get_per_token_logps_and_entropies(
-                        self.model,
-                        input_ids,
-                        attention_mask,
-                        batch["completion_ids"].size(1),
-                        batch_size,
-                        **forward_kwargs,
-                    )
-            else:
-                logps, _, _ = self._get_per_token_logps_and_entropies(
-                    self.model,
-                    input_ids,
-                    attention_mask,
-                    batch["completion_ids"].size(1),
-                    batch_size,
-                    **forward_kwargs,
-                )
+        adapters = contextlib.nullcontext()
+        if reference:  # the PEFT reference: adapters disabled (or TRL's "ref" adapter when re-training one)
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapters = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            adapters,
+        ):
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                self.model, input_ids, attention_mask, batch["completion_ids"].size(1), batch_size, **forward_kwargs
+            )
         return logps
 
     def _laser_record(self, scores: torch.Tensor, inputs: dict) -> None:
