@@ -48,6 +48,8 @@ def test_quickstart_short_trains_saves_and_evaluates(tiny_model_dir, tmp_path, c
     assert settings["self_reward_token"] == "<gh_stars>"
     assert settings["self_reward_ref_mode"] == "auto"
     assert settings["self_reward_ref_constant"] < 0
+    state = json.loads((out / "trainer_state.json").read_text())  # the per-step logs, for training curves
+    assert [e["step"] for e in state["log_history"] if "self_reward/mse" in e] == [1, 2]
     recipe = (out / RECIPE_FILE).read_text()
     assert recipe.startswith("# trl-laser train --config")
     assert "self_reward_token: <gh_stars>" in recipe

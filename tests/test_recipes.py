@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import filecmp
 import glob
 import os
@@ -18,7 +19,9 @@ from trl_laser.scripts import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*", "*", "config_*.yaml")))
-PAPER_RECIPES = [r for r in RECIPES if os.sep + "quickstart" + os.sep not in r]
+MINIATURE = {
+    m: os.path.join(ROOT, "recipes", "SmolLM2-135M-Instruct", m, "config_arithmetic.yaml") for m in ("grpo", "laser")
+}
 ACCELERATE_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "recipes", "accelerate_configs", "*.yaml")))
 PACKAGED_DIR = os.path.join(ROOT, "src", "trl_laser", "accelerate_configs")
 # The paper's runs (LASER_SPEC.md): model -> (z_c, c_ref, w_r, w_sr).
@@ -33,6 +36,7 @@ PAPER = {
     ),
     "Open-Reasoner-Zero-7B": ("Open-Reasoner-Zero/Open-Reasoner-Zero-7B", "<|vision_start|>", -23.0, 0, 200),
 }
+PAPER_RECIPES = [r for r in RECIPES if r.split(os.sep)[-3] in PAPER]
 
 
 def parse(path: str) -> train.ParsedArgs:
@@ -44,6 +48,7 @@ def parse(path: str) -> train.ParsedArgs:
 def test_the_expected_recipes_are_shipped():
     names = {os.path.relpath(r, os.path.join(ROOT, "recipes")) for r in RECIPES}
     assert os.path.join("quickstart", "laser", "config_smollm2_arithmetic.yaml") in names
+    assert set(MINIATURE.values()) <= set(RECIPES)
     for model in PAPER:
         for method in ("laser", "grpo"):
             assert os.path.join(model, method, "config_deepmath.yaml") in names
@@ -122,6 +127,20 @@ def test_quickstart_recipe_is_small_and_offline():
     assert args.num_generations == 8 and args.max_completion_length <= 48 and args.max_steps <= 10
     assert 1e-5 <= args.learning_rate <= 2e-5
     assert args.logging_steps == 1 and not args.use_vllm and not args.bf16
+
+
+def test_miniature_arms_differ_only_in_the_self_reward_coefficients():
+    """benchmarks/miniature.py compares these two: same data, steps, learning rate and batch, paper LaSeR settings."""
+    grpo, laser = (parse(MINIATURE[m]).training_args for m in ("grpo", "laser"))
+    differ = {f.name for f in dataclasses.fields(laser) if getattr(grpo, f.name) != getattr(laser, f.name)}
+    assert differ <= {"self_reward_loss_coef", "self_reward_advantage_coef", "output_dir", "logging_dir", "run_name"}
+    assert {"self_reward_loss_coef", "self_reward_advantage_coef"} <= differ
+    assert (grpo.self_reward_loss_coef, grpo.self_reward_advantage_coef) == (0.0, 0.0)
+    assert (laser.self_reward_loss_coef, laser.self_reward_advantage_coef) == (0.1, 0.1)
+    assert (laser.self_reward_beta, laser.self_reward_std_threshold) == (0.1, 0.1)
+    assert laser.per_device_train_batch_size * laser.gradient_accumulation_steps >= 4 * laser.num_generations >= 32
+    assert laser.steps_per_generation == laser.gradient_accumulation_steps  # one update per generation batch
+    assert 0 < laser.self_reward_warmup_steps < laser.max_steps
 
 
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=os.path.basename)

