@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shlex
 import shutil
 import subprocess
@@ -59,7 +58,6 @@ CURVE_KEYS = {
     "self_reward/f1_paper": "self-verification F1 (paper)",
     "self_reward/auroc": "self-reward AUROC",
 }
-_FIRST_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -190,9 +188,9 @@ def band_metrics(records: Sequence[dict], bands: Sequence[str]) -> dict[str, dic
 
 def first_number_correct(completion: str, gold: str) -> bool:
     """A second rule: the first number the completion writes is the answer (models that answer, then explain)."""
-    from trl_laser.answers import answers_equivalent
+    from trl_laser.answers import _NUMBER, answers_equivalent  # the verifier's own notion of a plain number
 
-    match = _FIRST_NUMBER.search(completion)
+    match = _NUMBER.search(completion)
     return match is not None and answers_equivalent(gold, match.group())
 
 
@@ -271,12 +269,14 @@ def summarize(args: argparse.Namespace, out: str, c_ref: dict, seconds: dict[str
             final = [e for e in state["log_history"] if "train_runtime" in e]
             with open(os.path.join(out, arm, "self_reward_config.json"), encoding="utf-8") as f:
                 entry["self_reward_settings"] = json.load(f)
+            recipe = _recipe(arm)
+            batch = recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]
             entry["train"] = {
                 "recipe": os.path.relpath(RECIPES[arm], ROOT),
                 "steps": state["global_step"],
-                "prompts_per_step": _prompts_per_step(arm),
-                "completions_per_prompt": _recipe(arm)["num_generations"],
-                "learning_rate": _recipe(arm)["learning_rate"],
+                "prompts_per_step": batch // recipe["num_generations"],
+                "completions_per_prompt": recipe["num_generations"],
+                "learning_rate": recipe["learning_rate"],
                 "train_runtime_seconds": final[0]["train_runtime"] if final else None,
                 "wall_seconds": seconds.get(f"train_{arm}"),
             }
@@ -307,11 +307,6 @@ def _recipe(arm: str) -> dict:
 
     with open(RECIPES[arm], encoding="utf-8") as f:
         return yaml.safe_load(f)
-
-
-def _prompts_per_step(arm: str) -> int:
-    recipe = _recipe(arm)
-    return recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"] // recipe["num_generations"]
 
 
 def _ge(value: float | None, bound: float) -> bool:
