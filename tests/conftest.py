@@ -76,6 +76,17 @@ def build_tiny_model(tokenizer, seed: int = 0, eos_logit: float = 8.8) -> LlamaF
     return model
 
 
+def answering_model(tokenizer, zc: int = 7, four: int = 36) -> LlamaForCausalLM:
+    """A tiny model that answers "", "4", "44", "444", ... (p("4") ~ 0.6, p(EOS) ~ 0.4 at every step), with a z_c
+    logit that depends on the context (`zc`: <gh_stars>, `four`: the token "4")."""
+    model = build_tiny_model(tokenizer, eos_logit=13.8)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model.lm_head.weight[four] = model.lm_head.weight[tokenizer.eos_token_id] * (14.2 / 13.8)
+        model.lm_head.weight[zc, 1:] = torch.randn(model.lm_head.weight.shape[1] - 1, generator=generator) * 3.0
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """Directory with the tiny model and the SmolLM2 tokenizer, saved once per session."""

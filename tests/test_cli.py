@@ -35,7 +35,7 @@ def run_train_cli(argv, capsys) -> tuple[int, str]:
 def test_help_lists_the_commands(capsys):
     assert cli_main([]) == 0
     out = capsys.readouterr().out
-    for command in ("train", "estimate-ref-constant", "eval"):
+    for command in ("train", "estimate-ref-constant", "eval", "probe"):
         assert command in out
 
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 
 import pytest
-import torch
-from conftest import SELF_REWARD_TOKEN, build_tiny_model
+from conftest import SELF_REWARD_TOKEN, answering_model
 from PIL import Image
 
 from trl_laser import SelfRewardSettings
 from trl_laser.data import PAPER_INSTRUCTION, make_conversation
-from trl_laser.evaluation import scaling_curves, summarize
+from trl_laser.evaluation import format_table, scaling_curves, summarize
+from trl_laser.metrics import auroc
 from trl_laser.scoring import score_completions
 from trl_laser.scripts.eval import main, make_parser
 
@@ -22,16 +23,6 @@ ZC, EOS, FOUR = 7, 2, 36  # <gh_stars>, <|im_end|>, "4"
 BETA = 20.0  # a large beta_v spreads the tiny model's scores around the 0.5 threshold
 PROBLEMS = [("What is 2 + 2?", "4"), ("What is 8 / 2?", "\\frac{8}{2}"), ("Write 44.", "44"), ("Write 444.", "444")]
 SAMPLE_FIELDS = {"problem", "gold", "completion", "pred", "correct", "finished", "self_reward", "sample_index"}
-
-
-def answering_model(tokenizer):
-    """A tiny model that answers "", "4", "44", "444", ... (p("4") ~ 0.6, p(EOS) ~ 0.4 at every step)."""
-    model = build_tiny_model(tokenizer, eos_logit=13.8)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        model.lm_head.weight[FOUR] = model.lm_head.weight[EOS] * (14.2 / 13.8)
-        model.lm_head.weight[ZC, 1:] = torch.randn(model.lm_head.weight.shape[1] - 1, generator=generator) * 3.0
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +155,86 @@ def test_eval_summary_matches_hand_computations(result):
     assert all(0.0 <= v <= 1.0 for key in ("majority", "weighted", "best_of_n") for v in scaling[key])
 
 
+def test_eval_reports_the_free_baselines_beside_laser(result):
+    samples, summary = result["samples"], result["summary"]
+    by_problem = [[s for s in samples if s["problem_index"] == p] for p in range(4)]
+    for rows in by_problem:  # agreement with the other 3 samples; plain integers, so equivalence is equality
+        for s in rows:
+            others = [o["pred"] for o in rows if o is not s]
+            expected = 0.0 if s["pred"] is None else sum(o == s["pred"] for o in others) / 3
+            assert s["answer_agreement"] == pytest.approx(expected)
+    for s in samples:
+        assert s["min_token_logprob"] <= s["mean_token_logprob"] < 0
+        assert "difficulty" not in s  # a local file without that column
+    # Every AUROC on exactly the scored samples, as LaSeR's; within a problem: pairs of one problem only.
+    scored = [s for s in samples if s["self_reward"] is not None]
+    labels = [s["correct"] for s in scored]
+    assert summary["auroc"] == pytest.approx(auroc([s["self_reward"] for s in scored], labels))
+    baselines = summary["baselines"]
+    assert set(baselines) == {"mean_token_logprob", "min_token_logprob", "answer_agreement"}
+    for key in ("self_reward", *baselines):
+        values = summary if key == "self_reward" else baselines[key]
+        if key != "self_reward":
+            assert values["auroc"] == pytest.approx(auroc([s[key] for s in scored], labels))
+        right = pairs = 0
+        for a in scored:
+            for b in scored:
+                if a["problem_index"] == b["problem_index"] and a["correct"] and not b["correct"]:
+                    pairs += 1
+                    right += 1.0 if a[key] > b[key] else 0.5 if a[key] == b[key] else 0.0
+        assert pairs > 0
+        assert values["auroc_within_problem"] == pytest.approx(right / pairs), key
+        assert values["auroc_by_band"] is None
+    assert summary["auroc_by_band"] is None
+    # Votes weighted by the geometric-mean token probability exp(mean token log-prob); best-of-N by that mean.
+    votes = [hand_votes([dict(s, self_reward=math.exp(s["mean_token_logprob"])) for s in rows]) for rows in by_problem]
+    assert baselines["mean_token_logprob"]["weighted_at_n"] == pytest.approx(sum(v[1] for v in votes) / 4)
+    assert baselines["mean_token_logprob"]["best_of_n"] == pytest.approx(sum(v[2] for v in votes) / 4)
+    assert summary["laser_vs_mean_token_logprob_auroc"] == pytest.approx(
+        summary["auroc"] - baselines["mean_token_logprob"]["auroc"]
+    )
+    assert set(summary["filtered"]["baselines"]) == set(baselines)
+
+
+def test_summary_auroc_by_difficulty_band():
+    # Problem 0 easy, 1 and 2 medium; one unscored (truncated) sample, left out of every AUROC.
+    rows = [
+        (0, "easy", 0.9, True, -0.1),
+        (0, "easy", 0.2, False, -0.9),
+        (0, "easy", 0.6, False, -0.05),
+        (1, "medium", 0.4, True, -0.4),
+        (1, "medium", 0.7, False, -0.3),
+        (2, "medium", 0.8, True, -0.2),
+        (2, "medium", None, False, -0.01),
+    ]
+    records = [
+        {
+            "problem_index": p,
+            "sample_index": i,
+            "difficulty": band,
+            "self_reward": r_s,
+            "correct": ok,
+            "finished": r_s is not None,
+            "pred": str(i),
+            "mean_token_logprob": m,
+            "min_token_logprob": m,
+            "answer_agreement": 0.0,
+        }
+        for i, (p, band, r_s, ok, m) in enumerate(rows)
+    ]
+    summary = summarize(records, 3)
+    # easy: (.9 > .2, .9 > .6) -> 1.0; medium: .4 < .7, .8 > .7 -> 1/2. Mean token log-prob: easy -.1 > -.9 but
+    # -.1 < -.05 -> 1/2; medium: -.4 < -.3, -.2 > -.3 -> 1/2 (the unscored -.01 would have made it worse).
+    assert summary["auroc_by_band"] == {"easy": 1.0, "medium": 0.5}
+    assert list(summary["auroc_by_band"]) == ["easy", "medium"]
+    assert summary["baselines"]["mean_token_logprob"]["auroc_by_band"] == {"easy": 0.5, "medium": 0.5}
+    # Within a problem: LaSeR right on 2 of 2 pairs of problem 0 and 0 of 1 of problem 1 -> 2/3.
+    assert summary["auroc_within_problem"] == pytest.approx(2 / 3)
+    # Overall: correct .9 .4 .8 vs incorrect .2 .6 .7: 3 + 1 + 3 = 7 of 9.
+    assert summary["auroc"] == pytest.approx(7 / 9)
+    assert "auroc easy" in format_table(summary) and "mean_token_logprob" in format_table(summary)
+
+
 def test_eval_writes_png_plots_and_prints_a_table(result, capsys, workdir):
     for name in ("reliability.png", "scaling.png"):
         path = os.path.join(result["out"], name)
@@ -176,6 +247,7 @@ def test_eval_writes_png_plots_and_prints_a_table(result, capsys, workdir):
     run("--model", workdir["trained"], "--dataset", workdir["data"], *args.split(), "--output-dir", out)
     table = capsys.readouterr().out
     assert "majority_at_n" in table and "answer extracted" in table and "sv_f1_paper" in table
+    assert all(name in table for name in ("laser r_s", "mean_token_logprob", "min_token_logprob", "answer_agreement"))
     summary = read_summary(out)
     assert (summary["n_problems"], summary["n_samples"], summary["scaling"]["k"]) == (1, 1, [1])
 
@@ -244,3 +316,18 @@ def test_overrides_score_a_model_saved_without_settings(workdir):
     for s in read_samples(out):
         if s["finished"]:
             assert s["self_reward"] == pytest.approx(0.5 * (s["self_reward_logprob"] + 16.0), abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "auroc, free, expected",
+    [
+        (0.8, 0.7, "LaSeR AUROC 0.800 beats the free mean token log-prob (0.700, +0.100)."),
+        (0.6, 0.7, "LaSeR AUROC 0.600 does not beat the free mean token log-prob (0.700, -0.100)."),
+        (None, 0.7, "no AUROC"),
+    ],
+)
+def test_verdict_line(auroc, free, expected):
+    from trl_laser.evaluation import verdict
+
+    summary = {"auroc": auroc, "n_scored": 10, "baselines": {"mean_token_logprob": {"auroc": free}}}
+    assert expected in verdict(summary)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trl_laser.metrics import auroc, expected_calibration_error, self_verification_metrics
+from trl_laser.metrics import auroc, auroc_within_group, expected_calibration_error, self_verification_metrics
 from trl_laser.voting import accuracy
 
 
@@ -73,3 +73,46 @@ def test_accuracy():
     assert accuracy([1, 1]) == 1.0
     assert accuracy([False]) == 0.0
     assert accuracy([]) is None
+
+
+# ------------------------------------------------------------------------------------------ AUROC within a group
+def brute_force_within_group(scores, labels, groups):
+    right, pairs = 0.0, 0
+    for si, yi, gi in zip(scores, labels, groups):
+        for sj, yj, gj in zip(scores, labels, groups):
+            if gi == gj and yi and not yj and si is not None and sj is not None:
+                pairs += 1
+                right += 1.0 if si > sj else 0.5 if si == sj else 0.0
+    return right / pairs if pairs else None
+
+
+def test_auroc_within_group_by_hand():
+    # Group "a": correct .9, .4; incorrect .5 -> pairs (.9>.5) right, (.4<.5) wrong: 1 of 2.
+    # Group "b": correct .1; incorrect .1, .0 -> a tie (1/2) and a right pair: 1.5 of 2.
+    # Group "c": one class only, no pair. Pooled: 2.5 / 4. (Across groups .9 > .0 etc. would not count.)
+    scores = [0.9, 0.4, 0.5, 0.1, 0.1, 0.0, 0.7, 0.2]
+    labels = [1, 1, 0, 1, 0, 0, 1, 1]
+    groups = ["a", "a", "a", "b", "b", "b", "c", "c"]
+    assert auroc_within_group(scores, labels, groups) == pytest.approx(2.5 / 4)
+    # A score that only knows the group ranks groups perfectly but nothing within one.
+    by_group = [{"a": 0.9, "b": 0.1, "c": 0.5}[g] for g in groups]
+    assert auroc_within_group(by_group, labels, groups) == 0.5
+    # One group only: the plain AUROC. None scores are left out; no pair at all: None.
+    assert auroc_within_group([0.3, 0.3, 0.8, 0.1], [1, 0, 1, 0], [0] * 4) == auroc([0.3, 0.3, 0.8, 0.1], [1, 0, 1, 0])
+    assert auroc_within_group([0.9, None, 0.2], [1, 0, 0], [0, 0, 1]) is None
+    assert auroc_within_group([0.9, 0.2], [1, 0], [0, 1]) is None
+    assert auroc_within_group([], [], []) is None
+    with pytest.raises(ValueError, match="same length"):
+        auroc_within_group([0.1, 0.2], [1, 0], [0])
+
+
+def test_auroc_within_group_equals_brute_force_on_a_fixed_set():
+    import random
+
+    rng = random.Random(0)
+    scores = [rng.choice([None, *[round(rng.random(), 1) for _ in range(9)]]) for _ in range(200)]  # many ties
+    labels = [rng.random() < 0.4 for _ in scores]
+    groups = [rng.randrange(25) for _ in scores]
+    expected = brute_force_within_group(scores, labels, groups)
+    assert expected is not None
+    assert auroc_within_group(scores, labels, groups) == pytest.approx(expected, abs=1e-12)

@@ -22,7 +22,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_laser import SELF_REWARD_CONFIG_NAME, LaSeRConfig, LaSeRGRPOTrainer, SelfRewardSettings
-from trl_laser.scoring import generate_with_self_rewards, resolve_settings, score_completions
+from trl_laser.scoring import generate_with_self_rewards, last_position, resolve_settings, score_completions
 
 
 BETA, C_REF = 0.1, -10.0
@@ -161,6 +161,23 @@ def test_overrides_apply_the_formula(model_and_tokenizer):
     )
 
 
+def test_last_position_reads_the_final_state_that_predicts_z_c(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompt = tokenizer.apply_chat_template(PROMPTS[0], add_generation_prompt=True, tokenize=True, return_dict=True)
+    sequences = [list(prompt["input_ids"]) + c for c in FIXED]
+    for batch_size in (1, 3, 8):  # padding and sorting by length must not change a state
+        logps, states = last_position(model, sequences, ZC, EOS, batch_size, hidden_states=True)
+        assert states.shape == (len(FIXED), model.config.hidden_size) and states.dtype == torch.float32
+        for seq, logp, state in zip(sequences, logps, states):
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([seq]), output_hidden_states=True)
+            assert torch.allclose(state, out.hidden_states[-1][0, -1], atol=1e-5)  # after the final norm
+            assert logp == pytest.approx(out.logits[0, -1].log_softmax(-1)[ZC].item(), abs=1e-5)
+            assert (model.lm_head.weight @ state).log_softmax(-1)[ZC].item() == pytest.approx(logp, abs=1e-5)
+    assert not model.lm_head._forward_pre_hooks
+    assert last_position(model, sequences, ZC, EOS, 4)[1] is None
+
+
 # ------------------------------------------------------------------------------------------ during generation
 @pytest.mark.parametrize(("max_new_tokens", "temperature"), [(5, 1.0), (64, 1.0), (2, 0.7)])
 def test_generation_scores_equal_score_completions(model_and_tokenizer, max_new_tokens, temperature):
@@ -201,6 +218,54 @@ def test_generation_scores_equal_score_completions(model_and_tokenizer, max_new_
         assert any(not c.finished for c in flat)
     else:
         assert all(c.finished for c in flat)
+
+
+def direct_token_logprobs(model, tokenizer, prompt, completion_ids, temperature=1.0) -> list[float]:
+    """log pi(y_t | x, y_<t) from one unpadded full-logits forward over prompt + completion (logits / temperature)."""
+    if isinstance(prompt, str):
+        prompt_ids = list(tokenizer(prompt)["input_ids"])
+    else:
+        out = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+        prompt_ids = list(out["input_ids"])
+    ids = torch.tensor([prompt_ids + list(completion_ids)])
+    with torch.no_grad():
+        logps = (model(input_ids=ids).logits[0].double() / temperature).log_softmax(-1)
+    positions = torch.arange(len(prompt_ids) - 1, ids.shape[1] - 1)
+    return logps[positions, ids[0, len(prompt_ids) :]].tolist()
+
+
+@pytest.mark.parametrize(("max_new_tokens", "temperature"), [(5, 1.0), (64, 1.0), (2, 0.7)])
+def test_generation_token_logprobs_equal_a_full_logits_forward(model_and_tokenizer, max_new_tokens, temperature):
+    model, tokenizer = model_and_tokenizer
+    prompts = [PROMPTS[0], PROMPTS[1], "A plain text prompt"]
+    torch.manual_seed(2)
+    results = generate_with_self_rewards(
+        model, tokenizer, prompts, num_samples=4, batch_size=6, max_new_tokens=max_new_tokens, temperature=temperature
+    )
+    assert not model._forward_hooks
+    flat = [c for samples in results for c in samples]
+    for c in flat:
+        # Finished: up to and including the EOS (pads after it are not counted); truncated: every generated token.
+        expected = direct_token_logprobs(model, tokenizer, prompts[c.prompt_index], c.token_ids)
+        assert len(expected) == len(c.token_ids) >= 1
+        assert c.mean_token_logprob == pytest.approx(sum(expected) / len(expected), abs=1e-4)
+        assert c.min_token_logprob == pytest.approx(min(expected), abs=1e-4)
+    # Discriminative: the values differ across rows by more than the tolerance, and they are not the log-probs of the
+    # tempered sampling distribution.
+    assert len({round(c.mean_token_logprob, 3) for c in flat}) >= 3
+    if temperature != 1.0:
+        tempered = direct_token_logprobs(
+            model, tokenizer, prompts[flat[0].prompt_index], flat[0].token_ids, temperature
+        )
+        assert abs(sum(tempered) / len(tempered) - flat[0].mean_token_logprob) > 1e-2
+    # The paths: a row whose last token comes from the last forward call of `generate` (ended at the last step,
+    # or truncated there), a row that ended earlier, and, with a short limit, truncated rows.
+    batches = [flat[:6], flat[6:]]
+    last_step = [max(len(c.token_ids) for c in b) for b in batches]
+    assert any(c.finished and len(c.token_ids) == n for b, n in zip(batches, last_step) for c in b)
+    assert any(c.finished and len(c.token_ids) < n for b, n in zip(batches, last_step) for c in b)
+    if max_new_tokens < 10:
+        assert any(not c.finished for c in flat)
 
 
 # ------------------------------------------------------------------------------------------ errors

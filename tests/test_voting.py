@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from trl_laser.voting import best_of_n, clamp_score, group_answers, majority_vote, vote_correctness, weighted_vote
+from trl_laser.voting import (
+    answer_agreement,
+    best_of_n,
+    clamp_score,
+    group_answers,
+    majority_vote,
+    vote_correctness,
+    weighted_vote,
+)
 
 
 HALF = ["0.5", "\\frac{1}{2}", "\\boxed{1/2}"]
@@ -72,3 +80,13 @@ def test_vote_correctness_reads_the_winner_of_each_vote():
     # majority: "3" (2 vs 2, first) -> wrong; weighted: 1/2 with 0.9 -> right; best-of-N: index 4 (2.0) -> wrong.
     assert vote_correctness(answers, scores, correct) == {"majority": False, "weighted": True, "best_of_n": False}
     assert vote_correctness([None], [None], [False]) == {"majority": False, "weighted": False, "best_of_n": False}
+
+
+def test_answer_agreement_counts_the_other_samples():
+    # "0.5", "\\frac{1}{2}" and "0.5" are one answer: each agrees with 2 of its 4 others; None agrees with nothing.
+    answers = ["0.5", "\\frac{1}{2}", "2", None, "0.5"]
+    assert answer_agreement(answers) == [2 / 4, 2 / 4, 0.0, 0.0, 2 / 4]
+    assert answer_agreement(["7"]) == [0.0]
+    assert answer_agreement([]) == []
+    assert answer_agreement([None, None]) == [0.0, 0.0]
+    assert answer_agreement(["3", "3"]) == [1.0, 1.0]

@@ -3,6 +3,9 @@
 `run_evaluation` is what `trl-laser eval` runs. Every number comes from one set of samples: the votes over 1..N
 samples (inference-time scaling) are recomputed on random subsets of them, never regenerated. Each metric is also
 reported on the "answer extracted" subset (the paper's "filtered" variant: samples whose answer could be read).
+Beside the LaSeR score stand the free confidence signals every sample has without training (`BASELINES`: mean and
+minimum token log-prob, agreement with the other samples), ranked on the same samples: a LaSeR score that does not
+beat them is not worth its training.
 """
 
 from __future__ import annotations
@@ -12,18 +15,18 @@ import math
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from .answers import extract_answer, is_correct
-from .data import PAPER_INSTRUCTION, default_instruction, load_problems, make_conversation
-from .metrics import self_verification_metrics
+from .data import ARITHMETIC_DIFFICULTIES, PAPER_INSTRUCTION, default_instruction, load_problems, make_conversation
+from .metrics import auroc, auroc_within_group, self_verification_metrics
 from .models import load_model_and_tokenizer
 from .scoring import generate_with_self_rewards, resolve_settings
-from .voting import accuracy, group_answers, vote_correctness
+from .voting import accuracy, answer_agreement, group_answers, vote_correctness
 
 
 VOTE_KEYS = ("majority", "weighted", "best_of_n")
@@ -41,6 +44,8 @@ SUMMARY_KEYS = (
     "auroc",
     "ece",
 )
+# Free confidence signals of every sample, reported beside the LaSeR score: what a score that costs training must beat.
+BASELINES = ("mean_token_logprob", "min_token_logprob", "answer_agreement")
 
 
 def grade(completion: str, gold: str) -> tuple[str | None, bool]:
@@ -63,13 +68,28 @@ def _votes(rows: Sequence[dict]) -> dict[str, bool]:
 
 
 def summarize_subset(records: Sequence[dict], num_problems: int) -> dict[str, Any]:
-    """Accuracy, votes at N and self-verification metrics of `records` (problems without records count as wrong)."""
+    """Accuracy, votes at N and self-verification metrics of `records` (problems without records count as wrong).
+
+    `baselines` ranks the same samples by the free confidence signals (`BASELINES`), on exactly the samples that
+    have a LaSeR score, so that each `auroc` there compares with the top-level one sample for sample.
+    """
     votes = [_votes(rows) for rows in _by_problem(records)]
     sv = self_verification_metrics([r["self_reward"] for r in records], [r["correct"] for r in records])
     scores = {True: [], False: []}
     for r in records:
         if r["self_reward"] is not None:
             scores[bool(r["correct"])].append(r["self_reward"])
+    scored = [r for r in records if r["self_reward"] is not None]
+    labels, problems = [r["correct"] for r in scored], [r["problem_index"] for r in scored]
+    bands = [r.get("difficulty") for r in scored]
+    names = band_names(r.get("difficulty") for r in records)
+    laser = ranking([r["self_reward"] for r in scored], labels, problems, bands, names)
+    baselines = {key: ranking([r.get(key) for r in scored], labels, problems, bands, names) for key in BASELINES}
+    # The mean token log-prob as a voting weight: exp() of it is the geometric-mean token probability, in [0, 1].
+    confidence = [_vote_confidence(rows) for rows in _by_problem(records)]
+    baselines["mean_token_logprob"]["weighted_at_n"] = _rate(confidence, "weighted", num_problems)
+    baselines["mean_token_logprob"]["best_of_n"] = _rate(confidence, "best_of_n", num_problems)
+    reference = baselines["mean_token_logprob"]["auroc"]
     return {
         "n_problems": num_problems,
         "n_samples": len(records),
@@ -81,7 +101,58 @@ def summarize_subset(records: Sequence[dict], num_problems: int) -> dict[str, An
         "n_scored": sv["n"],
         "mean_self_reward_correct": sum(scores[True]) / len(scores[True]) if scores[True] else None,
         "mean_self_reward_incorrect": sum(scores[False]) / len(scores[False]) if scores[False] else None,
+        "auroc_within_problem": laser["auroc_within_problem"],
+        "auroc_by_band": laser["auroc_by_band"],
+        "baselines": baselines,
+        "laser_vs_mean_token_logprob_auroc": None if None in (sv["auroc"], reference) else sv["auroc"] - reference,
     }
+
+
+def band_names(difficulties: Iterable[str | None]) -> list[str] | None:
+    """The difficulty bands present, easiest first for the built-in names, others after them alphabetically.
+
+    `None` when no sample has a difficulty (a dataset without that column).
+    """
+    known = list(ARITHMETIC_DIFFICULTIES)
+    present = {d for d in difficulties if d is not None}
+    if not present:
+        return None
+    return sorted(present, key=lambda d: (known.index(d) if d in known else len(known), str(d)))
+
+
+def ranking(
+    scores: Sequence[float | None],
+    labels: Sequence[bool],
+    problems: Sequence[Hashable],
+    bands: Sequence[str | None] | None = None,
+    names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """How well one signal ranks right above wrong: AUROC overall, within a problem, and within each band.
+
+    Within a problem, a signal cannot profit from knowing that a problem is hard; within a band, only a little.
+    `names` are the bands to report, in order (default: `band_names(bands)`); `auroc_by_band` is `None` without
+    bands, and a band with one class only (or no sample) has AUROC `None`. Rows with a `None` score are left out.
+    """
+    names = band_names(bands or []) if names is None else names
+    by_band = None
+    if bands is not None and names is not None:
+        by_band = {
+            name: auroc(
+                [s for s, b in zip(scores, bands) if b == name], [y for y, b in zip(labels, bands) if b == name]
+            )
+            for name in names
+        }
+    return {
+        "auroc": auroc(scores, labels),
+        "auroc_within_problem": auroc_within_group(scores, labels, problems),
+        "auroc_by_band": by_band,
+    }
+
+
+def _vote_confidence(rows: Sequence[dict]) -> dict[str, bool]:
+    """Weighted vote and best-of-N of one problem with exp(mean token log-prob) in place of r_s."""
+    weights = [None if r.get("mean_token_logprob") is None else math.exp(r["mean_token_logprob"]) for r in rows]
+    return vote_correctness([r["pred"] for r in rows], weights, [r["correct"] for r in rows])
 
 
 def _rate(votes: Sequence[dict[str, bool]], key: str, num_problems: int) -> float | None:
@@ -181,11 +252,53 @@ def plot_scaling(curves: dict[str, list[float | None]], path: str | os.PathLike)
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    """The summary as a text table: one metric a row, all samples beside the "answer extracted" subset."""
+    """The summary as text: one metric a row (all samples beside the "answer extracted" subset), then the LaSeR
+    score beside the free confidence signals on the scored samples (AUROC overall, within a problem, per band)."""
     rows = [("metric", "all", "answer extracted")]
     for key in SUMMARY_KEYS:
         rows.append((key, _cell(summary.get(key)), _cell(summary["filtered"].get(key))))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    tables = [_text_table(rows)]
+    if "baselines" in summary:
+        signals = {"laser r_s": summary, **summary["baselines"]}
+        tables.append(
+            f"ranking of right above wrong ({summary['n_scored']} scored samples), with the free confidence signals:\n"
+            + signal_table(signals, extra=("weighted_at_n", "best_of_n"))
+        )
+    return "\n\n".join(tables)
+
+
+def verdict(summary: dict[str, Any]) -> str:
+    """One line: does the LaSeR score rank right answers above wrong ones, and better than the free signal?"""
+    laser, free = summary.get("auroc"), summary.get("baselines", {}).get("mean_token_logprob", {}).get("auroc")
+    if laser is None:
+        return "Self-verification: no AUROC (the scored samples are all right or all wrong)."
+    line = f"Self-verification on {summary['n_scored']} scored samples: LaSeR AUROC {laser:.3f}"
+    if free is None:
+        return line + "."
+    better = "beats" if laser > free else "does not beat"
+    return f"{line} {better} the free mean token log-prob ({free:.3f}, {laser - free:+.3f})."
+
+
+def signal_table(signals: dict[str, dict[str, Any]], extra: Sequence[str] = ()) -> str:
+    """One row per signal: AUROC overall, within a problem, per band (when there are bands), then the `extra` keys."""
+    bands = next((list(v["auroc_by_band"]) for v in signals.values() if v.get("auroc_by_band")), [])
+    rows = [("signal", "auroc", "within problem", *(f"auroc {b}" for b in bands), *extra)]
+    for name, values in signals.items():
+        by_band = values.get("auroc_by_band") or {}
+        rows.append(
+            (
+                name,
+                _cell(values.get("auroc")),
+                _cell(values.get("auroc_within_problem")),
+                *(_cell(by_band.get(b)) for b in bands),
+                *(_cell(values.get(k)) for k in extra),
+            )
+        )
+    return _text_table(rows)
+
+
+def _text_table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -207,11 +320,14 @@ def sample_records(
     instruction: str = PAPER_INSTRUCTION,
     batch_size: int = 8,
     progress: bool = True,
+    keep_token_ids: bool = False,
     **kwargs: Any,
 ) -> list[dict]:
     """Generate, score and grade `num_samples` solutions of each `{"problem", "answer"}`: one record per sample.
 
-    `kwargs` are `generate_with_self_rewards`'s (settings overrides and generation arguments).
+    Each record also carries the free confidence signals (`BASELINES`) and the problem's `difficulty` when it has one;
+    with `keep_token_ids`, the generated ids too (`token_ids`, for an exact second forward). `kwargs` are
+    `generate_with_self_rewards`'s (settings overrides and generation arguments).
     """
     prompts = [make_conversation(p["problem"], system_prompt, instruction) for p in problems]
     results = generate_with_self_rewards(
@@ -221,9 +337,10 @@ def sample_records(
     total = len(problems) * num_samples
     with tqdm(total=total, desc="grading", unit="sample", disable=not progress) as bar:
         for problem, samples in zip(problems, results):
+            rows = []
             for s in samples:
                 pred, correct = grade(s.text, str(problem["answer"]))
-                records.append(
+                rows.append(
                     {
                         "problem_index": s.prompt_index,
                         "sample_index": s.sample_index,
@@ -236,9 +353,18 @@ def sample_records(
                         "self_reward": s.self_reward,
                         "self_reward_logprob": s.self_reward_logprob,
                         "num_tokens": len(s.token_ids),
+                        "mean_token_logprob": s.mean_token_logprob,
+                        "min_token_logprob": s.min_token_logprob,
                     }
                 )
+                if problem.get("difficulty") is not None:
+                    rows[-1]["difficulty"] = problem["difficulty"]
+                if keep_token_ids:
+                    rows[-1]["token_ids"] = s.token_ids
                 bar.update(1)
+            for row, agreement in zip(rows, answer_agreement([r["pred"] for r in rows])):
+                row["answer_agreement"] = agreement
+            records.extend(rows)
     return records
 
 

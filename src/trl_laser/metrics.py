@@ -8,7 +8,7 @@ never a made-up value and never NaN, so that it serialises to JSON `null`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 
 def _clean(scores: Sequence[float | None], labels: Sequence[bool | int]) -> tuple[list[float], list[int]]:
@@ -18,17 +18,13 @@ def _clean(scores: Sequence[float | None], labels: Sequence[bool | int]) -> tupl
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def auroc(scores: Sequence[float | None], labels: Sequence[bool | int]) -> float | None:
-    """Probability that a random correct sample scores above a random incorrect one (ties count 1/2).
-
-    Rows with a `None` score are ignored; `None` if either class is empty.
-    """
-    s, y = _clean(scores, labels)
-    pos = [v for v, t in zip(s, y) if t]
-    neg = [v for v, t in zip(s, y) if not t]
-    if not pos or not neg:
-        return None
-    # Rank-based Mann-Whitney U with average ranks for ties: O(n log n).
+def _ranked_pairs(s: Sequence[float], y: Sequence[int]) -> tuple[float, int]:
+    """(correct, incorrect) pairs ranked right (ties 1/2) and the number of pairs: rank-based Mann-Whitney U."""
+    n_pos = sum(y)
+    n_neg = len(y) - n_pos
+    if not n_pos or not n_neg:
+        return 0.0, 0
+    # Average ranks for ties: O(n log n).
     order = sorted(range(len(s)), key=lambda i: s[i])
     ranks = [0.0] * len(s)
     i = 0
@@ -40,8 +36,40 @@ def auroc(scores: Sequence[float | None], labels: Sequence[bool | int]) -> float
             ranks[order[k]] = (i + j) / 2 + 1
         i = j + 1
     rank_sum = sum(r for r, t in zip(ranks, y) if t)
-    u = rank_sum - len(pos) * (len(pos) + 1) / 2
-    return u / (len(pos) * len(neg))
+    return rank_sum - n_pos * (n_pos + 1) / 2, n_pos * n_neg
+
+
+def auroc(scores: Sequence[float | None], labels: Sequence[bool | int]) -> float | None:
+    """Probability that a random correct sample scores above a random incorrect one (ties count 1/2).
+
+    Rows with a `None` score are ignored; `None` if either class is empty.
+    """
+    right, pairs = _ranked_pairs(*_clean(scores, labels))
+    return right / pairs if pairs else None
+
+
+def auroc_within_group(
+    scores: Sequence[float | None], labels: Sequence[bool | int], groups: Sequence[Hashable]
+) -> float | None:
+    """The AUROC over (correct, incorrect) pairs of the same group only (ties 1/2), pooled over all groups.
+
+    With groups = problems this asks "among the samples of one problem, does the score put the right ones first?",
+    which a score that only knows how hard a problem is cannot do (it ranks problems, not answers). Pairs are pooled,
+    so a group weighs by its number of pairs. Rows with a `None` score are ignored; `None` if no group has both classes.
+    """
+    _clean(scores, labels)  # checks the lengths
+    if len(groups) != len(scores):
+        raise ValueError(f"scores and groups must have the same length, got {len(scores)} and {len(groups)}")
+    by_group: dict[Hashable, tuple[list, list]] = {}
+    for score, label, group in zip(scores, labels, groups):
+        rows = by_group.setdefault(group, ([], []))
+        rows[0].append(score)
+        rows[1].append(label)
+    right, pairs = 0.0, 0
+    for group_scores, group_labels in by_group.values():
+        r, p = _ranked_pairs(*_clean(group_scores, group_labels))
+        right, pairs = right + r, pairs + p
+    return right / pairs if pairs else None
 
 
 def expected_calibration_error(

