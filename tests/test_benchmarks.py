@@ -73,15 +73,23 @@ def test_verifier_agreement_counts_both_directions():
     assert (first["verifier_only_correct"], first["rule_only_correct"]) == (1, 1)
 
 
-def test_results_table_has_a_row_per_arm_and_a_column_per_band():
+def test_results_table_puts_each_arm_beside_its_free_baselines():
     entry = {
         k: 0.5 for k in ("accuracy", "sv_f1_paper", "auroc", "ece", "majority_at_n", "weighted_at_n", "best_of_n")
     }
-    arms = {arm: dict(entry, auroc_by_band={"easy": 0.6, "hard": None}) for arm in miniature.ARMS}
+    baselines = {
+        "mean_token_logprob": {"auroc": 0.71, "weighted_at_n": 0.42},
+        "min_token_logprob": {"auroc": 0.62},
+        "answer_agreement": {"auroc": None},
+    }
+    arms = {
+        arm: dict(entry, auroc_by_band={"easy": 0.6, "hard": None}, auroc_within_problem=0.55, baselines=baselines)
+        for arm in ("initial", "grpo", "laser")
+    }
     table = miniature.format_table({"arms": arms}).splitlines()
-    assert table[0].endswith("| auroc easy | auroc hard |")
+    assert "| auroc easy | auroc hard | auroc within problem | baseline auroc: mean_token_logprob |" in table[0]
     assert [line.split(" | ")[0] for line in table[2:]] == ["| initial", "| grpo", "| laser"]
-    assert table[-1].endswith("| 0.600 | n/a |")
+    assert table[-1].endswith("| 0.600 | n/a | 0.550 | 0.710 | 0.620 | n/a | 0.420 |")
 
 
 def _run(seconds: list[float], rss_kib: int, batches: list | None = None, num_iterations: int = 1) -> dict:

@@ -40,6 +40,15 @@ def test_quickstart_short_trains_saves_and_evaluates(tiny_model_dir, tmp_path, c
     printed = capsys.readouterr().out
     assert "Final self-verification metrics (step 2)" in printed
     assert "self_reward/c_ref=" in printed
+    # The last line is the held-out evaluation command, with the recipe's prompt and length.
+    expected = f"trl-laser eval --model {out} --dataset builtin:arithmetic --split test --num-samples 4 "
+    expected += f"--max-new-tokens 12 --output-dir {out}-eval"
+    assert printed.strip().splitlines()[-1].strip() == expected
+    assert [
+        e["self_reward/row_step_norm"] > 0
+        for e in json.loads((out / "trainer_state.json").read_text())["log_history"]
+        if "self_reward/row_step_norm" in e
+    ] == [True, True]  # the recipe's least-squares row update ran
 
     # Weights, tokenizer, self-reward settings and the recipe as run.
     for name in ("model.safetensors", "config.json", "tokenizer.json", SELF_REWARD_CONFIG_NAME, RECIPE_FILE):
@@ -79,14 +88,26 @@ def test_quickstart_logs_self_reward_metrics_every_step(tiny_model_dir, tmp_path
 
 @pytest.mark.slow
 def test_quickstart_full(tmp_path):
-    """`make quickstart` as shipped: SmolLM2-135M-Instruct, 8 steps of 4 prompts x 8 completions (a few minutes)."""
+    """`make quickstart` as shipped: SmolLM2-135M-Instruct, 16 steps of 4 prompts x 8 completions, then the held-out
+    evaluation that the training run prints (about 8 minutes)."""
     out = tmp_path / "quickstart"
     command = [sys.executable, "-m", "trl_laser", "train", "--config", QUICKSTART, "--output_dir", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Final self-verification metrics (step 8)" in result.stdout
+    assert "Final self-verification metrics (step 16)" in result.stdout
     assert (out / SELF_REWARD_CONFIG_NAME).is_file()
     assert (out / "tokenizer.json").is_file()
+    eval_command = result.stdout.strip().splitlines()[-1].split()
+    assert eval_command[:2] == ["trl-laser", "eval"] and str(out) in eval_command
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "trl_laser", *eval_command[1:], "--max-problems", "100"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=1800,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "Self-verification on" in evaluated.stdout.strip().splitlines()[-1]
 
 
 @pytest.mark.slow

@@ -20,8 +20,11 @@ from trl_laser.scripts import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*", "*", "config_*.yaml")))
 MINIATURE = {
-    m: os.path.join(ROOT, "recipes", "SmolLM2-135M-Instruct", m, "config_arithmetic.yaml") for m in ("grpo", "laser")
+    "grpo": os.path.join(ROOT, "recipes", "SmolLM2-135M-Instruct", "grpo", "config_arithmetic.yaml"),
+    "laser": os.path.join(ROOT, "recipes", "SmolLM2-135M-Instruct", "laser", "config_arithmetic.yaml"),
+    "laser_paper": os.path.join(ROOT, "recipes", "SmolLM2-135M-Instruct", "laser", "config_arithmetic_paper.yaml"),
 }
+SAME_RUN = {"output_dir", "logging_dir", "run_name"}
 ACCELERATE_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "recipes", "accelerate_configs", "*.yaml")))
 PACKAGED_DIR = os.path.join(ROOT, "src", "trl_laser", "accelerate_configs")
 # The paper's runs (LASER_SPEC.md): model -> (z_c, c_ref, w_r, w_sr).
@@ -107,6 +110,7 @@ def test_paper_recipe_has_the_paper_settings(path):
     assert args.num_train_epochs == 2
     assert keys["bf16"] is True and keys["gradient_checkpointing"] is True
     assert args.use_vllm and args.vllm_mode == "colocate"
+    assert args.self_reward_row_update == "optimizer"  # the paper's update: levers beyond it are opt-in
     if method == "laser":
         assert (args.self_reward_loss_coef, args.self_reward_advantage_coef) == (0.1, 0.1)
         assert (args.reasoning_warmup_steps, args.self_reward_warmup_steps) == (w_r, w_sr)
@@ -124,18 +128,25 @@ def test_quickstart_recipe_is_small_and_offline():
     assert parsed.script_args.instruction == "Answer with just the number."
     assert args.self_reward_token == "<gh_stars>"
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 4 * args.num_generations
-    assert args.num_generations == 8 and args.max_completion_length <= 48 and args.max_steps <= 10
+    assert args.num_generations == 8 and args.max_completion_length <= 48 and args.max_steps <= 16
     assert 1e-5 <= args.learning_rate <= 2e-5
+    assert args.self_reward_row_update == "least_squares"  # 16 Adam steps teach the base rate, not the answer
     assert args.logging_steps == 1 and not args.use_vllm and not args.bf16
 
 
-def test_miniature_arms_differ_only_in_the_self_reward_coefficients():
-    """benchmarks/miniature.py compares these two: same data, steps, learning rate and batch, paper LaSeR settings."""
-    grpo, laser = (parse(MINIATURE[m]).training_args for m in ("grpo", "laser"))
-    differ = {f.name for f in dataclasses.fields(laser) if getattr(grpo, f.name) != getattr(laser, f.name)}
-    assert differ <= {"self_reward_loss_coef", "self_reward_advantage_coef", "output_dir", "logging_dir", "run_name"}
-    assert {"self_reward_loss_coef", "self_reward_advantage_coef"} <= differ
+def differing(a, b) -> set[str]:
+    return {f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)} - SAME_RUN
+
+
+def test_miniature_arms_differ_only_in_the_self_reward_settings():
+    """benchmarks/miniature.py compares these: same data, steps, learning rate and batch. GRPO is the paper-settings
+    LaSeR arm with both coefficients at 0; the LaSeR arm adds one lever, the least-squares update of z_c's row."""
+    grpo, laser, paper = (parse(MINIATURE[m]).training_args for m in ("grpo", "laser", "laser_paper"))
+    assert differing(grpo, paper) == {"self_reward_loss_coef", "self_reward_advantage_coef"}
+    assert differing(paper, laser) <= {"self_reward_row_update", "self_reward_row_ridge", "self_reward_row_forgetting"}
     assert (grpo.self_reward_loss_coef, grpo.self_reward_advantage_coef) == (0.0, 0.0)
+    assert paper.self_reward_row_update == grpo.self_reward_row_update == "optimizer"
+    assert laser.self_reward_row_update == "least_squares"
     assert (laser.self_reward_loss_coef, laser.self_reward_advantage_coef) == (0.1, 0.1)
     assert (laser.self_reward_beta, laser.self_reward_std_threshold) == (0.1, 0.1)
     assert laser.per_device_train_batch_size * laser.gradient_accumulation_steps >= 4 * laser.num_generations >= 32

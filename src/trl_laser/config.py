@@ -9,6 +9,7 @@ from trl import GRPOConfig
 
 
 REF_MODES = ("auto", "model")
+ROW_UPDATES = ("optimizer", "least_squares")
 
 
 def parse_ref_constant(value: float | int | str, field_name: str = "self_reward_ref_constant") -> float | str:
@@ -71,6 +72,23 @@ class LaSeRConfig(GRPOConfig):
             that position (a reference forward pass; needs `beta > 0` or a PEFT model).
         self_reward_verifier (`str`, *optional*):
             Name of the reward function whose 0/1 output is the verifier reward r_v. Defaults to the first one.
+
+        > Beyond the paper (opt-in; the defaults train exactly the paper's method)
+
+        self_reward_row_update (`str`, *optional*, defaults to `"optimizer"`):
+            How z_c's output-embedding row (the read-out of the final hidden state that the score is) is updated.
+            `"optimizer"`: by the trainer's optimizer, with every other parameter (the paper). `"least_squares"`: by a
+            damped recursive least-squares step on LaSeR's own MSE, the exact Gauss-Newton step for that row, since the
+            score is linear in it. Adam moves each coordinate by at most the learning rate per step, and the final
+            hidden state has a large common component, so with the paper's update the score's level swings while the
+            direction that tells right from wrong barely moves (`docs/training.md`). The score, the loss and the saved
+            model are unchanged: scoring needs nothing else. Not supported with PEFT, DeepSpeed or FSDP.
+        self_reward_row_ridge (`float`, *optional*, defaults to `1.0`):
+            With `"least_squares"`: ridge (damping) of the step, relative to the mean eigenvalue of the running
+            second-moment matrix of final hidden states (a Levenberg-Marquardt damping).
+        self_reward_row_forgetting (`float`, *optional*, defaults to `0.9`):
+            With `"least_squares"`: weight of the previous steps' second-moment matrix in the running one (1.0 keeps
+            every batch, as plain recursive least squares; lower forgets hidden states of an older policy faster).
     """
 
     self_reward_token: str | None = field(
@@ -111,6 +129,25 @@ class LaSeRConfig(GRPOConfig):
         default=None,
         metadata={"help": "Name of the reward function whose 0/1 output is the verifier reward. Default: the first."},
     )
+    self_reward_row_update: str = field(
+        default="optimizer",
+        metadata={
+            "help": "How z_c's output-embedding row is updated: 'optimizer' (the paper) or 'least_squares' (beyond the "
+            "paper: a damped recursive least-squares step on LaSeR's MSE, which the row's Adam update cannot match "
+            "at the policy's learning rate). Not supported with PEFT, DeepSpeed or FSDP.",
+            "choices": list(ROW_UPDATES),
+        },
+    )
+    self_reward_row_ridge: float = field(
+        default=1.0,
+        metadata={
+            "help": "With least_squares: ridge of the step, relative to the mean eigenvalue of the running matrix."
+        },
+    )
+    self_reward_row_forgetting: float = field(
+        default=0.9,
+        metadata={"help": "With least_squares: weight of the past steps' second-moment matrix, in (0, 1]."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -133,6 +170,15 @@ class LaSeRConfig(GRPOConfig):
             raise ValueError(
                 f"`self_reward_std_threshold` must be >= 0 (0 disables the filter), got {self.self_reward_std_threshold}."
             )
+        if self.self_reward_row_update not in ROW_UPDATES:
+            raise ValueError(
+                f"`self_reward_row_update` must be one of {list(ROW_UPDATES)}, got {self.self_reward_row_update!r}."
+            )
+        ridge, forgetting = self.self_reward_row_ridge, self.self_reward_row_forgetting
+        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 < ridge < math.inf:
+            raise ValueError(f"`self_reward_row_ridge` must be a finite number > 0, got {ridge!r}.")
+        if isinstance(forgetting, bool) or not isinstance(forgetting, (int, float)) or not 0 < forgetting <= 1:
+            raise ValueError(f"`self_reward_row_forgetting` must be a number in (0, 1], got {forgetting!r}.")
         for name in ("reasoning_warmup_steps", "self_reward_warmup_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

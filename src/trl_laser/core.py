@@ -109,3 +109,18 @@ def mixed_advantages(
     a_s = torch.where(used, (s - s.mean(dim=1, keepdim=True)) / torch.where(used, std, 1.0), a_v)
     mixed = (1.0 - tau) * a_v + tau * a_s
     return mixed.view(-1).to(verifier_advantages.dtype), used.view(-1)
+
+
+def least_squares_row_step(gram: torch.Tensor, gradient: torch.Tensor, beta: float, ridge: float) -> torch.Tensor:
+    """The damped Gauss-Newton step of z_c's output row w on LaSeR's MSE: `-(gram + lambda I)^-1 gradient / beta`.
+
+    With `phi_i = (1 - p_i) h_i` the Jacobian of `log pi(z_c)` in w (h_i the final hidden state at the EOS, p_i the
+    probability of z_c), the MSE `alpha * sum_i c_i (r_s_i - r_v_i) ** 2` has the gradient `2 alpha beta u` and the
+    Gauss-Newton matrix `2 alpha beta ** 2 B`, where `u = sum_i c_i (r_s_i - r_v_i) phi_i` (`gradient`) and
+    `B = sum_i c_i phi_i phi_i^T`. `gram` is B, or a running sum of B over steps (recursive least squares); alpha
+    cancels. `lambda = ridge * trace(gram) / d` keeps the damping relative to the scale of the hidden states.
+    """
+    d = gram.size(0)
+    damping = ridge * torch.trace(gram) / d
+    system = gram.double() + damping.double() * torch.eye(d, dtype=torch.float64, device=gram.device)
+    return -(torch.linalg.solve(system, gradient.double()) / beta).to(gradient.dtype)

@@ -31,8 +31,16 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from .config import LaSeRConfig
-from .core import Phase, class_weights, laser_phase, mixed_advantages, self_reward_loss, self_reward_score
-from .metrics import self_verification_metrics
+from .core import (
+    Phase,
+    class_weights,
+    laser_phase,
+    least_squares_row_step,
+    mixed_advantages,
+    self_reward_loss,
+    self_reward_score,
+)
+from .metrics import auroc, self_verification_metrics
 from .settings import SELF_REWARD_CONFIG_NAME, SelfRewardSettings
 
 
@@ -52,6 +60,8 @@ _FORWARD_KEYS = (
     "image_position_ids",
 )
 _PHASE_CODE = {Phase.REASONING: 0, Phase.SELF_REWARD: 1, Phase.MIXED: 2}
+# The running second-moment matrix of the least-squares row update, saved beside the optimizer state.
+ROW_STATE_NAME = "self_reward_row_state.pt"
 
 
 class LaSeRGRPOTrainer(GRPOTrainer):
@@ -101,6 +111,28 @@ class LaSeRGRPOTrainer(GRPOTrainer):
                 f"`self_reward_verifier={args.self_reward_verifier!r}` is not among the reward functions "
                 f"{self.reward_func_names}. Set it to the name of the function that returns the 0/1 verifier reward."
             )
+
+        if args.self_reward_row_update == "least_squares":
+            unsupported = [
+                name
+                for name, on in (
+                    ("PEFT", is_peft_model(self.model)),
+                    ("DeepSpeed", self.is_deepspeed_enabled),
+                    ("FSDP", self.is_fsdp_enabled),
+                )
+                if on
+            ]
+            if unsupported:
+                raise ValueError(
+                    "`self_reward_row_update='least_squares'` sets z_c's output-embedding row after each optimizer "
+                    f"step, which {unsupported[0]} does not allow (the row is frozen, or the optimizer updates its own "
+                    f"partitioned copy). Set `self_reward_row_update: optimizer`, or train without {unsupported[0]}."
+                )
+        self._laser_row_hooks: tuple | None = None
+        self._laser_hidden_on = False
+        self._laser_hidden: list[torch.Tensor] = []
+        self._row_sums: list[torch.Tensor] | None = None  # u and B of the current optimizer step (core docstring)
+        self._row_gram: torch.Tensor | None = None  # the running B
 
         self._ref_mode = (
             "constant" if isinstance(args.self_reward_ref_constant, float) else args.self_reward_ref_constant
@@ -191,6 +223,61 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         ids = set(self.eos_token_ids) | {tok.pad_token_id}
         return [t for t in dict.fromkeys(added + special) if tok.convert_tokens_to_ids(t) not in ids][:limit]
 
+    def create_optimizer(self, model=None):
+        """TRL's optimizer; with `self_reward_row_update='least_squares'`, step hooks hand z_c's row to that update."""
+        optimizer = super().create_optimizer(model)
+        if self.args.self_reward_row_update == "least_squares" and self._laser_row_hooks is None:
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            weight = unwrapped.get_output_embeddings().weight
+            row = self.self_reward_token_id
+            before: list[torch.Tensor] = []
+
+            def snapshot(*_):
+                before[:] = [weight.detach()[row].clone()]
+
+            def least_squares(*_):
+                with torch.no_grad():
+                    weight[row] = before.pop() + self._row_step(weight)
+
+            self._laser_row_hooks = (
+                optimizer.register_step_pre_hook(snapshot),
+                optimizer.register_step_post_hook(least_squares),
+                unwrapped.base_model.register_forward_hook(self._keep_hidden_states),
+            )
+        return optimizer
+
+    def _keep_hidden_states(self, module, args, output) -> None:
+        if self._laser_hidden_on:
+            self._laser_hidden.append(output.last_hidden_state.detach())
+
+    def _row_step(self, weight: torch.Tensor) -> torch.Tensor:
+        """The least-squares step of z_c's row from this optimizer step's rows (all processes); 0 when there are none."""
+        if self._row_sums is None:
+            return torch.zeros_like(weight[0])
+        gradient, gram = (self.accelerator.reduce(t, reduction="sum") for t in self._row_sums)
+        self._row_sums = None
+        if not torch.any(gram != 0):
+            return torch.zeros_like(weight[0])
+        forgetting = self.args.self_reward_row_forgetting
+        self._row_gram = gram if self._row_gram is None else forgetting * self._row_gram.to(gram) + gram
+        step = least_squares_row_step(
+            self._row_gram, gradient, self.args.self_reward_beta, self.args.self_reward_row_ridge
+        )
+        self._metrics["train"]["self_reward/row_step_norm"].append(step.norm().item())
+        return step.to(weight.dtype)
+
+    def _accumulate_row(self, inputs: dict, logp_zc: torch.Tensor, scores: torch.Tensor) -> None:
+        """Add this micro-batch's rows to u and B (`core.least_squares_row_step`), from the policy forward's states."""
+        hidden, self._laser_hidden = torch.cat(self._laser_hidden), []
+        index = inputs["self_reward_index"]
+        rows = torch.nonzero(index >= 0).squeeze(1)
+        position = inputs["prompt_ids"].size(1) + index[rows] - 1  # the EOS, whose state predicts z_c
+        phi = hidden[rows, position].float() * (1 - logp_zc[rows].detach().float().exp())[:, None]
+        coef = (inputs["self_reward_coef"] * inputs["self_reward_loss_coef"])[rows].float()
+        residual = (scores[rows] - inputs["self_reward_target"][rows]).float()
+        sums = [(coef * residual) @ phi, (phi * coef[:, None]).T @ phi]
+        self._row_sums = sums if self._row_sums is None else [a + b for a, b in zip(self._row_sums, sums)]
+
     # ------------------------------------------------------------------ TRL seams
     def _generate(self, prompts: list):
         (
@@ -236,9 +323,14 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        result = super()._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-        )
+        # the policy forward of a training `_compute_loss`: also keep the final hidden states for the row's step
+        self._laser_hidden_on = self._laser_capture and self._laser_row_hooks is not None and self.model.training
+        try:
+            result = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        finally:
+            self._laser_hidden_on = False
         if self._laser_capture:  # the policy forward of `_compute_loss`: keep its log-probs, graph included
             self._laser_captured = result[0]
             self._laser_capture = False
@@ -353,7 +445,12 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         # batch); times num_processes because data-parallel gradients are averaged, not summed, over processes.
         mse_term = self_reward_loss(scores, inputs["self_reward_target"], coef * inputs["self_reward_loss_coef"])
         loss = loss + self.accelerator.num_processes * mse_term
-        self._laser_record(scores.detach(), inputs)
+        if self._laser_hidden:
+            self._accumulate_row(inputs, logp_zc, scores)
+        # The free signal a user gets without LaSeR, logged beside the score: the completion's mean token log-prob.
+        mask = inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"]
+        mean_logp = (logps.detach() * mask).sum(1) / mask.sum(1).clamp(min=1)
+        self._laser_record(scores.detach(), mean_logp.float(), inputs)
         return loss
 
     # ------------------------------------------------------------------ helpers
@@ -384,7 +481,7 @@ class LaSeRGRPOTrainer(GRPOTrainer):
             )
         return logps
 
-    def _laser_record(self, scores: torch.Tensor, inputs: dict) -> None:
+    def _laser_record(self, scores: torch.Tensor, mean_logp: torch.Tensor, inputs: dict) -> None:
         """Keep this micro-batch's scores for the logged metrics and the completions table (first iteration only)."""
         mode = "train" if self.model.training else "eval"
         if mode == "train" and (self._step // self.args.steps_per_generation) % self.num_iterations != 0:
@@ -393,13 +490,15 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         sq = coef * (scores - inputs["self_reward_target"]).square()
         mse = self.accelerator.reduce(torch.where(coef != 0, sq, 0.0).sum(), reduction="sum")
         has = (inputs["self_reward_index"] >= 0).float()
-        packed = torch.stack([scores, inputs["self_reward_target"], has, coef, inputs["self_reward_row"].float()], 1)
+        row = inputs["self_reward_row"].float()
+        packed = torch.stack([scores, inputs["self_reward_target"], has, coef, row, mean_logp], 1)
         packed = gather(packed)
         window = self._laser_window[mode]
         window["mse"].append(mse.item())
         keep = (packed[:, 2] > 0) & (packed[:, 3] != 0)
         window["score"].extend(packed[keep, 0].tolist())
         window["label"].extend(packed[keep, 1].tolist())
+        window["mean_token_logprob"].extend(packed[keep, 5].tolist())
         if self.log_completions:
             rows = packed[packed[:, 2] > 0]
             self._laser_table[mode].update(zip(rows[:, 4].long().tolist(), rows[:, 0].tolist()))
@@ -422,6 +521,9 @@ class LaSeRGRPOTrainer(GRPOTrainer):
             ):
                 if sv[key] is not None:
                     metrics[f"self_reward/{name}"] = [sv[key]]
+            baseline = auroc(window["mean_token_logprob"], labels)
+            if baseline is not None:
+                metrics["self_reward/auroc_mean_token_logprob"] = [baseline]
             for label, name in ((1, "score_correct"), (0, "score_incorrect")):
                 values = [s for s, y in zip(scores, labels) if y == label]
                 if values:
@@ -476,9 +578,27 @@ class LaSeRGRPOTrainer(GRPOTrainer):
                     output_dir,
                 )
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.self_reward_row_update == "least_squares" and self.args.should_save:
+            gram = None if self._row_gram is None else self._row_gram.cpu()
+            torch.save({"gram": gram}, os.path.join(output_dir, ROW_STATE_NAME))
+
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or self._ref_mode == "constant":
+        if checkpoint is None:
+            return
+        if self.args.self_reward_row_update == "least_squares":
+            path = os.path.join(checkpoint, ROW_STATE_NAME)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"Resuming with `self_reward_row_update='least_squares'` needs the row update's state saved in "
+                    f"{path}, which is missing (the checkpoint was written without it). Resume with "
+                    "`self_reward_row_update: optimizer`, or start the run afresh."
+                )
+            gram = torch.load(path, map_location="cpu", weights_only=True)["gram"]
+            self._row_gram = None if gram is None else gram.to(self.accelerator.device)
+        if self._ref_mode == "constant":
             return
         path = os.path.join(checkpoint, SELF_REWARD_CONFIG_NAME)
         if not os.path.isfile(path):

@@ -459,7 +459,32 @@ def main(script_args: LaSeRScriptArguments, training_args, model_args, recipe: s
     else:
         trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model, tokenizer and self-reward settings saved to {training_args.output_dir}.")
+    trainer.accelerator.print(
+        "Check its self-verification on problems it never saw, beside the free mean-token-log-prob baseline:\n  "
+        + eval_command(script_args, training_args)
+    )
     trainer.end()
+
+
+def eval_command(script_args: LaSeRScriptArguments, training_args) -> str:
+    """The `trl-laser eval` command that scores the saved model on the held-out split, with the training prompt."""
+    from trl_laser.data import default_instruction
+
+    command = ["trl-laser", "eval", "--model", training_args.output_dir, "--dataset", str(script_args.dataset_name)]
+    command += ["--split", script_args.dataset_test_split, "--num-samples", "4"]
+    command += ["--max-new-tokens", str(training_args.max_completion_length)]
+    if script_args.instruction is not None and script_args.instruction != default_instruction(
+        script_args.dataset_name
+    ):
+        command += ["--instruction", script_args.instruction]
+    if script_args.system_prompt is not None:
+        command += ["--system-prompt", script_args.system_prompt]
+    if script_args.problem_column != "problem":
+        command += ["--problem-column", script_args.problem_column]
+    if script_args.answer_column != "answer":
+        command += ["--answer-column", script_args.answer_column]
+    command += ["--output-dir", os.path.normpath(training_args.output_dir) + "-eval"]  # beside the model, not in it
+    return shlex.join(command)
 
 
 def recipe_text(parsed: ParsedArgs) -> str:
