@@ -12,20 +12,21 @@ import torch
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "laser_one_step.py")
 
 
-def run(model_dir, tmp_path, nproc):
+def run(model_dir, tmp_path, nproc, row_update):
     out = str(tmp_path / f"world{nproc}.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT]
-    result = subprocess.run([*cmd, model_dir, out], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([*cmd, model_dir, out, row_update], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     with open(out) as f:
         data = json.load(f)
     return data, torch.load(out + ".delta.pt")
 
 
-def test_two_processes_match_one(tiny_model_dir, tmp_path):
-    one, delta_one = run(tiny_model_dir, tmp_path, 1)
-    two, delta_two = run(tiny_model_dir, tmp_path, 2)
+@pytest.mark.parametrize("row_update", ["optimizer", "least_squares"])
+def test_two_processes_match_one(tiny_model_dir, tmp_path, row_update):
+    one, delta_one = run(tiny_model_dir, tmp_path, 1, row_update)
+    two, delta_two = run(tiny_model_dir, tmp_path, 2, row_update)
     assert (one["world"], two["world"]) == (1, 2)
 
     def key(row):

@@ -36,7 +36,7 @@ def fixed_generation(prompt_ids, *args, **kwargs):
     return out, None
 
 
-def main(model_dir: str, out_path: str) -> None:
+def main(model_dir: str, out_path: str, row_update: str) -> None:
     dataset = Dataset.from_list(
         [{"prompt": [{"role": "user", "content": f"What is {i} + {i}?"}], "answer": str(2 * i)} for i in range(8)]
     )
@@ -58,6 +58,7 @@ def main(model_dir: str, out_path: str) -> None:
         self_reward_ref_constant=-12.0,
         self_reward_advantage_coef=0.3,
         self_reward_std_threshold=0.0,
+        self_reward_row_update=row_update,
     )
     world = args.world_size
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -93,4 +94,4 @@ def main(model_dir: str, out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "optimizer")
