@@ -46,7 +46,7 @@ RECIPES = {
 BASELINES = ("mean_token_logprob", "min_token_logprob", "answer_agreement")
 ARM_STYLE = {
     "grpo": ("tab:blue", "GRPO"),
-    "laser": ("tab:red", "LaSeR (row lr)"),
+    "laser": ("tab:red", "LaSeR (least-squares row)"),
     "laser_paper": ("tab:orange", "LaSeR (paper settings)"),
 }
 SUMMARY_KEYS = (
