@@ -89,7 +89,7 @@ def test_quickstart_logs_self_reward_metrics_every_step(tiny_model_dir, tmp_path
 @pytest.mark.slow
 def test_quickstart_full(tmp_path):
     """`make quickstart` as shipped: SmolLM2-135M-Instruct, 16 steps of 4 prompts x 8 completions, then the held-out
-    evaluation that the training run prints (about 8 minutes)."""
+    evaluation that the training run prints (about 12 minutes)."""
     out = tmp_path / "quickstart"
     command = [sys.executable, "-m", "trl_laser", "train", "--config", QUICKSTART, "--output_dir", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=1800)
