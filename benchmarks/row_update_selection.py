@@ -122,21 +122,17 @@ def replay(data: dict[str, Any], beta: float, c_ref: float, ridge: float, forget
 
 
 def evaluate(scores: torch.Tensor, data: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
-    from trl_laser.metrics import auroc, auroc_within_group, self_verification_metrics
+    from trl_laser.evaluation import ranking
+    from trl_laser.metrics import self_verification_metrics
 
-    s, y = scores.tolist(), data["y"][rows].tolist()
-    bands = [data["band"][i] for i in rows.tolist()]
-    sv = self_verification_metrics(s, y)
+    s, y, index = scores.tolist(), data["y"][rows].tolist(), rows.tolist()
+    ranked = ranking(s, y, [data["problem"][i] for i in index], [data["band"][i] for i in index], ("easy", "medium"))
     return {
-        "auroc": sv["auroc"],
-        "auroc_easy": auroc(
-            [v for v, b in zip(s, bands) if b == "easy"], [t for t, b in zip(y, bands) if b == "easy"]
-        ),
-        "auroc_medium": auroc(
-            [v for v, b in zip(s, bands) if b == "medium"], [t for t, b in zip(y, bands) if b == "medium"]
-        ),
-        "auroc_within_problem": auroc_within_group(s, y, [data["problem"][i] for i in rows.tolist()]),
-        "sv_f1_paper": sv["sv_f1_paper"],
+        "auroc": ranked["auroc"],
+        "auroc_easy": ranked["auroc_by_band"]["easy"],
+        "auroc_medium": ranked["auroc_by_band"]["medium"],
+        "auroc_within_problem": ranked["auroc_within_problem"],
+        "sv_f1_paper": self_verification_metrics(s, y)["sv_f1_paper"],
     }
 
 

@@ -210,13 +210,8 @@ def test_generation_scores_equal_score_completions(model_and_tokenizer, max_new_
 
     # The paths this must cover: a row ending at the last step (the one extra cached forward), rows ending earlier
     # while others go on (pads after their EOS), and, with a short limit, truncated rows.
-    batches = [flat[:6], flat[6:]]
-    last_step = [max(len(c.token_ids) for c in b) for b in batches]
-    assert any(c.finished and len(c.token_ids) == n for b, n in zip(batches, last_step) for c in b)
-    assert any(c.finished and len(c.token_ids) < n for b, n in zip(batches, last_step) for c in b)
-    if max_new_tokens < 10:
-        assert any(not c.finished for c in flat)
-    else:
+    assert_generation_paths_covered(flat, max_new_tokens)
+    if max_new_tokens >= 10:
         assert all(c.finished for c in flat)
 
 
@@ -232,6 +227,17 @@ def direct_token_logprobs(model, tokenizer, prompt, completion_ids, temperature=
         logps = (model(input_ids=ids).logits[0].double() / temperature).log_softmax(-1)
     positions = torch.arange(len(prompt_ids) - 1, ids.shape[1] - 1)
     return logps[positions, ids[0, len(prompt_ids) :]].tolist()
+
+
+def assert_generation_paths_covered(flat, max_new_tokens):
+    """The two generate calls (rows 0-5, 6-) hold a row ending at their last step and one ending earlier; with a
+    short limit, also a truncated row."""
+    batches = [flat[:6], flat[6:]]
+    last_step = [max(len(c.token_ids) for c in b) for b in batches]
+    assert any(c.finished and len(c.token_ids) == n for b, n in zip(batches, last_step) for c in b)
+    assert any(c.finished and len(c.token_ids) < n for b, n in zip(batches, last_step) for c in b)
+    if max_new_tokens < 10:
+        assert any(not c.finished for c in flat)
 
 
 @pytest.mark.parametrize(("max_new_tokens", "temperature"), [(5, 1.0), (64, 1.0), (2, 0.7)])
@@ -260,12 +266,7 @@ def test_generation_token_logprobs_equal_a_full_logits_forward(model_and_tokeniz
         assert abs(sum(tempered) / len(tempered) - flat[0].mean_token_logprob) > 1e-2
     # The paths: a row whose last token comes from the last forward call of `generate` (ended at the last step,
     # or truncated there), a row that ended earlier, and, with a short limit, truncated rows.
-    batches = [flat[:6], flat[6:]]
-    last_step = [max(len(c.token_ids) for c in b) for b in batches]
-    assert any(c.finished and len(c.token_ids) == n for b, n in zip(batches, last_step) for c in b)
-    assert any(c.finished and len(c.token_ids) < n for b, n in zip(batches, last_step) for c in b)
-    if max_new_tokens < 10:
-        assert any(not c.finished for c in flat)
+    assert_generation_paths_covered(flat, max_new_tokens)
 
 
 # ------------------------------------------------------------------------------------------ errors
