@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from trl_laser.cli import main as cli_main
+from trl_laser.launch import LaunchError, gpu_available, resolve_accelerate_config
 from trl_laser.scripts import train
 
 
@@ -135,19 +136,21 @@ def test_named_accelerate_config_relaunches_through_accelerate(monkeypatch, caps
     assert os.path.samefile(args.config_file, os.path.join(ROOT, "recipes", "accelerate_configs", "ddp.yaml"))
     assert args.num_processes == 2
     assert os.path.samefile(args.training_script, train.__file__)
-    assert args.training_script_args == ["--config", QUICKSTART, "--max_steps", "1"]
+    # The recipe arguments, then (without a GPU) the CPU settings that `trl_laser.launch` adds: tested there.
+    assert args.training_script_args[:4] == ["--config", QUICKSTART, "--max_steps", "1"]
+    assert gpu_available() or "--ddp_backend" in args.training_script_args[4:]
     assert "accelerate launch" in capsys.readouterr().out
 
 
 def test_accelerate_config_path_and_packaged_fallback(tmp_path, monkeypatch):
     custom = tmp_path / "mine.yaml"
     custom.write_text("distributed_type: MULTI_GPU\n")
-    assert train.resolve_accelerate_config(str(custom)) == custom
+    assert resolve_accelerate_config(str(custom)) == custom
     monkeypatch.chdir(tmp_path)  # no recipes/ here: the copy inside the package is used
-    packaged = train.resolve_accelerate_config("zero3")
+    packaged = resolve_accelerate_config("zero3")
     assert packaged.is_file() and "trl_laser" in str(packaged)
-    with pytest.raises(train.RecipeError, match="neither a file nor one of the shipped configs"):
-        train.resolve_accelerate_config("zero4")
+    with pytest.raises(LaunchError, match="neither a file nor one of the shipped configs"):
+        resolve_accelerate_config("zero4")
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is not None, reason="deepspeed is installed")
@@ -201,7 +204,7 @@ def test_local_dataset_columns_system_prompt_and_prompt_filter(tmp_path, tokeniz
         {"role": "system", "content": "Be brief."},
         {
             "role": "user",
-            "content": "What is 2 plus 2?\nPlease reason step by step, and put your final answer within \\boxed{}.",
+            "content": "What is 2 plus 2? Please reason step by step, and put your final answer within \\boxed{}.",
         },
     ]
     assert len(train._filter_long_prompts(dataset, tokenizer, 100, None)) == 1
@@ -213,4 +216,4 @@ def test_builtin_arithmetic_uses_its_own_instruction():
     args = train.LaSeRScriptArguments(dataset_name="builtin:arithmetic")
     dataset = train.load_split(args, "test", 3, seed=0)
     assert len(dataset) == 3 and set(dataset.column_names) >= {"prompt", "answer", "difficulty"}
-    assert dataset[0]["prompt"][-1]["content"].endswith("\nAnswer with just the number.")
+    assert dataset[0]["prompt"][-1]["content"].endswith("? Answer with just the number.")  # the paper's space

@@ -49,3 +49,10 @@ def test_validation_errors_name_the_field(tmp_path, kwargs, field):
     kwargs.setdefault("self_reward_token", "<gh_stars>")
     with pytest.raises(ValueError, match=f"`{field}`"):
         make(tmp_path, **kwargs)
+
+
+def test_sync_ref_model_with_model_ref_constant_is_refused(tmp_path):
+    """The reference drifts with `sync_ref_model`, so c_ref read from it would change r_s's meaning mid-run."""
+    with pytest.raises(ValueError, match="`sync_ref_model=True`.*`self_reward_ref_constant='model'`"):
+        make(tmp_path, self_reward_token="<gh_stars>", sync_ref_model=True, self_reward_ref_constant="model", beta=0.1)
+    assert make(tmp_path, self_reward_token="<gh_stars>", sync_ref_model=True, beta=0.1).sync_ref_model  # "auto"

@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from trl_laser.core import Phase, class_weights, laser_phase, mixed_advantages, self_reward_loss, self_reward_score
+from trl_laser.core import (
+    Phase,
+    class_weights,
+    laser_phase,
+    mixed_advantages,
+    self_reward_advantages,
+    self_reward_loss,
+    self_reward_score,
+)
 
 
 def test_score_is_scaled_shifted_logprob():
@@ -129,3 +137,67 @@ def test_warmup_boundaries(step, expected):
 def test_warmup_zero_means_mixed_from_the_start():
     assert laser_phase(0, 0, 0) == Phase.MIXED
     assert laser_phase(0, 0, 1) == Phase.SELF_REWARD and laser_phase(1, 0, 1) == Phase.MIXED
+
+
+# Three groups of 4 clamped scores s: spread out, spread out, flat (std 0 <= threshold: filtered, A_s := A_v).
+S_GROUPS = [[1.0, 0.2, 0.6, 0.0], [0.9, 0.9, 0.1, 0.1], [0.3, 0.3, 0.3, 0.3]]
+
+
+def _mean(values):
+    return sum(values) / len(values)
+
+
+def _std(values):  # unbiased, as torch and TRL
+    m = _mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def _hand_self_reward_advantages(scale_rewards, aggregation):
+    """TRL's advantage formulas written out for s as the only reward (no 1e-4; std 0 gives 0)."""
+    centred = [[v - _mean(g) for v in g] for g in S_GROUPS]
+    flat = [v for g in S_GROUPS for v in g]
+    if aggregation == "normalize_then_sum":
+        z = [v / _std(g) if _std(g) > 0 else 0.0 for g, c in zip(S_GROUPS, centred) for v in c]
+        return [(v - _mean(z)) / _std(z) for v in z]
+    if scale_rewards == "group":
+        return [v / _std(g) if _std(g) > 0 else 0.0 for g, c in zip(S_GROUPS, centred) for v in c]
+    if scale_rewards == "batch":
+        return [v / _std(flat) for c in centred for v in c]
+    return [v for c in centred for v in c]
+
+
+@pytest.mark.parametrize(
+    "scale_rewards, aggregation, first_group",
+    [
+        # group: (s - 0.45) / 0.443471 (0.443471 = sqrt(0.59 / 3))
+        ("group", "sum_then_normalize", [1.240216, -0.563735, 0.338241, -1.014722]),
+        # batch: (s - 0.45) / 0.345972, the std of all 12 s (sum of squares 1.316667 / 11)
+        ("batch", "sum_then_normalize", [1.589722, -0.722601, 0.433560, -1.300681]),
+        # none: s - 0.45
+        ("none", "sum_then_normalize", [0.55, -0.25, 0.15, -0.45]),
+        # group z-scores (the flat group's are 0), then over the batch: sum of z^2 = 3 + 3, std sqrt(6 / 11)
+        ("group", "normalize_then_sum", [1.679260, -0.763300, 0.457980, -1.373940]),
+        ("none", "normalize_then_sum", [1.679260, -0.763300, 0.457980, -1.373940]),  # scale_rewards has no say
+    ],
+)
+def test_self_reward_advantage_is_scaled_as_trl_scales_a_v(scale_rewards, aggregation, first_group):
+    s = torch.tensor([v for g in S_GROUPS for v in g])
+    a_s = self_reward_advantages(s, 4, scale_rewards, aggregation)
+    expected = _hand_self_reward_advantages(scale_rewards, aggregation)
+    assert torch.allclose(a_s, torch.tensor(expected), atol=1e-6)
+    assert torch.allclose(a_s[:4], torch.tensor(first_group), atol=1e-5)
+
+    # In the mix, the flat group is filtered (A_s := A_v) and the others take this A_s.
+    a_v = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.8, 0.8, -0.8, -0.8, 0.2, -0.2, 0.2, -0.2])
+    finished = torch.ones(12, dtype=torch.bool)
+    mixed, used = mixed_advantages(a_v, s, finished, 4, 0.1, 0.1, scale_rewards, aggregation)
+    a_s_used = expected[:8] + a_v[8:].tolist()
+    assert torch.allclose(mixed, torch.tensor([0.9 * a + 0.1 * b for a, b in zip(a_v.tolist(), a_s_used)]), atol=1e-6)
+    assert used.tolist() == [True, True, False]
+
+
+def test_self_reward_advantage_refuses_unknown_settings():
+    with pytest.raises(ValueError, match="`scale_rewards`"):
+        self_reward_advantages(torch.zeros(4), 4, "per_token")
+    with pytest.raises(ValueError, match="`multi_objective_aggregation`"):
+        self_reward_advantages(torch.zeros(4), 4, "group", "sum")

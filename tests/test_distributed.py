@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo) and one process give the same class weights, MSE, mixed advantages and update."""
+"""Two CPU processes (gloo), plain or sharded by DeepSpeed ZeRO-2/ZeRO-3, and one process give the same class weights,
+MSE, mixed advantages and update."""
 
 import json
 import os
@@ -12,21 +13,40 @@ import torch
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "laser_one_step.py")
 
 
-def run(model_dir, tmp_path, nproc, row_update):
-    out = str(tmp_path / f"world{nproc}.json")
+def run(model_dir, tmp_path, nproc, row_update, zero_stage=0):
+    out = str(tmp_path / f"world{nproc}_zero{zero_stage}.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT]
-    result = subprocess.run([*cmd, model_dir, out, row_update], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [*cmd, model_dir, out, row_update, str(zero_stage)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     with open(out) as f:
         data = json.load(f)
     return data, torch.load(out + ".delta.pt")
 
 
-@pytest.mark.parametrize("row_update", ["optimizer", "least_squares"])
-def test_two_processes_match_one(tiny_model_dir, tmp_path, row_update):
-    one, delta_one = run(tiny_model_dir, tmp_path, 1, row_update)
-    two, delta_two = run(tiny_model_dir, tmp_path, 2, row_update)
+_ONE_PROCESS: dict[str, tuple] = {}
+
+
+def _one_process(model_dir, tmp_path_factory, row_update):
+    """The 1-process reference, run once per row update for the DDP and ZeRO comparisons."""
+    if row_update not in _ONE_PROCESS:
+        _ONE_PROCESS[row_update] = run(model_dir, tmp_path_factory.mktemp("one"), 1, row_update)
+    return _ONE_PROCESS[row_update]
+
+
+@pytest.mark.parametrize(
+    "row_update, zero_stage",
+    [("optimizer", 0), ("least_squares", 0), ("optimizer", 2), ("optimizer", 3)],
+    ids=["ddp", "ddp-least-squares", "zero2", "zero3"],
+)
+def test_two_processes_match_one(tiny_model_dir, tmp_path_factory, row_update, zero_stage):
+    if zero_stage:
+        pytest.importorskip("deepspeed", reason="the test extra installs deepspeed")
+    tmp_path = tmp_path_factory.mktemp("one_step")
+    one, delta_one = _one_process(tiny_model_dir, tmp_path_factory, row_update)
+    two, delta_two = run(tiny_model_dir, tmp_path, 2, row_update, zero_stage)
     assert (one["world"], two["world"]) == (1, 2)
 
     def key(row):

@@ -13,7 +13,7 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from trl import ModelConfig
 
-from trl_laser import LaSeRConfig
+from trl_laser import LaSeRConfig, launch
 from trl_laser.scripts import train
 
 
@@ -24,6 +24,7 @@ MINIATURE = {
     "laser": os.path.join(ROOT, "recipes", "SmolLM2-135M-Instruct", "laser", "config_arithmetic.yaml"),
     "laser_paper": os.path.join(ROOT, "recipes", "SmolLM2-135M-Instruct", "laser", "config_arithmetic_paper.yaml"),
 }
+QUICKSTART = os.path.join(ROOT, "recipes", "quickstart", "laser", "config_smollm2_arithmetic.yaml")
 SAME_RUN = {"output_dir", "logging_dir", "run_name"}
 ACCELERATE_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "recipes", "accelerate_configs", "*.yaml")))
 PACKAGED_DIR = os.path.join(ROOT, "src", "trl_laser", "accelerate_configs")
@@ -95,7 +96,12 @@ def test_paper_recipe_has_the_paper_settings(path):
         "question",
         "final_answer",
     )
-    assert script.reward_funcs[0] == "math_verify_reward"
+    # The official protocol (FIELD_NOTES, the official code line by line): its verifier, AdamW weight decay 0.01, no
+    # vLLM importance-sampling correction, the instruction appended after a space.
+    assert script.reward_funcs == ["boxed_math_verify_reward"]
+    assert args.weight_decay == 0.01 and args.optim.startswith("adamw")
+    assert keys["vllm_importance_sampling_correction"] is False and not args.vllm_importance_sampling_correction
+    assert script.instruction_separator == " " and script.instruction is None  # the paper's instruction
     assert script.max_prompt_length == 2048
     assert args.self_reward_token == token
     assert args.self_reward_ref_constant == c_ref
@@ -132,6 +138,14 @@ def test_quickstart_recipe_is_small_and_offline():
     assert 1e-5 <= args.learning_rate <= 2e-5
     assert args.self_reward_row_update == "least_squares"  # 16 Adam steps teach the base rate, not the answer
     assert args.logging_steps == 1 and not args.use_vllm and not args.bf16
+
+
+@pytest.mark.parametrize("path", [*MINIATURE.values(), QUICKSTART], ids=lambda p: os.path.relpath(p, ROOT))
+def test_smollm2_recipes_keep_their_measured_newline_separator(path):
+    script = parse(path).script_args
+    assert script.instruction_separator == "\n" and script.reward_funcs == ["math_verify_reward"]
+    prompt = train.load_split(script, "test", 1, seed=0)[0]["prompt"][-1]["content"]
+    assert prompt.endswith("?\nAnswer with just the number.")
 
 
 def differing(a, b) -> set[str]:
@@ -174,4 +188,4 @@ def test_accelerate_config_is_accepted_by_accelerate(path):
 def test_packaged_accelerate_configs_match_the_recipes(path):
     packaged = os.path.join(PACKAGED_DIR, os.path.basename(path))
     assert filecmp.cmp(path, packaged, shallow=False), f"{packaged} differs from {path}: copy it over"
-    assert os.path.basename(path)[:-5] in train.packaged_accelerate_configs()
+    assert os.path.basename(path)[:-5] in launch.packaged_accelerate_configs()

@@ -300,3 +300,94 @@ def test_bad_arguments_are_named(model_and_tokenizer):
         score_completions(model, tokenizer, [PROMPTS[0]], [FIXED[0]], self_reward_ref_constant="auto")
     with pytest.raises(ValueError, match="EOS"):
         score_completions(model, tokenizer, [PROMPTS[0]], [FIXED[0]], self_reward_token=EOS)
+
+
+def test_score_completions_names_the_bad_argument(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    vocab = model.get_input_embeddings().num_embeddings
+    assert vocab == len(tokenizer) == 49152
+    cases = [
+        ("What is 1 + 1?", ["2<|im_end|>"], TypeError, "`prompts` must be a list of prompts, got a string"),
+        (["What is 1 + 1?"], "2<|im_end|>", TypeError, "`completions` must be a list of completions, got a string"),
+        ([[1, 2]], [105, EOS], TypeError, "`completions` is a single list of token ids"),
+        (PROMPTS[0], [FIXED[0], FIXED[1]], TypeError, "`prompts` is a single conversation"),
+        (PROMPTS, [FIXED[0], [105, vocab, EOS]], ValueError, r"`completions\[1\]` holds the token id 49152, outside"),
+        (PROMPTS, [FIXED[0], [-1, EOS]], ValueError, r"`completions\[1\]` holds the token id -1"),
+        ([PROMPTS[0], [5, 10**6]], FIXED[:2], ValueError, r"`prompts\[1\]` holds the token id 1000000"),
+    ]
+    for prompts, completions, error, message in cases:
+        with pytest.raises(error, match=message):
+            score_completions(model, tokenizer, prompts, completions)
+    with pytest.raises(ValueError, match=r"ids 0 to 49151\)"):
+        score_completions(model, tokenizer, PROMPTS, [FIXED[0], [vocab, EOS]])
+    with pytest.raises(TypeError, match="`prompts` must be a list of prompts, got a string"):
+        generate_with_self_rewards(model, tokenizer, "What is 1 + 1?")
+    with pytest.raises(ValueError, match=r"`prompts\[0\]` holds the token id 49152"):
+        generate_with_self_rewards(model, tokenizer, [[5, vocab]])
+
+
+# ------------------------------------------------------------------------------------------ fp32 LM head
+SAME_LENGTH = [
+    [105 + 3 * i, 106 + 3 * i, EOS] for i in range(8)
+]  # no right padding: the body's bf16 rounding is equal
+
+
+def _trainer_scores_and_saved(tokenizer, tmp_path, cast: bool):
+    """A bf16 model trained with or without `cast_lm_head_to_fp32`: the trainer's own scores, and its saved copy."""
+    model = sensitive_model(tokenizer).to(torch.bfloat16)
+    trainer = LaSeRGRPOTrainer(
+        model=model,
+        reward_funcs=[lambda completion_ids, **kw: [float(len(c) % 2 == 0) for c in completion_ids]],
+        args=LaSeRConfig(
+            output_dir=str(tmp_path / "out"),
+            per_device_train_batch_size=8,
+            num_generations=4,
+            max_completion_length=MAX_LEN,
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            bf16=False,
+            self_reward_token=SELF_REWARD_TOKEN,
+            self_reward_ref_constant=C_REF,
+            self_reward_beta=BETA,
+            cast_lm_head_to_fp32=cast,
+        ),
+        train_dataset=Dataset.from_list([{"prompt": p, "answer": "0"} for p in PROMPTS]),
+        processing_class=tokenizer,
+    )
+    if cast:  # as after fp32 updates: head values that bf16 cannot hold, saved in fp32
+        with torch.no_grad():
+            trainer.model.lm_head.weight.add_(torch.randn_like(trainer.model.lm_head.weight) * 1e-3)
+    force_completions(trainer, SAME_LENGTH)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([{"prompt": p, "answer": "0"} for p in PROMPTS for _ in range(4)])
+    scores = BETA * (training_zc_logps(trainer, batch).double() - batch["self_reward_ref"])
+    saved = str(tmp_path / f"saved-{cast}")
+    trainer.save_model(saved)
+    return scores, saved
+
+
+@pytest.mark.parametrize("cast", [True, False])
+def test_fp32_head_setting_is_saved_and_scoring_matches_the_trainer(tokenizer, tmp_path, cast):
+    from trl_laser.scoring import load_lm_head_fp32
+
+    trainer_scores, saved = _trainer_scores_and_saved(tokenizer, tmp_path, cast)
+    assert SelfRewardSettings.from_pretrained(saved).cast_lm_head_to_fp32 is cast
+    prompts = [p for p in PROMPTS for _ in range(4)]
+
+    def scores(honour: bool) -> torch.Tensor:
+        model = AutoModelForCausalLM.from_pretrained(saved, dtype="auto")
+        assert model.lm_head.weight.dtype == torch.bfloat16  # loading rounds the head to the model's dtype
+        settings = SelfRewardSettings.from_pretrained(saved)
+        if honour and cast:
+            assert load_lm_head_fp32(model, saved)  # the exact fp32 values the trainer saved
+            assert model.lm_head.weight.dtype == torch.float32
+        settings.cast_lm_head_to_fp32 = cast if honour else not cast
+        return torch.tensor(score_completions(model, tokenizer, prompts, SAME_LENGTH, settings=settings)).double()
+
+    # The bf16 body's kernels round a row now and then differently in the two forwards (up to ~1e-3 here): the head's
+    # precision shows in the typical row, equal to 1e-6 when honoured and off by more than 1e-5 when not.
+    honoured = (scores(honour=True) - trainer_scores).abs()
+    ignored = (scores(honour=False) - trainer_scores).abs()
+    assert honoured.median() < 1e-6 and (honoured < 1e-6).sum() >= 6
+    assert ignored.median() > 1e-5

@@ -1,6 +1,9 @@
 """Answer extraction and checking: the rule-based verifier r_v of the paper (math-verify on the last `\\boxed{}`).
 
 One definition serves the training reward, the evaluation report and the equivalence classes of weighted voting.
+Two verifiers: `math_verify_reward`, lenient (the last box, else the last `$...$` math, else the last number), right
+for models that never box such as SmolLM2; and `boxed_math_verify_reward`, the official LaSeR code's (exactly one
+`\\boxed{`, then math-verify on it, no fallback), for comparing with the paper.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def completion_text(completion: Any) -> str:
     if isinstance(completion, str):
         return completion
     if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        content = completion[-1].get("content", "")
+        content = completion[-1].get("content") or ""
         return content if isinstance(content, str) else " ".join(c.get("text", "") for c in content)
     raise TypeError(f"Unsupported completion type {type(completion).__name__}: expected str or a list of messages.")
 
@@ -104,3 +107,69 @@ def math_verify_reward(completions: list, answer: list, **kwargs: Any) -> list[f
     This is the 0/1 verifier reward that LaSeR's self-rewarding score is trained to predict.
     """
     return [float(is_correct(completion_text(c), str(a))) for c, a in zip(completions, answer, strict=True)]
+
+
+def last_box_content(text: str) -> str | None:
+    """The official evaluation's answer (`remove_boxed(last_boxed_only_string(text))`): the last `\\boxed{...}`.
+
+    None without a box, for an unclosed one, and when the last box is an `\\fbox` (which the official code finds but
+    cannot unwrap).
+    """
+    start = text.rfind("\\boxed")
+    if start < 0:
+        start = text.rfind("\\fbox")
+        if start < 0:
+            return None
+    depth = 0
+    for j in range(start, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                box = text[start : j + 1]
+                return box[len("\\boxed{") : -1] if box.startswith("\\boxed{") else None
+    return None
+
+
+def single_boxed(text: str) -> str | None:
+    """The official verifier's answer: the content of the response's only `\\boxed{...}`, else None.
+
+    As the official LaSeR code (verl `reward_score`): None unless `\\boxed{` occurs exactly once, so a nested box
+    (`\\boxed{\\boxed{3}}`) or a repeated answer gives None; `\\fbox{...}` is never an answer (the official
+    `remove_boxed` accepts only `\\boxed{`); the box must close (braces balanced).
+    """
+    return last_box_content(text) if text.count("\\boxed{") == 1 else None
+
+
+def _boxed_equivalent(answer: str | None, gold: str) -> bool:
+    """The official comparison: math-verify on `\\boxed{gold}` and `\\boxed{answer}`; any failure is wrong."""
+    if answer is None:
+        return False
+    try:
+        gold_parsed, answer_parsed = _parse(f"\\boxed{{{gold}}}"), _parse(f"\\boxed{{{answer}}}")
+        return bool(verify(list(gold_parsed), list(answer_parsed), timeout_seconds=None))
+    except Exception:  # the official code scores any math-verify failure as wrong
+        return False
+
+
+def is_correct_boxed(completion: str, gold: str) -> bool:
+    """The official r_v (training): the only `\\boxed{}` (`single_boxed`) equals the gold answer."""
+    return _boxed_equivalent(single_boxed(completion), gold)
+
+
+def is_correct_last_boxed(completion: str, gold: str) -> bool:
+    """The official evaluation's accuracy: the last `\\boxed{}` (`last_box_content`) equals the gold answer."""
+    return _boxed_equivalent(last_box_content(completion), gold)
+
+
+def boxed_math_verify_reward(completions: list, answer: list, **kwargs: Any) -> list[float]:
+    """TRL reward function, the official LaSeR verifier: 1.0 if the completion's only `\\boxed{}` equals `answer`.
+
+    0.0 when there is no box or more than one, and no fallback to `$...$` or plain numbers (`single_boxed`). The
+    paper recipes use it; models that never box (SmolLM2) get 0 everywhere and need `math_verify_reward`.
+    """
+    return [
+        float(a is not None and is_correct_boxed(completion_text(c), str(a)))
+        for c, a in zip(completions, answer, strict=True)
+    ]

@@ -55,9 +55,14 @@ class LaSeRConfig(GRPOConfig):
         self_reward_beta (`float`, *optional*, defaults to `0.1`):
             beta_v, the scale of the score.
         self_reward_loss_coef (`float`, *optional*, defaults to `0.1`):
-            alpha, the weight of the class-balanced MSE term. `0.0` trains plain GRPO while still logging the score.
+            alpha, the weight of the class-balanced MSE term per optimizer step, beside TRL's loss of that step. `0.0`
+            trains plain GRPO while still logging the score. When `steps_per_generation` differs from
+            `gradient_accumulation_steps`, each optimizer step's MSE is its rows' share of the generation batch's,
+            times `steps_per_generation / gradient_accumulation_steps`: an estimate of l_MSE when a generation batch
+            spans several steps, the mean l_MSE of its generation batches when a step spans several.
         self_reward_advantage_coef (`float`, *optional*, defaults to `0.1`):
-            tau, the weight of the self-reward advantage in `A = (1 - tau) A_v + tau A_s`.
+            tau, the weight of the self-reward advantage in `A = (1 - tau) A_v + tau A_s`. A_s is scaled as TRL scales
+            A_v (`scale_rewards`, `multi_objective_aggregation`): group-standardised with TRL's defaults, as the paper.
         self_reward_std_threshold (`float`, *optional*, defaults to `0.1`):
             Groups whose std of `clamp(r_s, 0, 1)` is at most this use `A_s = A_v`.
         self_reward_balanced (`bool`, *optional*, defaults to `True`):
@@ -100,10 +105,19 @@ class LaSeRConfig(GRPOConfig):
     )
     self_reward_beta: float = field(default=0.1, metadata={"help": "beta_v, the scale of the self-reward score."})
     self_reward_loss_coef: float = field(
-        default=0.1, metadata={"help": "alpha, the weight of the class-balanced MSE term (0 disables it)."}
+        default=0.1,
+        metadata={
+            "help": "alpha, the weight of the class-balanced MSE term per optimizer step (0 disables it). With "
+            "steps_per_generation != gradient_accumulation_steps, each step's MSE is its rows' share of the "
+            "generation batch's times steps_per_generation / gradient_accumulation_steps."
+        },
     )
     self_reward_advantage_coef: float = field(
-        default=0.1, metadata={"help": "tau, the weight of the self-reward advantage in the mix, in [0, 1]."}
+        default=0.1,
+        metadata={
+            "help": "tau, the weight of the self-reward advantage in the mix, in [0, 1]. The self-reward advantage "
+            "is scaled as TRL scales the verifier's (scale_rewards, multi_objective_aggregation)."
+        },
     )
     self_reward_std_threshold: float = field(
         default=0.1,
@@ -149,7 +163,25 @@ class LaSeRConfig(GRPOConfig):
         metadata={"help": "With least_squares: weight of the past steps' second-moment matrix, in (0, 1]."},
     )
 
+    def _check_step_counts(self) -> None:
+        """Counts that transformers and TRL take silently or fail on obscurely, checked before their own checks:
+        `max_steps=-5` trains for `num_train_epochs` instead, `num_generations=0` divides by zero."""
+        max_steps = self.max_steps
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or not (max_steps == -1 or max_steps > 0):
+            raise ValueError(
+                f"`max_steps` must be an integer > 0, or -1 to train for `num_train_epochs`, got {max_steps!r}."
+            )
+        required = {"num_generations": 2, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1}
+        optional = {"num_generations_eval": 1, "steps_per_generation": 1, "generation_batch_size": 1}
+        for name, minimum in (required | optional).items():
+            value = getattr(self, name)
+            if value is None and name in optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+
     def __post_init__(self):
+        self._check_step_counts()
         super().__post_init__()
         if isinstance(self.self_reward_token, str) and self.self_reward_token.strip().isdigit():
             self.self_reward_token = int(self.self_reward_token.strip())
@@ -183,6 +215,12 @@ class LaSeRConfig(GRPOConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
+        if self.sync_ref_model and self.self_reward_ref_constant == "model":
+            raise ValueError(
+                "`sync_ref_model=True` moves the reference model toward the policy during training, so with "
+                "`self_reward_ref_constant='model'` c_ref would drift and r_s would change meaning. Set "
+                "`sync_ref_model=False`, or `self_reward_ref_constant` to 'auto' or a number."
+            )
         if self.temperature != 1.0:
             raise ValueError(
                 f"LaSeR's self-reward score is defined at temperature 1 and TRL's fused LM head scores every token at "

@@ -81,6 +81,57 @@ def self_reward_loss(scores: torch.Tensor, targets: torch.Tensor, coef: torch.Te
     return (coef.to(scores.dtype) * diff.square()).sum()
 
 
+# TRL 1.16's `scale_rewards` (after `GRPOConfig` maps True/False) and `multi_objective_aggregation` values.
+SCALE_REWARDS = ("group", "batch", "none")
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+
+
+def self_reward_advantages(
+    s: torch.Tensor,
+    num_generations: int,
+    scale_rewards: str = "group",
+    aggregation: str = "sum_then_normalize",
+) -> torch.Tensor:
+    """A_s: the advantage TRL would give `s` if it were the only reward, so that A_s and A_v are on one scale.
+
+    With `"sum_then_normalize"` (TRL's default) A_s is `s` minus its group mean, divided by the group's std
+    (`scale_rewards="group"`, the paper's formula), by the std over the whole batch (`"batch"`), or not divided
+    (`"none"`). With `"normalize_then_sum"` it is `s` standardised within its group, then standardised over the
+    batch. Stds are unbiased, as TRL's; TRL's `1e-4` is left out (the mix's filter keeps groups whose std is above
+    its threshold), and a group or batch with std 0 gives 0 where TRL's formula gives 0 too.
+
+    Args:
+        s: `(N,)` clamped scores, groups of `num_generations` consecutive rows.
+        num_generations: group size.
+        scale_rewards: `"group"`, `"batch"` or `"none"`.
+        aggregation: `"sum_then_normalize"` or `"normalize_then_sum"`.
+
+    Returns:
+        `(N,)` float tensor.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"`multi_objective_aggregation` must be one of {list(AGGREGATIONS)}, got {aggregation!r}.")
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"`scale_rewards` must be one of {list(SCALE_REWARDS)}, got {scale_rewards!r}.")
+    grouped = s.float().view(-1, num_generations)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    group_std = grouped.std(dim=1, keepdim=True) if num_generations > 1 else torch.zeros_like(grouped[:, :1])
+
+    def divide(x: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        return torch.where(std > 0, x / torch.where(std > 0, std, 1.0), 0.0)
+
+    if aggregation == "normalize_then_sum":
+        z = divide(centred, group_std).view(-1)
+        batch_std = z.std() if z.numel() > 1 else z.new_zeros(())
+        return divide(z - z.mean(), batch_std)
+    if scale_rewards == "group":
+        return divide(centred, group_std).view(-1)
+    if scale_rewards == "batch":
+        batch_std = grouped.std() if grouped.numel() > 1 else grouped.new_zeros(())
+        return divide(centred, batch_std).view(-1)
+    return centred.view(-1)
+
+
 def mixed_advantages(
     verifier_advantages: torch.Tensor,
     scores: torch.Tensor,
@@ -88,6 +139,8 @@ def mixed_advantages(
     num_generations: int,
     tau: float,
     std_threshold: float,
+    scale_rewards: str = "group",
+    aggregation: str = "sum_then_normalize",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`A = (1 - tau) * A_v + tau * A_s`, with the spec's clamp and group filter.
 
@@ -98,16 +151,19 @@ def mixed_advantages(
         num_generations: group size.
         tau: advantage-mix coefficient.
         std_threshold: groups whose std of s is `<=` this use `A_s := A_v`.
+        scale_rewards, aggregation: TRL's settings that A_v was computed with; A_s is scaled the same way
+            (`self_reward_advantages`). The defaults are the paper's group standardisation.
 
     Returns:
         The mixed advantages `(N,)` and a `(N / num_generations,)` bool tensor, True for groups whose A_s was used.
     """
-    s = torch.where(finished.bool(), scores.float().clamp(0.0, 1.0), 0.0).view(-1, num_generations)
+    s = torch.where(finished.bool(), scores.float().clamp(0.0, 1.0), 0.0)
     a_v = verifier_advantages.float().view(-1, num_generations)
-    std = s.std(dim=1, keepdim=True) if num_generations > 1 else torch.zeros_like(s[:, :1])
+    grouped = s.view(-1, num_generations)
+    std = grouped.std(dim=1, keepdim=True) if num_generations > 1 else torch.zeros_like(grouped[:, :1])
     used = std > std_threshold
-    a_s = torch.where(used, (s - s.mean(dim=1, keepdim=True)) / torch.where(used, std, 1.0), a_v)
-    mixed = (1.0 - tau) * a_v + tau * a_s
+    a_s = self_reward_advantages(s, num_generations, scale_rewards, aggregation).view(-1, num_generations)
+    mixed = (1.0 - tau) * a_v + tau * torch.where(used, a_s, a_v)
     return mixed.view(-1).to(verifier_advantages.dtype), used.view(-1)
 
 

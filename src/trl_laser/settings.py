@@ -11,12 +11,23 @@ File: `self_reward_config.json` in the model directory (and so in every checkpoi
   "self_reward_ref_mode": "constant",       // how c_ref was obtained: "constant", "auto" or "model"
   "temperature": 1.0,                       // the score is log-softmax of the raw logits (temperature 1)
   "eos_token_ids": [151643, 151645],         // EOS ids after which z_c is read
-  "format_version": 1
+  "cast_lm_head_to_fp32": false,            // training computed the LM head in float32: scoring must too
+  "chat_template_kwargs": null,             // the chat-template arguments of training's prompts
+  "prompt": {                               // how `trl-laser train` built its prompts (null: not recorded)
+    "system_prompt": null,
+    "instruction": "Please reason step by step, and put your final answer within \\boxed{}.",
+    "instruction_separator": " ",
+    "dataset_name": "zwhe99/DeepMath-103K",
+    "dataset_seed": 0
+  },
+  "format_version": 2
 }
 ```
 
 The score of a finished completion y of prompt x is
 `self_reward_beta * (log softmax(logits at the last EOS of y)[self_reward_token_id] - self_reward_ref_constant)`.
+Files of format 1 (before `cast_lm_head_to_fp32`, `chat_template_kwargs` and `prompt`) still load: those fields
+then take their defaults (no fp32 head, no template arguments, prompt not recorded).
 """
 
 from __future__ import annotations
@@ -28,12 +39,28 @@ from typing import Any
 
 
 SELF_REWARD_CONFIG_NAME = "self_reward_config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+
+@dataclasses.dataclass
+class PromptSettings:
+    """How training built each prompt, so that evaluation can build the identical one without being told again."""
+
+    system_prompt: str | None = None
+    instruction: str = ""
+    instruction_separator: str = " "
+    dataset_name: str | None = None
+    dataset_seed: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PromptSettings:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclasses.dataclass
 class SelfRewardSettings:
-    """Everything needed to compute a LaSeR self-reward score with a trained model."""
+    """Everything needed to compute a LaSeR self-reward score with a trained model (and to prompt it as trained)."""
 
     self_reward_token: str
     self_reward_token_id: int
@@ -42,6 +69,9 @@ class SelfRewardSettings:
     self_reward_ref_mode: str = "constant"
     temperature: float = 1.0
     eos_token_ids: list[int] = dataclasses.field(default_factory=list)
+    cast_lm_head_to_fp32: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    prompt: PromptSettings | None = None
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -64,7 +94,10 @@ class SelfRewardSettings:
         )
         if missing:
             raise ValueError(f"{SELF_REWARD_CONFIG_NAME} lacks the field(s) {sorted(missing)}.")
-        return cls(**{k: v for k, v in data.items() if k in names})
+        values = {k: v for k, v in data.items() if k in names}
+        if isinstance(values.get("prompt"), dict):
+            values["prompt"] = PromptSettings.from_dict(values["prompt"])
+        return cls(**values)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_kwargs: Any) -> SelfRewardSettings:

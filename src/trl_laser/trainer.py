@@ -11,7 +11,8 @@ How it rides on `GRPOTrainer` (TRL 1.16), one small seam each:
 - `_generate_and_score_completions`: class weights over the whole generation batch (all processes), c_ref, phase,
   and the mixed advantage are attached to the batch as per-row tensors, which TRL shuffles and splits with the rest.
 - `_compute_loss`: the z_c log-probs are read from TRL's own forward (`_get_per_token_logps_and_entropies`) and
-  `alpha * l_MSE` is added, scaled so that the gradient accumulated over a generation batch is exactly the spec's.
+  `alpha * l_MSE` is added, scaled so that the gradient accumulated over a generation batch is exactly the spec's
+  when one generation batch makes one optimizer step, and so that alpha weighs l_MSE per optimizer step otherwise.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import textwrap
 from collections import defaultdict
@@ -100,6 +102,15 @@ class LaSeRGRPOTrainer(GRPOTrainer):
                 "(SmolLM2)."
             )
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+        zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
+        if zero_stage == 3 and not args.ds3_gather_for_generation and not args.use_vllm:
+            # The backward after such a generation fails deep in DeepSpeed (lm_head's gradient has size 0), for
+            # TRL's own GRPOTrainer too: refuse before the first step instead.
+            raise ValueError(
+                "`ds3_gather_for_generation: false` under DeepSpeed ZeRO-3 without vLLM makes the first backward fail "
+                "inside DeepSpeed (TRL's GRPOTrainer too). Set `ds3_gather_for_generation: true` (the default: the "
+                "weights are gathered once per `generate`), or generate with vLLM (`use_vllm: true`)."
+            )
         self.self_reward_token_id, self.self_reward_token = self._resolve_self_reward_token(args.self_reward_token)
 
         if args.self_reward_verifier is None:
@@ -159,41 +170,55 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         self._laser_window = {m: defaultdict(list) for m in ("train", "eval")}
         self._laser_rows = {"train": 0, "eval": 0}
         self._laser_table: dict[str, dict[int, float]] = {"train": {}, "eval": {}}
+        self._laser_scored_batches = 0  # generation batches whose verifier values were checked
 
     # ------------------------------------------------------------------ set-up checks
     def _resolve_self_reward_token(self, token: str | int) -> tuple[int, str]:
         tok = self._tokenizer
-        # `num_embeddings`, not the weight's shape: ZeRO-3 partitions the weight to an empty tensor.
-        vocab_size = self.accelerator.unwrap_model(self.model).get_input_embeddings().num_embeddings
         if isinstance(token, int):
+            vocab_size = self._vocab_size()
             if not 0 <= token < vocab_size:
                 raise ValueError(
-                    f"`self_reward_token={token}` is not a token id of this model (vocabulary size {vocab_size})."
+                    f"`self_reward_token={token}` is not a token id of this model (vocabulary size {vocab_size}). "
+                    f"{self._candidates_hint()}"
                 )
             token_id, token_str = token, tok.convert_ids_to_tokens(token)
         else:
-            token_id = tok.convert_tokens_to_ids(token)
-            if token_id is None or token_id == tok.unk_token_id or tok.convert_ids_to_tokens(token_id) != token:
-                raise ValueError(
-                    f"`self_reward_token={token!r}` is not a single token of the tokenizer's vocabulary. Candidates in "
-                    f"this vocabulary: {self._candidate_tokens()}."
-                )
-            token_str = token
-        if token_id >= vocab_size:
-            raise ValueError(
-                f"`self_reward_token={token!r}` has id {token_id}, beyond the model's {vocab_size} embedding rows."
+            token_id, token_str = tok.convert_tokens_to_ids(token), token
+        problem = self._token_problem(token_id, token_str)
+        if problem is not None:
+            raise ValueError(f"`self_reward_token={token!r}` {problem} {self._candidates_hint()}")
+        return token_id, token_str
+
+    def _vocab_size(self) -> int:
+        # `num_embeddings`, not the weight's shape: ZeRO-3 partitions the weight to an empty tensor.
+        return self.accelerator.unwrap_model(self.model).get_input_embeddings().num_embeddings
+
+    def _token_problem(self, token_id: int | None, token_str: str | None) -> str | None:
+        """Why a token cannot be z_c (the rest of an error message), or None if it can: one check for the setting
+        and for the candidates that error messages suggest, so that no suggestion is then refused."""
+        tok = self._tokenizer
+        if token_id is None or token_str is None or tok.convert_ids_to_tokens(token_id) != token_str:
+            return "is not a single token of the tokenizer's vocabulary."
+        if token_id == tok.unk_token_id:
+            return (
+                f"(id {token_id}) is the tokenizer's unknown token, which stands for any text the vocabulary lacks; "
+                "z_c must be a token of its own."
             )
+        vocab_size = self._vocab_size()
+        if token_id >= vocab_size:
+            return f"has id {token_id}, beyond the model's {vocab_size} embedding rows."
         if token_id in self.eos_token_ids or token_id == tok.pad_token_id:
-            raise ValueError(
-                f"`self_reward_token={token!r}` (id {token_id}) is an EOS or the pad token; z_c must be a token that "
-                f"follows EOS and is never generated. Candidates: {self._candidate_tokens()}."
+            return (
+                f"(id {token_id}) is an EOS or the pad token; z_c must be a token that follows EOS and is never "
+                "generated."
             )
         if self._chat_template_uses(token_id, token_str):
-            raise ValueError(
-                f"`self_reward_token={token!r}` is used by the chat template, so its log-prob after EOS is not a free "
-                f"signal. Pick a token the template does not use. Candidates: {self._candidate_tokens()}."
+            return (
+                "is used by the chat template, so its log-prob after EOS is not a free signal. Pick a token the "
+                "template does not use."
             )
-        return token_id, token_str
+        return None
 
     def _chat_template_uses(self, token_id: int, token_str: str) -> bool:
         tok = self._tokenizer
@@ -216,12 +241,19 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         return False
 
     def _candidate_tokens(self, limit: int = 5) -> list[str]:
+        """Added and special tokens of the vocabulary that pass every check of `_resolve_self_reward_token`."""
         tok = self._tokenizer
-        template = getattr(tok, "chat_template", None) or ""
-        special = [t for t in getattr(tok, "all_special_tokens", []) if t not in template]
-        added = [t for t in tok.get_added_vocab() if t not in template]
-        ids = set(self.eos_token_ids) | {tok.pad_token_id}
-        return [t for t in dict.fromkeys(added + special) if tok.convert_tokens_to_ids(t) not in ids][:limit]
+        candidates = []
+        for name in dict.fromkeys([*tok.get_added_vocab(), *getattr(tok, "all_special_tokens", [])]):
+            if len(candidates) < limit and self._token_problem(tok.convert_tokens_to_ids(name), name) is None:
+                candidates.append(name)
+        return candidates
+
+    def _candidates_hint(self) -> str:
+        candidates = self._candidate_tokens()
+        if candidates:
+            return f"Candidates in this vocabulary: {candidates}."
+        return "No special token of this vocabulary qualifies: add one to the tokenizer and resize the embeddings."
 
     def create_optimizer(self, model=None):
         """TRL's optimizer; with `self_reward_row_update='least_squares'`, step hooks hand z_c's row to that update."""
@@ -318,9 +350,30 @@ class LaSeRGRPOTrainer(GRPOTrainer):
                 "target must be 0 or 1 (or None to leave a completion out). Set `self_reward_verifier` to the name of "
                 "a 0/1 reward function, or make this one return 0/1."
             )
+        if torch.isnan(verifier).all():
+            self._verifier_missing(self.reward_func_names[self._verifier_index])
+        self._laser_scored_batches += 1
         self._laser_verifier = verifier.clone()
         self._laser_unscorable = torch.isnan(rewards_per_func).all(dim=1)
         return rewards_per_func
+
+    def _verifier_missing(self, name: str) -> None:
+        """A generation batch without a single 0/1 verifier value: an error at the first batch (the function is
+        broken, and training would run with no self-reward signal at all), a warning and a count afterwards."""
+        if self._laser_scored_batches == 0:
+            raise ValueError(
+                f"The verifier reward function {name!r} returned None for every completion of the first generation "
+                "batch, so LaSeR has no 0/1 target to train the self-reward score on. Make it return 0 or 1 (None "
+                "only to leave a completion out), or set `self_reward_verifier` to the name of the function that does."
+            )
+        mode = "train" if self.model.training else "eval"
+        self._laser_window[mode]["verifier_missing"].append(1.0)
+        logger.warning(
+            "LaSeR: the verifier reward function %r returned None for every completion of this generation batch "
+            "(step %d); the batch adds nothing to the self-reward loss. Logged as self_reward/verifier_missing.",
+            name,
+            self.state.global_step,
+        )
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         # the policy forward of a training `_compute_loss`: also keep the final hidden states for the row's step
@@ -403,9 +456,15 @@ class LaSeRGRPOTrainer(GRPOTrainer):
                 self.num_generations,
                 args.self_reward_advantage_coef,
                 args.self_reward_std_threshold,
+                args.scale_rewards,
+                args.multi_objective_aggregation,
             )
             mixed = torch.where(self._laser_unscorable.to(device), 0.0, mixed)  # as TRL: no signal, no update
             output["advantages"] = mixed[process_slice]
+            # TRL logged A_v for the completions table: show the advantage that is trained on instead.
+            for _ in range(mixed.numel()):
+                self._logs["advantages"].pop()
+            self._logs["advantages"].extend(mixed.tolist())
             self._metrics[mode]["self_reward/mix_groups_used"].append(used.float().mean().item())
 
         output["self_reward_index"] = index
@@ -442,9 +501,14 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         scores = self_reward_score(logp_zc.float(), inputs["self_reward_ref"], self.args.self_reward_beta)
         coef = inputs["self_reward_coef"]
         # Each micro-batch adds its rows' share of alpha * l_MSE (coef holds w / (N_c + N_i) of the whole generation
-        # batch); times num_processes because data-parallel gradients are averaged, not summed, over processes.
+        # batch); times num_processes because data-parallel gradients are averaged, not summed, over processes; and
+        # times steps_per_generation / gradient_accumulation_steps so that alpha weighs l_MSE per optimizer step, as
+        # TRL's loss is per optimizer step, whatever the number of generation batches per step (1 when they agree).
+        per_step = (
+            self.args.steps_per_generation / self.current_gradient_accumulation_steps if self.model.training else 1
+        )
         mse_term = self_reward_loss(scores, inputs["self_reward_target"], coef * inputs["self_reward_loss_coef"])
-        loss = loss + self.accelerator.num_processes * mse_term
+        loss = loss + self.accelerator.num_processes * per_step * mse_term
         if self._laser_hidden:
             self._accumulate_row(inputs, logp_zc, scores)
         # The free signal a user gets without LaSeR, logged beside the score: the completion's mean token log-prob.
@@ -509,6 +573,8 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         metrics = self._metrics[mode]
         if window["generation_batches"] and window["mse"]:
             metrics["self_reward/mse"] = [sum(window["mse"]) / len(window["generation_batches"])]
+        if window["generation_batches"]:  # generation batches since the last log with no verifier value at all
+            metrics["self_reward/verifier_missing"] = [float(len(window["verifier_missing"]))]
         if window["score"]:
             scores, labels = window["score"], [int(v > 0.5) for v in window["label"]]
             sv = self_verification_metrics(scores, labels)
@@ -540,7 +606,11 @@ class LaSeRGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ saving and resuming
     def self_reward_settings(self) -> SelfRewardSettings | None:
-        """The settings to score with this model later; None while "auto" c_ref is not estimated yet."""
+        """The settings to score with this model later; None while "auto" c_ref is not estimated yet.
+
+        They include what makes test-time scoring compute the training quantity (the fp32 LM head, the chat-template
+        arguments) and, when `trl-laser train` set `prompt_settings`, how the prompts were built.
+        """
         if self._ref_constant is None:
             return None
         return SelfRewardSettings(
@@ -551,6 +621,9 @@ class LaSeRGRPOTrainer(GRPOTrainer):
             self_reward_ref_mode=self._ref_mode,
             temperature=1.0,
             eos_token_ids=[int(i) for i in self.eos_token_ids],
+            cast_lm_head_to_fp32=bool(self.args.cast_lm_head_to_fp32),
+            chat_template_kwargs=dict(self.args.chat_template_kwargs) if self.args.chat_template_kwargs else None,
+            prompt=getattr(self, "prompt_settings", None),
         )
 
     def create_model_card(
@@ -585,6 +658,8 @@ class LaSeRGRPOTrainer(GRPOTrainer):
             torch.save({"gram": gram}, os.path.join(output_dir, ROW_STATE_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is not None:
+            self._check_resume_settings(checkpoint)
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
@@ -610,3 +685,48 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         with open(path, encoding="utf-8") as f:
             self._ref_constant = float(json.load(f)["self_reward_ref_constant"])
         logger.info("LaSeR: resumed c_ref = %.4f from %s.", self._ref_constant, path)
+
+    def _check_resume_settings(self, checkpoint: str) -> None:
+        """Refuse to resume with self-reward settings other than the checkpoint's: its c_ref, row state and saved
+        settings belong to the values it was trained with, and would silently be attached to the new ones."""
+        path = os.path.join(checkpoint, SELF_REWARD_CONFIG_NAME)
+        saved: dict[str, Any] = {}
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+        differences = []  # (setting, this run's value, the checkpoint's value)
+        token_id = saved.get("self_reward_token_id")
+        if token_id is not None and token_id != self.self_reward_token_id:
+            differences.append(
+                (
+                    "`self_reward_token`",
+                    f"{self.self_reward_token!r} (id {self.self_reward_token_id})",
+                    f"{saved.get('self_reward_token')!r} (id {token_id})",
+                )
+            )
+        beta = saved.get("self_reward_beta")
+        if beta is not None and not math.isclose(beta, self.args.self_reward_beta, rel_tol=1e-9):
+            differences.append(("`self_reward_beta`", self.args.self_reward_beta, beta))
+        mode, ref = saved.get("self_reward_ref_mode"), saved.get("self_reward_ref_constant")
+        if mode is not None and (mode != self._ref_mode or (mode == "constant" and ref != self._ref_constant)):
+            here = self._ref_constant if self._ref_mode == "constant" else repr(self._ref_mode)
+            there = ref if mode == "constant" else f"{mode!r} (c_ref = {ref})"
+            differences.append(("`self_reward_ref_constant`", here, there))
+        eos = saved.get("eos_token_ids")
+        if eos and sorted(eos) != sorted(int(i) for i in self.eos_token_ids):
+            differences.append(
+                ("the EOS ids (tokenizer and generation config)", sorted(self.eos_token_ids), sorted(eos))
+            )
+        row_update = self.args.self_reward_row_update
+        if os.path.isfile(os.path.join(checkpoint, ROW_STATE_NAME)) and row_update != "least_squares":
+            differences.append(("`self_reward_row_update`", repr(row_update), "'least_squares'"))
+        if differences:
+            listed = "; ".join(
+                f"{name} is {here} here but {there} in the checkpoint" for name, here, there in differences
+            )
+            raise ValueError(
+                f"Resuming from {checkpoint} with self-reward settings other than the ones it was trained with: "
+                f"{listed}. Its c_ref and saved settings belong to its own values. Resume with the checkpoint's "
+                "values, or start a new run in a new `output_dir` (load the model from the checkpoint to start from "
+                "its weights)."
+            )

@@ -1,9 +1,13 @@
-"""One LaSeR step on fixed completions, run under torchrun with 1 or 2 CPU processes (gloo).
+"""One LaSeR step on fixed completions, run under torchrun with 1 or 2 CPU processes (gloo), optionally under ZeRO.
+
+    python -m torch.distributed.run --nproc_per_node N laser_one_step.py MODEL_DIR OUT.json [ROW_UPDATE [ZERO_STAGE]]
 
 Writes, from rank 0, every row's advantage, class coefficient and target, the logged metrics, and the parameter update,
-so that a test can check that splitting the generation batch over processes changes none of them.
+so that a test can check that splitting the generation batch over processes, or sharding it with DeepSpeed ZeRO-2/3,
+changes none of them. ZERO_STAGE 0 (default) is plain DDP.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -36,7 +40,21 @@ def fixed_generation(prompt_ids, *args, **kwargs):
     return out, None
 
 
-def main(model_dir: str, out_path: str, row_update: str) -> None:
+def full_parameters(trainer):
+    """The model's parameters, gathered from their ZeRO-3 shards when there are any."""
+    if trainer.is_deepspeed_enabled:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(trainer.model.parameters()))
+    return contextlib.nullcontext()
+
+
+def main(model_dir: str, out_path: str, row_update: str, zero_stage: int) -> None:
+    if zero_stage:  # what `accelerate launch` with recipes/accelerate_configs/zero{2,3}.yaml sets
+        from trl_laser.launch import skip_deepspeed_shm_build
+
+        os.environ.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE=str(zero_stage))
+        skip_deepspeed_shm_build()
     dataset = Dataset.from_list(
         [{"prompt": [{"role": "user", "content": f"What is {i} + {i}?"}], "answer": str(2 * i)} for i in range(8)]
     )
@@ -51,7 +69,8 @@ def main(model_dir: str, out_path: str, row_update: str) -> None:
         logging_steps=1,
         report_to="none",
         save_strategy="no",
-        use_cpu=True,
+        use_cpu=not zero_stage,  # DeepSpeed picks its CPU accelerator itself; use_cpu would bypass it
+        ddp_backend="gloo" if zero_stage else None,
         bf16=False,
         seed=0,
         self_reward_token="<gh_stars>",
@@ -82,9 +101,11 @@ def main(model_dir: str, out_path: str, row_update: str) -> None:
         return output
 
     trainer._generate_and_score_completions = capture
-    before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
+    with full_parameters(trainer):
+        before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
     trainer.train()
-    delta = torch.cat([p.detach().flatten() for p in trainer.model.parameters()]) - before
+    with full_parameters(trainer):
+        delta = torch.cat([p.detach().flatten() for p in trainer.model.parameters()]) - before
     all_rows = gather_object(rows)
     if trainer.accelerator.is_main_process:
         metrics = {k: v for k, v in trainer.state.log_history[0].items() if k.startswith("self_reward/")}
@@ -94,4 +115,9 @@ def main(model_dir: str, out_path: str, row_update: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "optimizer")
+    main(
+        sys.argv[1],
+        sys.argv[2],
+        sys.argv[3] if len(sys.argv) > 3 else "optimizer",
+        int(sys.argv[4]) if len(sys.argv) > 4 else 0,
+    )
