@@ -20,10 +20,11 @@ install: $(STAMP)
 QUICKSTART_MODEL := outputs/quickstart/SmolLM2-135M-Instruct-LaSeR-arithmetic
 
 # Train, then score the saved model on 100 held-out problems it never saw, beside the free mean token log-prob.
+# A demo: running it again replaces its own earlier results (a user's run into a used folder is refused instead).
 quickstart: $(STAMP)
-	trl-laser train --config recipes/quickstart/laser/config_smollm2_arithmetic.yaml
+	trl-laser train --config recipes/quickstart/laser/config_smollm2_arithmetic.yaml --overwrite_output_dir true
 	trl-laser eval --model $(QUICKSTART_MODEL) --dataset builtin:arithmetic --split test --max-problems 100 \
-		--num-samples 4 --max-new-tokens 40 --batch-size 32 --output-dir $(QUICKSTART_MODEL)-eval
+		--num-samples 4 --max-new-tokens 40 --batch-size 32 --output-dir $(QUICKSTART_MODEL)-eval --overwrite
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q

@@ -155,6 +155,7 @@ def train_commands(args: argparse.Namespace, out: str, c_ref: float) -> dict[str
     commands = {}
     for arm in arms(args)[1:]:
         command = cli("train", "--config", RECIPES[arm], "--output_dir", os.path.join(out, arm))
+        command += ["--overwrite_output_dir", "true"]  # a rerun retrains: it replaces the earlier run's model
         command += ["--self_reward_ref_constant", f"{c_ref:.4f}"]
         if args.max_steps is not None:
             command += ["--max_steps", str(args.max_steps)]
@@ -169,6 +170,7 @@ def eval_commands(args: argparse.Namespace, out: str, c_ref: float) -> dict[str,
         command = cli("eval", "--model", model, "--dataset", DATASET, "--split", "test")
         command += ["--num-samples", str(args.eval_samples), "--max-new-tokens", str(args.max_new_tokens)]
         command += ["--batch-size", "32", "--seed", str(args.seed), "--output-dir", os.path.join(out, f"eval_{arm}")]
+        command.append("--overwrite")  # a rerun re-evaluates: it replaces the earlier evaluation
         if args.eval_problems is not None:
             command += ["--max-problems", str(args.eval_problems)]
         if arm == "initial":  # an untrained model has no self_reward_config.json: the measured c_ref, as in training

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -204,6 +205,9 @@ def test_a_failing_rank_ends_the_others(model_dir, tmp_path):
     [(status, out)] = launch(command, timeout=150, cwd=tmp_path)
     assert status != 0
     assert "reward server unreachable on rank 1" in out
+    # the launcher's own report is one line naming the rank, not torch.distributed's banner
+    assert re.search(r"trl-laser train: error: the launched process of rank \d failed \(exit code -?\d+\)", out)
+    assert "ChildFailedError" not in out
     assert time.monotonic() - start < 150
 
 

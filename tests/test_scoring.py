@@ -71,8 +71,10 @@ def direct_score(model, tokenizer, prompt, completion_ids) -> float:
 
 
 # ------------------------------------------------------------------------------------------ against the trainer
-def test_score_completions_equals_the_trainers_score(model_dir, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+def fixed_batch(model, tmp_path, completions=None, **kwargs):
+    """A trainer on PROMPTS (bf16=False: autocast off, so that 1e-5 is meaningful) and its generation batch of the
+    fixed `completions`, made by its own `_generate_and_score_completions`."""
+    cast = kwargs.pop("cast_lm_head_to_fp32", False)
     trainer = LaSeRGRPOTrainer(
         model=model,
         reward_funcs=[lambda completion_ids, **kw: [float(len(c) % 2 == 0) for c in completion_ids]],
@@ -84,16 +86,27 @@ def test_score_completions_equals_the_trainers_score(model_dir, tmp_path):
             report_to="none",
             save_strategy="no",
             use_cpu=True,
-            bf16=False,  # fp32 forward, so that 1e-5 is meaningful
+            bf16=False,
             self_reward_token=SELF_REWARD_TOKEN,
             self_reward_ref_constant=C_REF,
             self_reward_beta=BETA,
+            cast_lm_head_to_fp32=cast,
         ),
         train_dataset=Dataset.from_list([{"prompt": p, "answer": "0"} for p in PROMPTS]),
+        **kwargs,
     )
-    force_completions(trainer)
+    if cast:  # as after fp32 updates: head values that bf16 cannot hold, saved in fp32
+        with torch.no_grad():
+            trainer.model.lm_head.weight.add_(torch.randn_like(trainer.model.lm_head.weight) * 1e-3)
+    force_completions(trainer, FIXED if completions is None else completions)
     trainer.model.train()
-    batch = trainer._generate_and_score_completions([{"prompt": p, "answer": "0"} for p in PROMPTS for _ in range(4)])
+    return trainer, trainer._generate_and_score_completions(
+        [{"prompt": p, "answer": "0"} for p in PROMPTS for _ in range(4)]
+    )
+
+
+def test_score_completions_equals_the_trainers_score(model_dir, tmp_path):
+    trainer, batch = fixed_batch(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path)
 
     # The trainer's own computation: its training forward (TRL's fused LM head) on its ids with z_c appended.
     index = batch["self_reward_index"]
@@ -335,32 +348,7 @@ SAME_LENGTH = [
 def _trainer_scores_and_saved(tokenizer, tmp_path, cast: bool):
     """A bf16 model trained with or without `cast_lm_head_to_fp32`: the trainer's own scores, and its saved copy."""
     model = sensitive_model(tokenizer).to(torch.bfloat16)
-    trainer = LaSeRGRPOTrainer(
-        model=model,
-        reward_funcs=[lambda completion_ids, **kw: [float(len(c) % 2 == 0) for c in completion_ids]],
-        args=LaSeRConfig(
-            output_dir=str(tmp_path / "out"),
-            per_device_train_batch_size=8,
-            num_generations=4,
-            max_completion_length=MAX_LEN,
-            report_to="none",
-            save_strategy="no",
-            use_cpu=True,
-            bf16=False,
-            self_reward_token=SELF_REWARD_TOKEN,
-            self_reward_ref_constant=C_REF,
-            self_reward_beta=BETA,
-            cast_lm_head_to_fp32=cast,
-        ),
-        train_dataset=Dataset.from_list([{"prompt": p, "answer": "0"} for p in PROMPTS]),
-        processing_class=tokenizer,
-    )
-    if cast:  # as after fp32 updates: head values that bf16 cannot hold, saved in fp32
-        with torch.no_grad():
-            trainer.model.lm_head.weight.add_(torch.randn_like(trainer.model.lm_head.weight) * 1e-3)
-    force_completions(trainer, SAME_LENGTH)
-    trainer.model.train()
-    batch = trainer._generate_and_score_completions([{"prompt": p, "answer": "0"} for p in PROMPTS for _ in range(4)])
+    trainer, batch = fixed_batch(model, tmp_path, SAME_LENGTH, cast_lm_head_to_fp32=cast, processing_class=tokenizer)
     scores = BETA * (training_zc_logps(trainer, batch).double() - batch["self_reward_ref"])
     saved = str(tmp_path / f"saved-{cast}")
     trainer.save_model(saved)

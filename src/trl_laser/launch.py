@@ -11,10 +11,12 @@ starts. On every machine the launch's mixed precision follows the recipe's `bf16
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import importlib.util
 import os
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,15 @@ ACCELERATE_CONFIG_FLAG = "--accelerate_config"
 
 class LaunchError(ValueError):
     """A launch that cannot work as asked: reported in one line, naming the setting to change."""
+
+
+class LaunchedRunFailed(RuntimeError):
+    """A launched process failed; it has printed its own error, so this one only says which and how."""
+
+    def __init__(self, returncode: int, rank: int | None = None):
+        self.returncode = returncode if returncode > 0 else 1  # a negative code is a signal: exit 1
+        who = "a launched process" if rank is None or rank < 0 else f"the launched process of rank {rank}"
+        super().__init__(f"{who} failed (exit code {returncode}); its error is printed above.")
 
 
 def gpu_available() -> bool:
@@ -62,6 +73,47 @@ def _flag_value(args: list[str], flag: str) -> str | None:
         if arg.startswith(flag + "="):
             return arg.split("=", 1)[1]
     return None
+
+
+def launch_world_size(launch_args: list[str]) -> int:
+    """How many processes `accelerate launch` starts for `launch_args` (all machines together): the last
+    `--num_processes`, else the accelerate config's `num_processes`, else 1."""
+    import yaml
+
+    values = [v for i, v in enumerate(launch_args[1:]) if launch_args[i] == "--num_processes"]
+    values += [a.split("=", 1)[1] for a in launch_args if a.startswith("--num_processes=")]
+    if not values:
+        config_names = [v for i, v in enumerate(launch_args[1:]) if launch_args[i] == ACCELERATE_CONFIG_FLAG]
+        config_names += [a.split("=", 1)[1] for a in launch_args if a.startswith(f"{ACCELERATE_CONFIG_FLAG}=")]
+        if config_names:
+            with open(resolve_accelerate_config(config_names[-1]), encoding="utf-8") as f:
+                values = [(yaml.safe_load(f) or {}).get("num_processes", 1)]
+    try:
+        count = int(values[-1]) if values else 1
+    except ValueError:
+        raise LaunchError(f"`--num_processes` must be an integer, got {values[-1]!r}.") from None
+    if count < 1:
+        raise LaunchError(f"`--num_processes` must be >= 1, got {count}.")
+    return count
+
+
+@contextlib.contextmanager
+def assumed_world_size(count: int, config_class: type) -> Iterator[None]:
+    """Let `config_class` see `count` processes while the launching process (alone) builds it.
+
+    GRPOConfig sizes and checks the generation batch with the number of processes (`per_device_train_batch_size x
+    processes x steps_per_generation`, divisible by `num_generations`): checked with 1, a recipe that is right for the
+    launched processes would be refused, and one that is wrong for them accepted.
+    """
+    original = config_class.__dict__.get("world_size")
+    config_class.world_size = property(lambda self: count)
+    try:
+        yield
+    finally:
+        if original is None:
+            del config_class.world_size
+        else:
+            config_class.world_size = original
 
 
 def launch_plan(launch_args: list[str], training_args: Any, gpu: bool | None = None) -> tuple[list[str], list[str]]:
@@ -130,14 +182,23 @@ def launch_plan(launch_args: list[str], training_args: Any, gpu: bool | None = N
 def relaunch(script: str | os.PathLike, script_argv: list[str], launch_args: list[str], training_args: Any) -> None:
     """Run `script` under `accelerate launch`, with the launch arguments first and the recipe arguments after.
 
-    Raises `subprocess.CalledProcessError` when the launched run fails (it has printed why).
+    Raises `LaunchedRunFailed` when the launched run fails (it has printed why).
     """
+    import subprocess
+
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     accelerate_args, extra = launch_plan(launch_args, training_args)
     command = accelerate_args + [str(Path(script).resolve())] + script_argv + extra
     print(f"[trl-laser] accelerate launch {shlex.join(command)}", flush=True)
-    launch_command(launch_command_parser().parse_args(command))
+    try:
+        launch_command(launch_command_parser().parse_args(command))
+    except subprocess.CalledProcessError as err:  # one process
+        raise LaunchedRunFailed(err.returncode) from None
+    except ChildFailedError as err:  # torch.distributed.run's report of the first rank that failed
+        rank, failure = err.get_first_failure()
+        raise LaunchedRunFailed(failure.exitcode, rank) from None
 
 
 def skip_deepspeed_shm_build() -> None:

@@ -45,6 +45,14 @@ def convert_smollm2(target: str | os.PathLike | None = None) -> Path:
     target = Path(target) if target is not None else cache_dir() / "SmolLM2-135M-Instruct"
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
         return target
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():  # the load would be partitioned across processes, with nothing whole to save
+        raise RuntimeError(
+            f"{SMOLLM2_NAME!r} is converted to {target} once, before training, but not inside a DeepSpeed ZeRO-3 "
+            "process: `trl-laser train` converts it before it launches; when launching yourself, convert first with "
+            "`python -c 'from trl_laser.models import convert_smollm2; convert_smollm2()'`."
+        )
     gguf = smollm2_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -11,6 +11,7 @@ script through `accelerate launch` (`trl_laser.launch`, which also adapts the la
 """
 
 import argparse
+import contextlib
 import difflib
 import enum
 import importlib
@@ -19,7 +20,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import traceback
 import types
@@ -33,7 +33,10 @@ from transformers import TrainerCallback
 from trl_laser.hub import RECIPE_FILE
 from trl_laser.launch import (
     ACCELERATE_CONFIG_FLAG,
+    LaunchedRunFailed,
     LaunchError,
+    assumed_world_size,
+    launch_world_size,
     relaunch,
     skip_deepspeed_shm_build,
 )
@@ -129,7 +132,10 @@ def make_parser(prog: str | None = None):
         """Checks each recipe value against its field's type where the recipe enters: TrlParser makes the values
         argparse defaults, which argparse converts only when they are strings (so `max_steps: 2.5` got through)."""
 
+        withheld: frozenset[str] = frozenset()  # recipe keys left out of this parse (`parse_args`)
+
         def set_defaults_with_config(self, **kwargs) -> list[str]:
+            kwargs = {k: v for k, v in kwargs.items() if k not in self.withheld}
             return super().set_defaults_with_config(**checked_recipe_values(self, kwargs))
 
     return RecipeParser(
@@ -326,6 +332,19 @@ def _split_launch_args(
     return launch
 
 
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """`argv` without `option VALUE` and `option=VALUE`."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
+
+
 def _subtract(argv: list[str], removed: list[str]) -> list[str]:
     """`argv` without the ordered subsequence `removed` (the accelerate arguments given on the command line)."""
     out, pending = [], iter(removed)
@@ -345,6 +364,8 @@ def parse_args(argv: Sequence[str], parser=None) -> ParsedArgs:
     setting refuses; `--help` prints the help and exits.
     """
     import yaml
+
+    from trl_laser.config import LaSeRConfig
 
     argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
     config_path = None
@@ -374,13 +395,31 @@ def parse_args(argv: Sequence[str], parser=None) -> ParsedArgs:
             if key not in valid:
                 raise _unknown_key_error(str(key), f"in recipe '{config_path}'", candidates)
     cli_argv = [a for i, a in enumerate(argv) if a != "--config" and (i == 0 or argv[i - 1] != "--config")]
-    _, cli_rest = parser.parse_known_args(cli_argv)
-    _split_launch_args(cli_rest, "on the command line", False, actions, candidates)
+    cli_values, cli_rest = parser.parse_known_args(cli_argv)
+    early_launch = _split_launch_args(cli_rest, "on the command line", False, actions, candidates)
+    if config_path is not None:  # the recipe's launch keys, before the command line's (which win)
+        recipe_launch = [f"--{k}={content[k]}" for k in (ACCELERATE_CONFIG_FLAG[2:], "num_processes") if k in content]
+        early_launch = recipe_launch + early_launch
+    # A relaunch: the batch sizes are checked for the processes that will train, not for this one.
+    world_size = launch_world_size(early_launch) if early_launch else None
+    backend = cli_values.ddp_backend or (content.get("ddp_backend") if config_path is not None else None)
+    parse_argv = list(argv)
+    if backend and "WORLD_SIZE" not in os.environ:
+        # accelerate starts a process group for any `ddp_backend`, and fails without a launcher's environment: this
+        # process only plans the launch (the launched ones get the setting), or trains alone.
+        if not world_size or world_size < 2:
+            raise RecipeError(
+                f"`ddp_backend: {backend}` sets the backend of several processes, and this run has one: drop it, or "
+                "launch several (`--num_processes N`, or `--accelerate_config NAME`)."
+            )
+        parse_argv = _without_option(parse_argv, "--ddp_backend")
+        parser.withheld = frozenset({"ddp_backend"})
 
     try:
-        *dataclasses_, config_rest, cli_rest = parser.parse_args_and_config(
-            list(argv), return_remaining_strings=True, separate_remaining_strings=True
-        )
+        with assumed_world_size(world_size, LaSeRConfig) if world_size else contextlib.nullcontext():
+            *dataclasses_, config_rest, cli_rest = parser.parse_args_and_config(
+                parse_argv, return_remaining_strings=True, separate_remaining_strings=True
+            )
     except (ValueError, TypeError) as err:  # a dataclass' own check, e.g. LaSeRConfig refusing temperature != 1
         message = " ".join(str(err).split())
         if "assign use_cpu" in message:  # transformers' advice when bf16 is on without a GPU that has it
@@ -390,6 +429,8 @@ def parse_args(argv: Sequence[str], parser=None) -> ParsedArgs:
             )
         raise RecipeError(message) from None
     script_args, training_args, model_args = dataclasses_
+    if backend and parser.withheld:
+        training_args.ddp_backend = backend  # for planning the launch (`launch.launch_plan`)
     launch = _split_launch_args(config_rest, f"in recipe '{config_path}'", True, actions, candidates)
     cli_launch = _split_launch_args(cli_rest, "on the command line", False, actions, candidates)
     return ParsedArgs(
@@ -752,6 +793,19 @@ def report_failure(err: BaseException, output_dir: str | None) -> int:
     return 1
 
 
+def prepare_model(model_args) -> None:
+    """Before a relaunch: find the model once, in this one process, so that a missing one is one line here, and the
+    packaged SmolLM2 is converted here rather than by every launched process at once (under ZeRO-3 their loading is
+    partitioned and cannot write the float copy)."""
+    from trl_laser.models import ModelNotFoundError, resolve_model_path
+
+    if model_args.model_name_or_path:
+        try:
+            resolve_model_path(model_args.model_name_or_path)
+        except ModelNotFoundError as err:
+            raise RecipeError(str(err)) from None
+
+
 def run(argv: Sequence[str]) -> int:
     """`trl-laser train ARGS`: relaunch through accelerate if asked to, else train in this process."""
     parser = make_parser()
@@ -759,15 +813,15 @@ def run(argv: Sequence[str]) -> int:
     try:
         parsed = parse_args(argv, parser)
         if parsed.launch_args:
+            prepare_model(parsed.model_args)
             relaunch(__file__, parsed.script_argv, parsed.launch_args, parsed.training_args)
             return 0
         main(parsed.script_args, parsed.training_args, parsed.model_args, recipe=recipe_text(parsed))
     except (RecipeError, LaunchError) as err:
         parser.error(str(err))
-    except subprocess.CalledProcessError as err:
-        if parsed is not None and parsed.launch_args:  # the relaunched run failed and has printed why
-            return err.returncode
-        return report_failure(err, parsed.training_args.output_dir if parsed else None)
+    except LaunchedRunFailed as err:  # the launched run has printed its error: say which process, in one line
+        print(f"trl-laser train: error: {err}", file=sys.stderr, flush=True)
+        return err.returncode
     except (Exception, KeyboardInterrupt) as err:  # raised while training: one line, the trace when asked
         return report_failure(err, parsed.training_args.output_dir if parsed else None)
     return 0
