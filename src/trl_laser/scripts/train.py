@@ -813,8 +813,14 @@ def run(argv: Sequence[str]) -> int:
     try:
         parsed = parse_args(argv, parser)
         if parsed.launch_args:
-            prepare_model(parsed.model_args)
-            relaunch(__file__, parsed.script_argv, parsed.launch_args, parsed.training_args)
+            model_args = parsed.model_args
+            relaunch(
+                __file__,
+                parsed.script_argv,
+                parsed.launch_args,
+                parsed.training_args,
+                prepare=lambda: prepare_model(model_args),
+            )
             return 0
         main(parsed.script_args, parsed.training_args, parsed.model_args, recipe=recipe_text(parsed))
     except (RecipeError, LaunchError) as err:

@@ -1,0 +1,22 @@
+"""`trl_laser.models`: the packaged SmolLM2 is converted once, never inside a ZeRO-3 process."""
+
+import pytest
+
+from trl_laser import models
+
+
+def test_conversion_is_refused_inside_zero3_and_names_the_way_out(tmp_path, monkeypatch):
+    monkeypatch.setattr("transformers.integrations.is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(RuntimeError, match="not inside a DeepSpeed ZeRO-3 process") as info:
+        models.convert_smollm2(tmp_path / "smollm2")
+    assert "convert_smollm2()" in str(info.value)
+    assert not (tmp_path / "smollm2").exists()
+
+
+def test_a_converted_copy_is_reused_without_loading(tmp_path, monkeypatch):
+    target = tmp_path / "smollm2"
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    (target / "tokenizer.json").write_text("{}")
+    monkeypatch.setattr("transformers.integrations.is_deepspeed_zero3_enabled", lambda: True)  # not even asked
+    assert models.convert_smollm2(target) == target
