@@ -61,7 +61,7 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was found")
 
-    monkeypatch.setattr("trl_laser.evaluation.load_model_and_tokenizer", refuse)
+    monkeypatch.setattr("trl_laser.evaluation.load_model", refuse)
 
 
 # ------------------------------------------------------------------------------------------ syntax and protocol

@@ -121,3 +121,16 @@ def test_ddp_backend_is_for_the_launched_processes(monkeypatch):
         launch_plan(parsed.launch_args, parsed.training_args, gpu=False)
     with pytest.raises(RecipeError, match="`ddp_backend: gloo` sets the backend of several processes"):
         parse_args(argv + ["--ddp_backend", "gloo"])
+
+
+def test_the_command_line_wins_over_the_recipe():
+    """Launch arguments come recipe first, command line after: the last of a repeated one counts, as in argparse."""
+    pytest.importorskip("deepspeed", reason="the test extra installs deepspeed")
+    from trl_laser.launch import launch_world_size
+
+    args, _ = launch_plan(["--accelerate_config=zero3", "--accelerate_config", "ddp"], settings(), gpu=True)
+    assert args == ["--config_file", str(resolve_accelerate_config("ddp")), "--mixed_precision", "no"]
+    assert launch_world_size(["--num_processes=4", "--accelerate_config", "zero3", "--num_processes", "2"]) == 2
+    assert launch_world_size(["--accelerate_config", "zero3"]) == 8  # the config's
+    with pytest.raises(LaunchError, match="`--num_processes` must be an integer"):
+        launch_world_size(["--num_processes", "two"])

@@ -23,6 +23,19 @@ _NUMBER = re.compile(r"(?<![\w.])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|(?<![\w.])-?\d+(
 logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
+def _closing_brace(text: str, opening: int) -> int | None:
+    """The index of the `}` that closes the `{` at `opening` (braces balanced), or None if it never closes."""
+    depth = 0
+    for j in range(opening, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return j
+    return None
+
+
 def last_boxed(text: str) -> str | None:
     """Content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, braces balanced; None if there is none."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
@@ -31,15 +44,8 @@ def last_boxed(text: str) -> str | None:
     i = text.find("{", start)
     if i < 0:
         return None
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j].strip()
-    return None
+    j = _closing_brace(text, i)
+    return None if j is None else text[i + 1 : j].strip()
 
 
 def completion_text(completion: Any) -> str:
@@ -116,20 +122,11 @@ def last_box_content(text: str) -> str | None:
     cannot unwrap).
     """
     start = text.rfind("\\boxed")
-    if start < 0:
-        start = text.rfind("\\fbox")
-        if start < 0:
-            return None
-    depth = 0
-    for j in range(start, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                box = text[start : j + 1]
-                return box[len("\\boxed{") : -1] if box.startswith("\\boxed{") else None
-    return None
+    if start < 0 or not text.startswith("\\boxed{", start):  # no `\\boxed`, or one without a brace (`\\boxed 3`)
+        return None
+    opening = start + len("\\boxed")
+    j = _closing_brace(text, opening)
+    return None if j is None else text[opening + 1 : j]
 
 
 def single_boxed(text: str) -> str | None:
@@ -158,9 +155,11 @@ def is_correct_boxed(completion: str, gold: str) -> bool:
     return _boxed_equivalent(single_boxed(completion), gold)
 
 
-def is_correct_last_boxed(completion: str, gold: str) -> bool:
-    """The official evaluation's accuracy: the last `\\boxed{}` (`last_box_content`) equals the gold answer."""
-    return _boxed_equivalent(last_box_content(completion), gold)
+def grade_last_boxed(completion: str, gold: str) -> tuple[str | None, bool]:
+    """The official evaluation's answer, the last `\\boxed{}` (`last_box_content`), and whether it equals the gold
+    answer."""
+    answer = last_box_content(completion)
+    return answer, _boxed_equivalent(answer, gold)
 
 
 def boxed_math_verify_reward(completions: list, answer: list, **kwargs: Any) -> list[float]:

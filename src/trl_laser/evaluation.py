@@ -22,7 +22,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from .answers import extract_answer, is_correct, is_correct_last_boxed, last_box_content
+from .answers import extract_answer, grade_last_boxed, is_correct
 from .data import (
     ARITHMETIC_DATASET,
     ARITHMETIC_DIFFICULTIES,
@@ -33,7 +33,7 @@ from .data import (
     make_conversation,
 )
 from .metrics import auroc, auroc_within_group, self_verification_metrics
-from .models import load_model_and_tokenizer, resolve_model_path
+from .models import load_model, resolve_model_path
 from .scoring import (
     ScoredCompletion,
     generate_with_self_rewards,
@@ -334,8 +334,7 @@ def grade_paper(completion: str, gold: str) -> tuple[str | None, bool]:
     Unlike the official training verifier (`answers.is_correct_boxed`, exactly one box), several boxes are allowed:
     the last one counts. The answer also decides whether a response "has a box" (`run_evaluation`).
     """
-    answer = last_box_content(completion)
-    return answer, is_correct_last_boxed(completion, gold)
+    return grade_last_boxed(completion, gold)
 
 
 def _record(problem: dict, s: ScoredCompletion, graded: tuple[str | None, bool], keep_token_ids: bool) -> dict:
@@ -431,8 +430,7 @@ class Benchmark:
 
 def paper_benchmark_key(name: str) -> str | None:
     """The paper benchmark a name means (`MATH-500`, `aime_2024`, `HuggingFaceH4/MATH-500`, `amc23.jsonl` ...), or None."""
-    base = os.path.splitext(str(name).rstrip("/").split("/")[-1])[0]
-    key = "".join(c for c in base.lower() if c.isalnum())
+    key = "".join(c for c in _base_name(name).lower() if c.isalnum())
     key = _YEARS.get(key, key)
     return key if key in PAPER_NUM_SAMPLES else None
 
@@ -597,7 +595,7 @@ def run_evaluation(
 
     import torch
 
-    model, tokenizer = load_model_and_tokenizer(model_name_or_path)
+    model = load_model(model_path)  # the tokenizer and the resolved path of the checks above
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     settings = resolve_settings(model, tokenizer, saved or model_path, **overrides)
@@ -670,8 +668,12 @@ def _check_options(protocol, batch_size, num_subsets, max_problems, num_samples,
 
 def _named_dataset(dataset: str) -> Benchmark:
     """`--dataset X` as a benchmark named after the file or Hub dataset (the name picks the paper's n)."""
-    base = os.path.splitext(str(dataset).rstrip("/").split("/")[-1])[0] or str(dataset)
-    return Benchmark(base.replace(":", "_"), str(dataset))
+    return Benchmark((_base_name(dataset) or str(dataset)).replace(":", "_"), str(dataset))
+
+
+def _base_name(source: str) -> str:
+    """The last part of a path or Hub id, without its extension: `data/amc23.jsonl` -> `amc23`."""
+    return os.path.splitext(str(source).rstrip("/").split("/")[-1])[0]
 
 
 def _protocol_num_samples(protocol: str, benchmark: Benchmark) -> int:

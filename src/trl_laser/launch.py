@@ -67,12 +67,28 @@ def resolve_accelerate_config(name_or_path: str) -> Path:
 
 
 def _flag_value(args: list[str], flag: str) -> str | None:
+    """The value of `flag VALUE` / `flag=VALUE` in `args`, the last one when repeated (as argparse reads it: the
+    recipe's launch arguments come first, the command line's after, and win)."""
+    value = None
     for i, arg in enumerate(args):
         if arg == flag and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def command_without(args: list[str], flag: str) -> list[str]:
+    """`args` without every `flag VALUE` and `flag=VALUE`."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = True
+        elif not arg.startswith(flag + "="):
+            out.append(arg)
+    return out
 
 
 def launch_world_size(launch_args: list[str]) -> int:
@@ -80,18 +96,15 @@ def launch_world_size(launch_args: list[str]) -> int:
     `--num_processes`, else the accelerate config's `num_processes`, else 1."""
     import yaml
 
-    values = [v for i, v in enumerate(launch_args[1:]) if launch_args[i] == "--num_processes"]
-    values += [a.split("=", 1)[1] for a in launch_args if a.startswith("--num_processes=")]
-    if not values:
-        config_names = [v for i, v in enumerate(launch_args[1:]) if launch_args[i] == ACCELERATE_CONFIG_FLAG]
-        config_names += [a.split("=", 1)[1] for a in launch_args if a.startswith(f"{ACCELERATE_CONFIG_FLAG}=")]
-        if config_names:
-            with open(resolve_accelerate_config(config_names[-1]), encoding="utf-8") as f:
-                values = [(yaml.safe_load(f) or {}).get("num_processes", 1)]
+    value: Any = _flag_value(launch_args, "--num_processes")
+    config_name = _flag_value(launch_args, ACCELERATE_CONFIG_FLAG)
+    if value is None and config_name is not None:
+        with open(resolve_accelerate_config(config_name), encoding="utf-8") as f:
+            value = (yaml.safe_load(f) or {}).get("num_processes", 1)
     try:
-        count = int(values[-1]) if values else 1
+        count = 1 if value is None else int(value)
     except ValueError:
-        raise LaunchError(f"`--num_processes` must be an integer, got {values[-1]!r}.") from None
+        raise LaunchError(f"`--num_processes` must be an integer, got {value!r}.") from None
     if count < 1:
         raise LaunchError(f"`--num_processes` must be >= 1, got {count}.")
     return count
@@ -133,14 +146,10 @@ def launch_plan(launch_args: list[str], training_args: Any, gpu: bool | None = N
     config: dict[str, Any] = {}
     value = _flag_value(args, ACCELERATE_CONFIG_FLAG)
     if value is not None:
-        index = next(
-            i for i, a in enumerate(args) if a == ACCELERATE_CONFIG_FLAG or a.startswith(f"{ACCELERATE_CONFIG_FLAG}=")
-        )
         path = resolve_accelerate_config(value)
         with open(path, encoding="utf-8") as f:
             config = yaml.safe_load(f) or {}
-        width = 2 if args[index] == ACCELERATE_CONFIG_FLAG else 1
-        args = ["--config_file", str(path)] + args[:index] + args[index + width :]
+        args = ["--config_file", str(path)] + command_without(args, ACCELERATE_CONFIG_FLAG)
     deepspeed = config.get("distributed_type") == "DEEPSPEED" or "--use_deepspeed" in args
     if deepspeed and importlib.util.find_spec("deepspeed") is None:
         raise LaunchError(

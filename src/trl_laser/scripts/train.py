@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.hf_argparser import string_to_bool
 
 from trl_laser.hub import RECIPE_FILE
 from trl_laser.launch import (
@@ -36,6 +37,7 @@ from trl_laser.launch import (
     LaunchedRunFailed,
     LaunchError,
     assumed_world_size,
+    command_without,
     launch_world_size,
     relaunch,
     skip_deepspeed_shm_build,
@@ -151,8 +153,6 @@ class _Mismatch(ValueError):
     """A recipe value that its field's type cannot take."""
 
 
-_TRUE_WORDS = ("true", "yes", "t", "y", "1")  # what transformers' `string_to_bool` reads, as the command line does
-_FALSE_WORDS = ("false", "no", "f", "n", "0")
 _PLURALS = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
 _NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
 
@@ -192,8 +192,11 @@ def _conform(value: Any, tp: Any, strict: bool = False) -> Any:
         raise _Mismatch
     if tp is bool and isinstance(value, bool):
         return value
-    if tp is bool and not strict and isinstance(value, str) and value.lower() in _TRUE_WORDS + _FALSE_WORDS:
-        return value.lower() in _TRUE_WORDS
+    if tp is bool and not strict and isinstance(value, str):
+        try:
+            return string_to_bool(value)  # as the command line reads it
+        except argparse.ArgumentTypeError:
+            raise _Mismatch from None
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -332,19 +335,6 @@ def _split_launch_args(
     return launch
 
 
-def _without_option(argv: list[str], option: str) -> list[str]:
-    """`argv` without `option VALUE` and `option=VALUE`."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == option:
-            skip = True
-        elif not arg.startswith(option + "="):
-            out.append(arg)
-    return out
-
-
 def _subtract(argv: list[str], removed: list[str]) -> list[str]:
     """`argv` without the ordered subsequence `removed` (the accelerate arguments given on the command line)."""
     out, pending = [], iter(removed)
@@ -412,7 +402,7 @@ def parse_args(argv: Sequence[str], parser=None) -> ParsedArgs:
                 f"`ddp_backend: {backend}` sets the backend of several processes, and this run has one: drop it, or "
                 "launch several (`--num_processes N`, or `--accelerate_config NAME`)."
             )
-        parse_argv = _without_option(parse_argv, "--ddp_backend")
+        parse_argv = command_without(parse_argv, "--ddp_backend")
         parser.withheld = frozenset({"ddp_backend"})
 
     try:
