@@ -275,9 +275,13 @@ def _interrupt(command, out, sig) -> subprocess.CompletedProcess:
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
         if os.path.isfile(path) and os.path.getsize(path) > before:  # a new batch is on disk
+            # Hold the process where it is: the tiny model samples ~100 per second, and would otherwise often finish
+            # all its batches before the signal lands.
+            process.send_signal(signal.SIGSTOP)
             break
-        time.sleep(0.05)
+        time.sleep(0.005)
     process.send_signal(sig)
+    process.send_signal(signal.SIGCONT)  # the signal is delivered as the process runs on
     stdout, stderr = process.communicate(timeout=120)
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
