@@ -714,6 +714,9 @@ def main(script_args: LaSeRScriptArguments, training_args, model_args, recipe: s
         "Check its self-verification on problems it never saw, beside the free mean-token-log-prob baseline:\n  "
         + eval_command(script_args, training_args)
     )
+    # Every process waits until the main one has written everything: a process that tore its gloo group down while
+    # another still used it was aborted by the C++ runtime ("terminate called without an active exception").
+    trainer.accelerator.wait_for_everyone()
     trainer.end()
 
 
