@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from trl_laser import LaSeRConfig
 from trl_laser.core import least_squares_row_step
 from trl_laser.metrics import auroc
-from trl_laser.trainer import ROW_STATE_NAME
+from trl_laser.row_update import ROW_STATE_NAME
 
 
 LS = dict(self_reward_row_update="least_squares", self_reward_row_ridge=0.5, self_reward_row_forgetting=0.8)
@@ -109,7 +109,7 @@ def test_row_takes_the_least_squares_step_and_the_rest_the_optimizer(tiny_model_
     assert (row1 - row0).norm() > 1e-3
     # step 2: the running matrix is forgetting * B1 + B2
     running = forgetting * gram1 + gram2
-    torch.testing.assert_close(trainer._row_gram.double(), running, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(trainer.row_update.gram.double(), running, rtol=1e-4, atol=1e-6)
     expected2 = -torch.linalg.solve(running + ridge * torch.trace(running) / d * torch.eye(d, dtype=gram1.dtype), u2)
     row2 = trainer.model.lm_head.weight[ZC].detach().double()
     torch.testing.assert_close(row2 - row1, expected2 / beta, rtol=1e-4, atol=1e-6)
@@ -131,7 +131,7 @@ def test_row_is_untouched_during_the_reasoning_warmup(tiny_model_dir, tmp_path):
     row = trainer.model.lm_head.weight[ZC].detach().clone()
     trainer.train()
     assert torch.equal(trainer.model.lm_head.weight[ZC], row)  # no MSE rows: no step, and not the optimizer's either
-    assert trainer._row_gram is None
+    assert trainer.row_update.gram is None
 
 
 def test_constant_reward_pulls_every_score_to_the_target(tiny_model_dir, tmp_path):
@@ -205,7 +205,7 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(tiny_model_dir, tmp_
     force_completions(resumed)
     resumed.train(resume_from_checkpoint=str(checkpoint))
 
-    torch.testing.assert_close(resumed._row_gram, straight._row_gram, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(resumed.row_update.gram, straight.row_update.gram, rtol=1e-5, atol=1e-7)
     for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
 
@@ -250,7 +250,7 @@ def test_bad_setting_names_the_field(tmp_path, field, value):
 def test_no_hooks_by_default(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, tmp_path)
     trainer.create_optimizer()
-    assert trainer._laser_row_hooks is None and trainer.args.self_reward_row_update == "optimizer"
+    assert trainer.row_update is None and trainer.args.self_reward_row_update == "optimizer"
 
 
 def test_training_logs_the_mean_token_logprob_baseline(tiny_model_dir, tmp_path):

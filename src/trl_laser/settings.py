@@ -34,12 +34,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+from collections.abc import Mapping
 from typing import Any
+
+from .tokens import eos_token_ids, resolve_self_reward_token, vocab_size
 
 
 SELF_REWARD_CONFIG_NAME = "self_reward_config.json"
 FORMAT_VERSION = 2
+# The beta_v of the paper, used when the model carries no settings and no beta is given.
+DEFAULT_BETA = 0.1
+# What a user may override at test time (`resolve_settings`' `overrides`; CLI: --self-reward-token, ...).
+OVERRIDABLE = ("self_reward_token", "self_reward_ref_constant", "self_reward_beta")
 
 
 @dataclasses.dataclass
@@ -121,3 +129,141 @@ class SelfRewardSettings:
             )
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
+
+    def resume_differences(self, saved: SelfRewardSettings) -> list[tuple[str, Any, Any]]:
+        """`(setting, this run's value, the saved value)` for each self-reward setting in which a run resumed from a
+        checkpoint (these settings; a c_ref of NaN while "auto"/"model" is not estimated yet) departs from the
+        checkpoint's (`saved`): its c_ref and scores belong to its own values."""
+        differences: list[tuple[str, Any, Any]] = []
+        if saved.self_reward_token_id != self.self_reward_token_id:
+            differences.append(
+                (
+                    "`self_reward_token`",
+                    f"{self.self_reward_token!r} (id {self.self_reward_token_id})",
+                    f"{saved.self_reward_token!r} (id {saved.self_reward_token_id})",
+                )
+            )
+        if not math.isclose(saved.self_reward_beta, self.self_reward_beta, rel_tol=1e-9):
+            differences.append(("`self_reward_beta`", self.self_reward_beta, saved.self_reward_beta))
+        mode, ref = saved.self_reward_ref_mode, saved.self_reward_ref_constant
+        if mode != self.self_reward_ref_mode or (mode == "constant" and ref != self.self_reward_ref_constant):
+            here = (
+                self.self_reward_ref_constant
+                if self.self_reward_ref_mode == "constant"
+                else repr(self.self_reward_ref_mode)
+            )
+            there = ref if mode == "constant" else f"{mode!r} (c_ref = {ref})"
+            differences.append(("`self_reward_ref_constant`", here, there))
+        if saved.eos_token_ids and sorted(saved.eos_token_ids) != sorted(self.eos_token_ids):
+            differences.append(
+                (
+                    "the EOS ids (tokenizer and generation config)",
+                    sorted(self.eos_token_ids),
+                    sorted(saved.eos_token_ids),
+                )
+            )
+        return differences
+
+
+def resolve_settings(
+    model: Any,
+    tokenizer: Any,
+    settings: SelfRewardSettings | str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> SelfRewardSettings:
+    """The settings to score with: those saved with the model (or given), with `overrides` applied.
+
+    `settings` is a `SelfRewardSettings` or a directory / Hub id holding `self_reward_config.json`; by default the
+    model's own `name_or_path`. `overrides` maps any of `OVERRIDABLE` to a value (None: not overridden). Without that
+    file, `self_reward_token` and `self_reward_ref_constant` must be overridden (beta_v then defaults to the paper's
+    0.1); otherwise a `FileNotFoundError` says so. `model=None` checks the settings against the tokenizer alone
+    (before the weights are loaded; give `settings`): the generation config's EOS ids are then not read. z_c is
+    checked by the trainer's own rules (`tokens.resolve_self_reward_token`).
+    """
+    overrides = _checked_overrides(overrides)
+    token_override = overrides.get("self_reward_token")
+    ref_override = overrides.get("self_reward_ref_constant")
+    beta_override = overrides.get("self_reward_beta")
+    complete = token_override is not None and ref_override is not None
+    base = settings if isinstance(settings, SelfRewardSettings) else None
+    source = "" if base is not None else str(settings or getattr(model, "name_or_path", "") or "")
+    # A Hub id is fetched only when some value is not overridden: offline, a fetch can take long to fail.
+    if source and (os.path.isdir(source) or not (complete and beta_override is not None)):
+        try:
+            base = SelfRewardSettings.from_pretrained(source)
+        except FileNotFoundError as err:
+            if not complete:
+                raise FileNotFoundError(
+                    f"{err} At test time give at least `self_reward_token` and `self_reward_ref_constant` "
+                    "(CLI: --self-reward-token, --self-reward-ref-constant)."
+                ) from None
+    elif base is None and not complete:
+        raise FileNotFoundError(
+            f"The model has no path to read {SELF_REWARD_CONFIG_NAME} from: give `settings`, or `self_reward_token` "
+            "and `self_reward_ref_constant` (CLI: --self-reward-token, --self-reward-ref-constant)."
+        )
+
+    if base is not None and base.eos_token_ids:
+        eos = list(base.eos_token_ids)
+    elif model is not None:
+        eos = eos_token_ids(model, tokenizer)
+    else:
+        eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    if token_override is None:
+        token_id, token = base.self_reward_token_id, base.self_reward_token
+        if tokenizer.convert_tokens_to_ids(token) != token_id:
+            raise ValueError(
+                f"{SELF_REWARD_CONFIG_NAME} says z_c is {token!r} with id {token_id}, but this tokenizer maps "
+                f"{token!r} to {tokenizer.convert_tokens_to_ids(token)}: use the tokenizer saved with the model, or "
+                "override `self_reward_token`."
+            )
+    token_id, token = resolve_self_reward_token(
+        tokenizer, token if token_override is None else token_override, vocab_size(model, tokenizer), eos
+    )
+
+    if ref_override is not None:
+        ref, ref_mode = _test_time_ref_constant(ref_override), "constant"
+    else:
+        ref, ref_mode = float(base.self_reward_ref_constant), base.self_reward_ref_mode
+    beta = float(beta_override if beta_override is not None else base.self_reward_beta if base else DEFAULT_BETA)
+    if not (beta > 0 and math.isfinite(beta)):
+        raise ValueError(f"`self_reward_beta` must be a finite number > 0, got {beta}.")
+    return SelfRewardSettings(
+        self_reward_token=token,
+        self_reward_token_id=token_id,
+        self_reward_beta=beta,
+        self_reward_ref_constant=float(ref),
+        self_reward_ref_mode=ref_mode,
+        temperature=1.0,
+        eos_token_ids=eos,
+        cast_lm_head_to_fp32=bool(base.cast_lm_head_to_fp32) if base is not None else False,
+        chat_template_kwargs=base.chat_template_kwargs if base is not None else None,
+        prompt=base.prompt if base is not None else None,
+    )
+
+
+def _checked_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The overrides that are set; a key that is not a test-time setting is an error naming the valid ones."""
+    unknown = sorted(set(overrides or {}) - set(OVERRIDABLE))
+    if unknown:
+        raise ValueError(f"`overrides` takes the keys {list(OVERRIDABLE)}, got {unknown}.")
+    return {k: v for k, v in (overrides or {}).items() if v is not None}
+
+
+def _test_time_ref_constant(value: Any) -> float:
+    """c_ref given at test time: the number training used ('auto' and 'model' are training-time modes)."""
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError
+        ref = float(value)
+    except ValueError:
+        raise ValueError(
+            f"At test time `self_reward_ref_constant` must be a number (the c_ref used in training), got {value!r}."
+        ) from None
+    if not math.isfinite(ref) or ref > 0:
+        raise ValueError(
+            f"`self_reward_ref_constant` (--self-reward-ref-constant) is a log-probability and must be finite and "
+            f"<= 0, got {ref}. Give the c_ref the model was trained with (its {SELF_REWARD_CONFIG_NAME} has it), or "
+            "measure the initial model's with `trl-laser estimate-ref-constant`."
+        )
+    return ref

@@ -18,9 +18,7 @@ How it rides on `GRPOTrainer` (TRL 1.16), one small seam each:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import os
 import textwrap
 from collections import defaultdict
@@ -33,17 +31,11 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from .config import LaSeRConfig
-from .core import (
-    Phase,
-    class_weights,
-    laser_phase,
-    least_squares_row_step,
-    mixed_advantages,
-    self_reward_loss,
-    self_reward_score,
-)
+from .core import Phase, class_weights, laser_phase, mixed_advantages, self_reward_loss, self_reward_score
 from .metrics import auroc, self_verification_metrics
+from .row_update import ROW_STATE_NAME, LeastSquaresRowUpdate, check_row_update_supported
 from .settings import SELF_REWARD_CONFIG_NAME, SelfRewardSettings
+from .tokens import resolve_self_reward_token
 
 
 logger = logging.getLogger(__name__)
@@ -62,8 +54,6 @@ _FORWARD_KEYS = (
     "image_position_ids",
 )
 _PHASE_CODE = {Phase.REASONING: 0, Phase.SELF_REWARD: 1, Phase.MIXED: 2}
-# The running second-moment matrix of the least-squares row update, saved beside the optimizer state.
-ROW_STATE_NAME = "self_reward_row_state.pt"
 
 
 class LaSeRGRPOTrainer(GRPOTrainer):
@@ -111,7 +101,11 @@ class LaSeRGRPOTrainer(GRPOTrainer):
                 "inside DeepSpeed (TRL's GRPOTrainer too). Set `ds3_gather_for_generation: true` (the default: the "
                 "weights are gathered once per `generate`), or generate with vLLM (`use_vllm: true`)."
             )
-        self.self_reward_token_id, self.self_reward_token = self._resolve_self_reward_token(args.self_reward_token)
+        # `num_embeddings`, not the weight's shape: ZeRO-3 partitions the weight to an empty tensor.
+        vocab = self.accelerator.unwrap_model(self.model).get_input_embeddings().num_embeddings
+        self.self_reward_token_id, self.self_reward_token = resolve_self_reward_token(
+            self._tokenizer, args.self_reward_token, vocab, self.eos_token_ids
+        )
 
         if args.self_reward_verifier is None:
             self._verifier_index = 0
@@ -123,27 +117,17 @@ class LaSeRGRPOTrainer(GRPOTrainer):
                 f"{self.reward_func_names}. Set it to the name of the function that returns the 0/1 verifier reward."
             )
 
+        self.row_update: LeastSquaresRowUpdate | None = None  # the opt-in least-squares row update
         if args.self_reward_row_update == "least_squares":
-            unsupported = [
-                name
-                for name, on in (
-                    ("PEFT", is_peft_model(self.model)),
-                    ("DeepSpeed", self.is_deepspeed_enabled),
-                    ("FSDP", self.is_fsdp_enabled),
-                )
-                if on
-            ]
-            if unsupported:
-                raise ValueError(
-                    "`self_reward_row_update='least_squares'` sets z_c's output-embedding row after each optimizer "
-                    f"step, which {unsupported[0]} does not allow (the row is frozen, or the optimizer updates its own "
-                    f"partitioned copy). Set `self_reward_row_update: optimizer`, or train without {unsupported[0]}."
-                )
-        self._laser_row_hooks: tuple | None = None
-        self._laser_hidden_on = False
-        self._laser_hidden: list[torch.Tensor] = []
-        self._row_sums: list[torch.Tensor] | None = None  # u and B of the current optimizer step (core docstring)
-        self._row_gram: torch.Tensor | None = None  # the running B
+            check_row_update_supported(is_peft_model(self.model), self.is_deepspeed_enabled, self.is_fsdp_enabled)
+            self.row_update = LeastSquaresRowUpdate(
+                self.self_reward_token_id,
+                args.self_reward_beta,
+                args.self_reward_row_ridge,
+                args.self_reward_row_forgetting,
+                reduce=lambda t: self.accelerator.reduce(t, reduction="sum"),
+                log_step_norm=lambda norm: self._metrics["train"]["self_reward/row_step_norm"].append(norm),
+            )
 
         self._ref_mode = (
             "constant" if isinstance(args.self_reward_ref_constant, float) else args.self_reward_ref_constant
@@ -172,145 +156,14 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         self._laser_table: dict[str, dict[int, float]] = {"train": {}, "eval": {}}
         self._laser_scored_batches = 0  # generation batches whose verifier values were checked
 
-    # ------------------------------------------------------------------ set-up checks
-    def _resolve_self_reward_token(self, token: str | int) -> tuple[int, str]:
-        tok = self._tokenizer
-        if isinstance(token, int):
-            vocab_size = self._vocab_size()
-            if not 0 <= token < vocab_size:
-                raise ValueError(
-                    f"`self_reward_token={token}` is not a token id of this model (vocabulary size {vocab_size}). "
-                    f"{self._candidates_hint()}"
-                )
-            token_id, token_str = token, tok.convert_ids_to_tokens(token)
-        else:
-            token_id, token_str = tok.convert_tokens_to_ids(token), token
-        problem = self._token_problem(token_id, token_str)
-        if problem is not None:
-            raise ValueError(f"`self_reward_token={token!r}` {problem} {self._candidates_hint()}")
-        return token_id, token_str
-
-    def _vocab_size(self) -> int:
-        # `num_embeddings`, not the weight's shape: ZeRO-3 partitions the weight to an empty tensor.
-        return self.accelerator.unwrap_model(self.model).get_input_embeddings().num_embeddings
-
-    def _token_problem(self, token_id: int | None, token_str: str | None) -> str | None:
-        """Why a token cannot be z_c (the rest of an error message), or None if it can: one check for the setting
-        and for the candidates that error messages suggest, so that no suggestion is then refused."""
-        tok = self._tokenizer
-        if token_id is None or token_str is None or tok.convert_ids_to_tokens(token_id) != token_str:
-            return "is not a single token of the tokenizer's vocabulary."
-        if token_id == tok.unk_token_id:
-            return (
-                f"(id {token_id}) is the tokenizer's unknown token, which stands for any text the vocabulary lacks; "
-                "z_c must be a token of its own."
-            )
-        vocab_size = self._vocab_size()
-        if token_id >= vocab_size:
-            return f"has id {token_id}, beyond the model's {vocab_size} embedding rows."
-        if token_id in self.eos_token_ids or token_id == tok.pad_token_id:
-            return (
-                f"(id {token_id}) is an EOS or the pad token; z_c must be a token that follows EOS and is never "
-                "generated."
-            )
-        if self._chat_template_uses(token_id, token_str):
-            return (
-                "is used by the chat template, so its log-prob after EOS is not a free signal. Pick a token the "
-                "template does not use."
-            )
-        return None
-
-    def _chat_template_uses(self, token_id: int, token_str: str) -> bool:
-        tok = self._tokenizer
-        if not getattr(tok, "chat_template", None):
-            return False
-        if token_str in tok.chat_template:
-            return True
-        messages = [
-            {"role": "system", "content": "s"},
-            {"role": "user", "content": "u"},
-            {"role": "assistant", "content": "a"},
-        ]
-        for conversation in (messages, messages[1:]):
-            try:
-                ids = tok.apply_chat_template(conversation, tokenize=True, add_generation_prompt=False)
-            except Exception:  # templates that refuse a system message: try without it
-                continue
-            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-            return token_id in list(ids)
-        return False
-
-    def _candidate_tokens(self, limit: int = 5) -> list[str]:
-        """Added and special tokens of the vocabulary that pass every check of `_resolve_self_reward_token`."""
-        tok = self._tokenizer
-        candidates = []
-        for name in dict.fromkeys([*tok.get_added_vocab(), *getattr(tok, "all_special_tokens", [])]):
-            if len(candidates) < limit and self._token_problem(tok.convert_tokens_to_ids(name), name) is None:
-                candidates.append(name)
-        return candidates
-
-    def _candidates_hint(self) -> str:
-        candidates = self._candidate_tokens()
-        if candidates:
-            return f"Candidates in this vocabulary: {candidates}."
-        return "No special token of this vocabulary qualifies: add one to the tokenizer and resize the embeddings."
-
+    # ------------------------------------------------------------------ TRL seams
     def create_optimizer(self, model=None):
         """TRL's optimizer; with `self_reward_row_update='least_squares'`, step hooks hand z_c's row to that update."""
         optimizer = super().create_optimizer(model)
-        if self.args.self_reward_row_update == "least_squares" and self._laser_row_hooks is None:
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            weight = unwrapped.get_output_embeddings().weight
-            row = self.self_reward_token_id
-            before: list[torch.Tensor] = []
-
-            def snapshot(*_):
-                before[:] = [weight.detach()[row].clone()]
-
-            def least_squares(*_):
-                with torch.no_grad():
-                    weight[row] = before.pop() + self._row_step(weight)
-
-            self._laser_row_hooks = (
-                optimizer.register_step_pre_hook(snapshot),
-                optimizer.register_step_post_hook(least_squares),
-                unwrapped.base_model.register_forward_hook(self._keep_hidden_states),
-            )
+        if self.row_update is not None and not self.row_update.attached:
+            self.row_update.attach(optimizer, self.accelerator.unwrap_model(self.model))
         return optimizer
 
-    def _keep_hidden_states(self, module, args, output) -> None:
-        if self._laser_hidden_on:
-            self._laser_hidden.append(output.last_hidden_state.detach())
-
-    def _row_step(self, weight: torch.Tensor) -> torch.Tensor:
-        """The least-squares step of z_c's row from this optimizer step's rows (all processes); 0 when there are none."""
-        if self._row_sums is None:
-            return torch.zeros_like(weight[0])
-        gradient, gram = (self.accelerator.reduce(t, reduction="sum") for t in self._row_sums)
-        self._row_sums = None
-        if not torch.any(gram != 0):
-            return torch.zeros_like(weight[0])
-        forgetting = self.args.self_reward_row_forgetting
-        self._row_gram = gram if self._row_gram is None else forgetting * self._row_gram.to(gram) + gram
-        step = least_squares_row_step(
-            self._row_gram, gradient, self.args.self_reward_beta, self.args.self_reward_row_ridge
-        )
-        self._metrics["train"]["self_reward/row_step_norm"].append(step.norm().item())
-        return step.to(weight.dtype)
-
-    def _accumulate_row(self, inputs: dict, logp_zc: torch.Tensor, scores: torch.Tensor) -> None:
-        """Add this micro-batch's rows to u and B (`core.least_squares_row_step`), from the policy forward's states."""
-        hidden, self._laser_hidden = torch.cat(self._laser_hidden), []
-        index = inputs["self_reward_index"]
-        rows = torch.nonzero(index >= 0).squeeze(1)
-        position = inputs["prompt_ids"].size(1) + index[rows] - 1  # the EOS, whose state predicts z_c
-        phi = hidden[rows, position].float() * (1 - logp_zc[rows].detach().float().exp())[:, None]
-        coef = (inputs["self_reward_coef"] * inputs["self_reward_loss_coef"])[rows].float()
-        residual = (scores[rows] - inputs["self_reward_target"][rows]).float()
-        sums = [(coef * residual) @ phi, (phi * coef[:, None]).T @ phi]
-        self._row_sums = sums if self._row_sums is None else [a + b for a, b in zip(self._row_sums, sums)]
-
-    # ------------------------------------------------------------------ TRL seams
     def _generate(self, prompts: list):
         (
             prompt_ids,
@@ -377,13 +230,11 @@ class LaSeRGRPOTrainer(GRPOTrainer):
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         # the policy forward of a training `_compute_loss`: also keep the final hidden states for the row's step
-        self._laser_hidden_on = self._laser_capture and self._laser_row_hooks is not None and self.model.training
-        try:
+        rows = self.row_update.capturing(self._laser_capture and self.model.training) if self.row_update else None
+        with rows or contextlib.nullcontext():
             result = super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
             )
-        finally:
-            self._laser_hidden_on = False
         if self._laser_capture:  # the policy forward of `_compute_loss`: keep its log-probs, graph included
             self._laser_captured = result[0]
             self._laser_capture = False
@@ -509,8 +360,8 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         )
         mse_term = self_reward_loss(scores, inputs["self_reward_target"], coef * inputs["self_reward_loss_coef"])
         loss = loss + self.accelerator.num_processes * per_step * mse_term
-        if self._laser_hidden:
-            self._accumulate_row(inputs, logp_zc, scores)
+        if self.row_update is not None:
+            self.row_update.accumulate(inputs, logp_zc, scores)
         # The free signal a user gets without LaSeR, logged beside the score: the completion's mean token log-prob.
         mask = inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"]
         mean_logp = (logps.detach() * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -611,13 +462,14 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         They include what makes test-time scoring compute the training quantity (the fp32 LM head, the chat-template
         arguments) and, when `trl-laser train` set `prompt_settings`, how the prompts were built.
         """
-        if self._ref_constant is None:
-            return None
+        return None if self._ref_constant is None else self._settings(float(self._ref_constant))
+
+    def _settings(self, ref_constant: float) -> SelfRewardSettings:
         return SelfRewardSettings(
             self_reward_token=self.self_reward_token,
             self_reward_token_id=self.self_reward_token_id,
             self_reward_beta=self.args.self_reward_beta,
-            self_reward_ref_constant=float(self._ref_constant),
+            self_reward_ref_constant=ref_constant,
             self_reward_ref_mode=self._ref_mode,
             temperature=1.0,
             eos_token_ids=[int(i) for i in self.eos_token_ids],
@@ -653,70 +505,37 @@ class LaSeRGRPOTrainer(GRPOTrainer):
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        if self.args.self_reward_row_update == "least_squares" and self.args.should_save:
-            gram = None if self._row_gram is None else self._row_gram.cpu()
-            torch.save({"gram": gram}, os.path.join(output_dir, ROW_STATE_NAME))
+        if self.row_update is not None and self.args.should_save:
+            self.row_update.save(output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        if checkpoint is not None:
-            self._check_resume_settings(checkpoint)
+        saved = None if checkpoint is None else self._check_resume_settings(checkpoint)
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
-        if self.args.self_reward_row_update == "least_squares":
-            path = os.path.join(checkpoint, ROW_STATE_NAME)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"Resuming with `self_reward_row_update='least_squares'` needs the row update's state saved in "
-                    f"{path}, which is missing (the checkpoint was written without it). Resume with "
-                    "`self_reward_row_update: optimizer`, or start the run afresh."
-                )
-            gram = torch.load(path, map_location="cpu", weights_only=True)["gram"]
-            self._row_gram = None if gram is None else gram.to(self.accelerator.device)
+        if self.row_update is not None:
+            self.row_update.load(checkpoint, self.accelerator.device)
         if self._ref_mode == "constant":
             return
-        path = os.path.join(checkpoint, SELF_REWARD_CONFIG_NAME)
-        if not os.path.isfile(path):
+        if saved is None:
             raise FileNotFoundError(
-                f"Resuming with `self_reward_ref_constant={self._ref_mode!r}` needs the c_ref saved in {path}, which is "
-                "missing; re-estimating it from a trained policy would be wrong. Set `self_reward_ref_constant` to the "
-                "value of the original run."
+                f"Resuming with `self_reward_ref_constant={self._ref_mode!r}` needs the c_ref saved in "
+                f"{os.path.join(checkpoint, SELF_REWARD_CONFIG_NAME)}, which is missing; re-estimating it from a "
+                "trained policy would be wrong. Set `self_reward_ref_constant` to the value of the original run."
             )
-        with open(path, encoding="utf-8") as f:
-            self._ref_constant = float(json.load(f)["self_reward_ref_constant"])
-        logger.info("LaSeR: resumed c_ref = %.4f from %s.", self._ref_constant, path)
+        self._ref_constant = float(saved.self_reward_ref_constant)
+        logger.info("LaSeR: resumed c_ref = %.4f from %s.", self._ref_constant, checkpoint)
 
-    def _check_resume_settings(self, checkpoint: str) -> None:
-        """Refuse to resume with self-reward settings other than the checkpoint's: its c_ref, row state and saved
-        settings belong to the values it was trained with, and would silently be attached to the new ones."""
-        path = os.path.join(checkpoint, SELF_REWARD_CONFIG_NAME)
-        saved: dict[str, Any] = {}
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                saved = json.load(f)
+    def _check_resume_settings(self, checkpoint: str) -> SelfRewardSettings | None:
+        """The checkpoint's saved settings (None if it has none); refuses to resume with other self-reward settings:
+        its c_ref, row state and saved settings belong to the values it was trained with, and would silently be
+        attached to the new ones."""
         differences = []  # (setting, this run's value, the checkpoint's value)
-        token_id = saved.get("self_reward_token_id")
-        if token_id is not None and token_id != self.self_reward_token_id:
-            differences.append(
-                (
-                    "`self_reward_token`",
-                    f"{self.self_reward_token!r} (id {self.self_reward_token_id})",
-                    f"{saved.get('self_reward_token')!r} (id {token_id})",
-                )
-            )
-        beta = saved.get("self_reward_beta")
-        if beta is not None and not math.isclose(beta, self.args.self_reward_beta, rel_tol=1e-9):
-            differences.append(("`self_reward_beta`", self.args.self_reward_beta, beta))
-        mode, ref = saved.get("self_reward_ref_mode"), saved.get("self_reward_ref_constant")
-        if mode is not None and (mode != self._ref_mode or (mode == "constant" and ref != self._ref_constant)):
-            here = self._ref_constant if self._ref_mode == "constant" else repr(self._ref_mode)
-            there = ref if mode == "constant" else f"{mode!r} (c_ref = {ref})"
-            differences.append(("`self_reward_ref_constant`", here, there))
-        eos = saved.get("eos_token_ids")
-        if eos and sorted(eos) != sorted(int(i) for i in self.eos_token_ids):
-            differences.append(
-                ("the EOS ids (tokenizer and generation config)", sorted(self.eos_token_ids), sorted(eos))
-            )
+        saved = None
+        if os.path.isfile(os.path.join(checkpoint, SELF_REWARD_CONFIG_NAME)):
+            saved = SelfRewardSettings.from_pretrained(checkpoint)
+            current = self._settings(float("nan") if self._ref_constant is None else self._ref_constant)
+            differences = current.resume_differences(saved)
         row_update = self.args.self_reward_row_update
         if os.path.isfile(os.path.join(checkpoint, ROW_STATE_NAME)) and row_update != "least_squares":
             differences.append(("`self_reward_row_update`", repr(row_update), "'least_squares'"))
@@ -730,3 +549,4 @@ class LaSeRGRPOTrainer(GRPOTrainer):
                 "values, or start a new run in a new `output_dir` (load the model from the checkpoint to start from "
                 "its weights)."
             )
+        return saved

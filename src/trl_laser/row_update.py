@@ -1,0 +1,136 @@
+"""The opt-in least-squares update of z_c's output row (`self_reward_row_update='least_squares'`).
+
+After each optimizer step, z_c's row of the output embedding is set to its value before the step plus the
+Gauss-Newton step of LaSeR's MSE (`core.least_squares_row_step`), computed from the final hidden states that the
+policy forward of `_compute_loss` produced; every other parameter keeps the optimizer's update. One object owns the
+hooks, the running second-moment matrix and its checkpoint file, so the trainer only holds it (or None).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from .core import least_squares_row_step
+
+
+# The running second-moment matrix, saved beside the optimizer state in every checkpoint.
+ROW_STATE_NAME = "self_reward_row_state.pt"
+
+
+def check_row_update_supported(peft: bool, deepspeed: bool, fsdp: bool) -> None:
+    """Refuse set-ups in which z_c's row cannot be set after the optimizer step (frozen or partitioned)."""
+    unsupported = [name for name, on in (("PEFT", peft), ("DeepSpeed", deepspeed), ("FSDP", fsdp)) if on]
+    if unsupported:
+        raise ValueError(
+            "`self_reward_row_update='least_squares'` sets z_c's output-embedding row after each optimizer "
+            f"step, which {unsupported[0]} does not allow (the row is frozen, or the optimizer updates its own "
+            f"partitioned copy). Set `self_reward_row_update: optimizer`, or train without {unsupported[0]}."
+        )
+
+
+class LeastSquaresRowUpdate:
+    """z_c's row takes the least-squares step of the MSE; the optimizer updates everything else.
+
+    `reduce` sums a tensor over processes (so every process takes the same step) and `log_step_norm` receives the
+    norm of each step taken.
+    """
+
+    def __init__(
+        self,
+        token_id: int,
+        beta: float,
+        ridge: float,
+        forgetting: float,
+        reduce: Callable[[torch.Tensor], torch.Tensor],
+        log_step_norm: Callable[[float], None],
+    ):
+        self.token_id = token_id
+        self.beta, self.ridge, self.forgetting = beta, ridge, forgetting
+        self._reduce, self._log_step_norm = reduce, log_step_norm
+        self.gram: torch.Tensor | None = None  # the running B
+        self._sums: list[torch.Tensor] | None = None  # u and B of the current optimizer step
+        self._hidden: list[torch.Tensor] = []
+        self._capturing = False
+        self._hooks: tuple = ()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._hooks)
+
+    def attach(self, optimizer: torch.optim.Optimizer, model: Any) -> None:
+        """Hook the optimizer's step (snapshot the row before, set it after) and the model's final hidden states."""
+        weight = model.get_output_embeddings().weight
+        before: list[torch.Tensor] = []
+
+        def snapshot(*_):
+            before[:] = [weight.detach()[self.token_id].clone()]
+
+        def least_squares(*_):
+            with torch.no_grad():
+                weight[self.token_id] = before.pop() + self._step(weight)
+
+        self._hooks = (
+            optimizer.register_step_pre_hook(snapshot),
+            optimizer.register_step_post_hook(least_squares),
+            model.base_model.register_forward_hook(self._keep_hidden_states),
+        )
+
+    @contextlib.contextmanager
+    def capturing(self, enabled: bool) -> Iterator[None]:
+        """Within, the model's forward keeps its final hidden states (the policy forward of a training step)."""
+        self._capturing = enabled
+        try:
+            yield
+        finally:
+            self._capturing = False
+
+    def _keep_hidden_states(self, module, args, output) -> None:
+        if self._capturing:
+            self._hidden.append(output.last_hidden_state.detach())
+
+    def accumulate(self, inputs: dict, logp_zc: torch.Tensor, scores: torch.Tensor) -> None:
+        """Add this micro-batch's rows to u and B (`core.least_squares_row_step`), from the captured states."""
+        if not self._hidden:
+            return
+        hidden, self._hidden = torch.cat(self._hidden), []
+        index = inputs["self_reward_index"]
+        rows = torch.nonzero(index >= 0).squeeze(1)
+        position = inputs["prompt_ids"].size(1) + index[rows] - 1  # the EOS, whose state predicts z_c
+        phi = hidden[rows, position].float() * (1 - logp_zc[rows].detach().float().exp())[:, None]
+        coef = (inputs["self_reward_coef"] * inputs["self_reward_loss_coef"])[rows].float()
+        residual = (scores[rows] - inputs["self_reward_target"][rows]).float()
+        sums = [(coef * residual) @ phi, (phi * coef[:, None]).T @ phi]
+        self._sums = sums if self._sums is None else [a + b for a, b in zip(self._sums, sums)]
+
+    def _step(self, weight: torch.Tensor) -> torch.Tensor:
+        """The step of z_c's row from this optimizer step's rows (all processes); 0 when there are none."""
+        if self._sums is None:
+            return torch.zeros_like(weight[0])
+        gradient, gram = (self._reduce(t) for t in self._sums)
+        self._sums = None
+        if not torch.any(gram != 0):
+            return torch.zeros_like(weight[0])
+        self.gram = gram if self.gram is None else self.forgetting * self.gram.to(gram) + gram
+        step = least_squares_row_step(self.gram, gradient, self.beta, self.ridge)
+        self._log_step_norm(step.norm().item())
+        return step.to(weight.dtype)
+
+    def save(self, output_dir: str) -> None:
+        torch.save({"gram": None if self.gram is None else self.gram.cpu()}, os.path.join(output_dir, ROW_STATE_NAME))
+
+    def load(self, checkpoint: str, device: torch.device) -> None:
+        """Restore the running matrix; a checkpoint without it cannot continue the same update."""
+        path = os.path.join(checkpoint, ROW_STATE_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"Resuming with `self_reward_row_update='least_squares'` needs the row update's state saved in "
+                f"{path}, which is missing (the checkpoint was written without it). Resume with "
+                "`self_reward_row_update: optimizer`, or start the run afresh."
+            )
+        gram = torch.load(path, map_location="cpu", weights_only=True)["gram"]
+        self.gram = None if gram is None else gram.to(device)
