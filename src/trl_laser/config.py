@@ -1,4 +1,4 @@
-"""`LaSeRConfig`: `GRPOConfig` plus the LaSeR settings of `LASER_SPEC.md`, defaults = the paper's."""
+"""`LaSeRConfig`: `GRPOConfig` plus the LaSeR settings of `docs/method.md`, defaults = the paper's."""
 
 from __future__ import annotations
 

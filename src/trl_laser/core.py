@@ -1,4 +1,4 @@
-"""Pure tensor functions of LaSeR (`LASER_SPEC.md`): score, class weights, loss, advantage mix and phase.
+"""Pure tensor functions of LaSeR (`docs/method.md`): score, class weights, loss, advantage mix and phase.
 
 They take no model and no trainer, so that every formula is tested against hand computations; the trainer only
 wires them into TRL's data flow.

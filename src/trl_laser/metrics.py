@@ -1,4 +1,4 @@
-"""Self-verification metrics of a score against 0/1 correctness (`LASER_SPEC.md`, "Evaluation").
+"""Self-verification metrics of a score against 0/1 correctness (`docs/method.md`, "Metrics").
 
 Shared by the trainer's logs and the evaluation report, so that training and test time report the same numbers.
 A metric that is undefined on its input (AUROC with a single class, the paper's F1 with an empty class) is `None`,
@@ -95,7 +95,7 @@ def expected_calibration_error(
 def self_verification_metrics(
     scores: Sequence[float | None], labels: Sequence[bool | int], threshold: float = 0.5, num_bins: int = 10
 ) -> dict[str, float | int | None]:
-    """All self-verification metrics of `LASER_SPEC.md` for scores r_s and correctness labels.
+    """All self-verification metrics of `docs/method.md` for scores r_s and correctness labels.
 
     A sample is predicted correct iff `score > threshold`. Samples with a `None` score (no EOS) are left out.
 

@@ -1,6 +1,6 @@
 """Test-time self-rewarding: the LaSeR score r_s of finished completions, alone or captured while generating.
 
-The score is the trainer's own quantity (`LASER_SPEC.md`): for the token sequence `prompt, completion, EOS`,
+The score is the trainer's own quantity (`docs/method.md`): for the token sequence `prompt, completion, EOS`,
 `r_s = beta_v * (log softmax(raw logits at the EOS position)[z_c] - c_ref)`, at temperature 1 whatever the sampling
 temperature. Prompts are tokenized as TRL's `GRPOTrainer` tokenizes them, so a model trained with
 `LaSeRGRPOTrainer` scores the identical sequence at test time. Generation also records each sampled token's log-prob

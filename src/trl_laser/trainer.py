@@ -1,4 +1,4 @@
-"""`LaSeRGRPOTrainer`: GRPO with LaSeR's last-token self-rewarding (`LASER_SPEC.md`), inside TRL's own data flow.
+"""`LaSeRGRPOTrainer`: GRPO with LaSeR's last-token self-rewarding (`docs/method.md`), inside TRL's own data flow.
 
 How it rides on `GRPOTrainer` (TRL 1.16), one small seam each:
 
@@ -18,10 +18,10 @@ How it rides on `GRPOTrainer` (TRL 1.16), one small seam each:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import textwrap
-from collections import defaultdict
 from typing import Any
 
 import torch
@@ -32,8 +32,8 @@ from trl.trainer.utils import use_adapter
 
 from .config import LaSeRConfig
 from .core import Phase, class_weights, laser_phase, mixed_advantages, self_reward_loss, self_reward_score
-from .metrics import auroc, self_verification_metrics
 from .row_update import ROW_STATE_NAME, LeastSquaresRowUpdate, check_row_update_supported
+from .self_reward_log import SelfRewardLog
 from .settings import SELF_REWARD_CONFIG_NAME, SelfRewardSettings
 from .tokens import resolve_self_reward_token
 
@@ -54,6 +54,20 @@ _FORWARD_KEYS = (
     "image_position_ids",
 )
 _PHASE_CODE = {Phase.REASONING: 0, Phase.SELF_REWARD: 1, Phase.MIXED: 2}
+
+
+@dataclasses.dataclass
+class _GenerationBatch:
+    """What LaSeR's steps share about one generation batch: `finished` and `targets` cover all processes."""
+
+    mode: str
+    phase: Phase
+    mixing: bool
+    process_slice: slice
+    finished_local: torch.Tensor
+    finished: torch.Tensor
+    index: torch.Tensor  # the z_c column of each local row, -1 if truncated
+    targets: torch.Tensor
 
 
 class LaSeRGRPOTrainer(GRPOTrainer):
@@ -151,9 +165,7 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         self._laser_unscorable: torch.Tensor | None = None
         self._laser_capture = False
         self._laser_captured: torch.Tensor | None = None
-        self._laser_window = {m: defaultdict(list) for m in ("train", "eval")}
-        self._laser_rows = {"train": 0, "eval": 0}
-        self._laser_table: dict[str, dict[int, float]] = {"train": {}, "eval": {}}
+        self._laser_log = SelfRewardLog()
         self._laser_scored_batches = 0  # generation batches whose verifier values were checked
 
     # ------------------------------------------------------------------ TRL seams
@@ -220,7 +232,7 @@ class LaSeRGRPOTrainer(GRPOTrainer):
                 "only to leave a completion out), or set `self_reward_verifier` to the name of the function that does."
             )
         mode = "train" if self.model.training else "eval"
-        self._laser_window[mode]["verifier_missing"].append(1.0)
+        self._laser_log.verifier_missing(mode)
         logger.warning(
             "LaSeR: the verifier reward function %r returned None for every completion of this generation batch "
             "(step %d); the batch adds nothing to the self-reward loss. Logged as self_reward/verifier_missing.",
@@ -241,32 +253,54 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         return result
 
     def _generate_and_score_completions(self, inputs):
+        """TRL's generation batch, then LaSeR's three steps: c_ref and the generation-time z_c log-prob, the mixed
+        advantage, and the per-row self-reward columns that TRL shuffles and splits with the rest of the batch."""
         output = super()._generate_and_score_completions(inputs)
+        batch = self._laser_batch(output)
+        old_zc, ref = self._laser_reference(output, batch)
+        if batch.mixing:
+            self._laser_mix(output, batch, old_zc, ref)
+        self._laser_attach(output, batch, ref)
+        return output
+
+    def _laser_batch(self, output: dict) -> _GenerationBatch:
         mode = "train" if self.model.training else "eval"
-        args = self.args
         device = output["completion_ids"].device
         local_n = output["completion_ids"].size(0)
-        process_slice = slice(self.accelerator.process_index * local_n, (self.accelerator.process_index + 1) * local_n)
-
+        start = self.accelerator.process_index * local_n
         finished_local = torch.tensor(self._laser_finished, dtype=torch.bool, device=device)
-        # TRL's own truncation masking is off (see `__init__`), so the attention mask counts every id, z_c included.
-        index = torch.where(finished_local, output["completion_mask"].sum(dim=1) - 1, -1)
-        finished = gather(finished_local)
-        targets = self._laser_verifier.to(device)
-        phase = laser_phase(self.state.global_step, args.reasoning_warmup_steps, args.self_reward_warmup_steps)
-        mixing = phase == Phase.MIXED and args.self_reward_advantage_coef > 0 and mode == "train"
+        phase = laser_phase(
+            self.state.global_step, self.args.reasoning_warmup_steps, self.args.self_reward_warmup_steps
+        )
+        return _GenerationBatch(
+            mode=mode,
+            phase=phase,
+            mixing=phase == Phase.MIXED and self.args.self_reward_advantage_coef > 0 and mode == "train",
+            process_slice=slice(start, start + local_n),
+            finished_local=finished_local,
+            finished=gather(finished_local),
+            # TRL's own truncation masking is off (see `__init__`), so the attention mask counts every id, z_c too.
+            index=torch.where(finished_local, output["completion_mask"].sum(dim=1) - 1, -1),
+            targets=self._laser_verifier.to(device),
+        )
 
-        # Generation-time (old policy) log-prob of z_c: from TRL's old log-probs when it computed them, else one
-        # no-grad forward, only when needed (the first batch of "auto", and the mixing phase).
+    def _laser_reference(self, output: dict, batch: _GenerationBatch) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Step 1: the generation-time (old policy) z_c log-prob when needed, and c_ref per local row.
+
+        The old log-prob comes from TRL's old log-probs when it computed them, else from one no-grad forward, only
+        when needed (the first batch of "auto", and the mixing phase).
+        """
+        train, index, finished_local = batch.mode == "train", batch.index, batch.finished_local
+        local_n, device = index.numel(), index.device
+        estimate = self._ref_mode == "auto" and self._ref_constant is None and train
         old_zc = None
-        needs_old = mixing or (self._ref_mode == "auto" and self._ref_constant is None and mode == "train")
-        if needs_old:
+        if batch.mixing or estimate:
             old_logps = output.get("old_per_token_logps")
             if old_logps is None:
                 old_logps = self._laser_logps(output)
             old_zc = self._at(old_logps, index)
 
-        if self._ref_mode == "auto" and self._ref_constant is None and mode == "train":
+        if estimate:
             stats = gather(torch.stack([torch.nan_to_num(old_zc).sum(), finished_local.sum()]).double()[None])
             total, count = stats.sum(dim=0).tolist()
             if count == 0:
@@ -284,62 +318,60 @@ class LaSeRGRPOTrainer(GRPOTrainer):
                 ref_logps = self._laser_logps(output, reference=True)
             ref = self._at(ref_logps, index)
             stats = gather(torch.stack([torch.nan_to_num(ref).sum(), finished_local.sum()]).double()[None]).sum(0)
-            if mode == "train":
+            if train:
                 self._ref_model_stats += stats.cpu()
                 self._ref_constant = (self._ref_model_stats[0] / self._ref_model_stats[1].clamp(min=1)).item()
         elif self._ref_constant is not None:
             ref = torch.full((local_n,), self._ref_constant, device=device)
         else:  # "auto" before any training batch (evaluation first): no score yet
             ref = torch.full((local_n,), float("nan"), device=device)
+        return old_zc, ref
 
+    def _laser_mix(self, output: dict, batch: _GenerationBatch, old_zc: torch.Tensor, ref: torch.Tensor) -> None:
+        """Step 2: replace TRL's advantage with the mix of the verifier's and the generating policy's score's."""
+        args = self.args
+        scores = gather(self_reward_score(old_zc, ref, args.self_reward_beta))
+        mixed, used = mixed_advantages(
+            gather(output["advantages"]),
+            torch.nan_to_num(scores),
+            batch.finished & ~torch.isnan(scores),
+            self.num_generations,
+            args.self_reward_advantage_coef,
+            args.self_reward_std_threshold,
+            args.scale_rewards,
+            args.multi_objective_aggregation,
+        )
+        mixed = torch.where(self._laser_unscorable.to(mixed.device), 0.0, mixed)  # as TRL: no signal, no update
+        output["advantages"] = mixed[batch.process_slice]
+        # TRL logged A_v for the completions table: show the advantage that is trained on instead.
+        for _ in range(mixed.numel()):
+            self._logs["advantages"].pop()
+        self._logs["advantages"].extend(mixed.tolist())
+        self._metrics[batch.mode]["self_reward/mix_groups_used"].append(used.float().mean().item())
+
+    def _laser_attach(self, output: dict, batch: _GenerationBatch, ref: torch.Tensor) -> None:
+        """Step 3: targets, class weights over the whole generation batch (all processes), c_ref and row numbers as
+        per-row columns of the batch, and the batch's metrics."""
+        args, mode, finished, targets = self.args, batch.mode, batch.finished, batch.targets
+        local_n, device = batch.index.numel(), batch.index.device
         valid = finished & ~torch.isnan(targets) & ~torch.isnan(gather(ref))
         coef, counts = class_weights(torch.nan_to_num(targets), valid, balanced=args.self_reward_balanced)
-        loss_coef = 0.0 if phase == Phase.REASONING else args.self_reward_loss_coef
-
-        if mixing:
-            scores = gather(self_reward_score(old_zc, ref, args.self_reward_beta))
-            usable = finished & ~torch.isnan(scores)
-            verifier_adv = gather(output["advantages"])
-            mixed, used = mixed_advantages(
-                verifier_adv,
-                torch.nan_to_num(scores),
-                usable,
-                self.num_generations,
-                args.self_reward_advantage_coef,
-                args.self_reward_std_threshold,
-                args.scale_rewards,
-                args.multi_objective_aggregation,
-            )
-            mixed = torch.where(self._laser_unscorable.to(device), 0.0, mixed)  # as TRL: no signal, no update
-            output["advantages"] = mixed[process_slice]
-            # TRL logged A_v for the completions table: show the advantage that is trained on instead.
-            for _ in range(mixed.numel()):
-                self._logs["advantages"].pop()
-            self._logs["advantages"].extend(mixed.tolist())
-            self._metrics[mode]["self_reward/mix_groups_used"].append(used.float().mean().item())
-
-        output["self_reward_index"] = index
-        output["self_reward_target"] = torch.nan_to_num(targets[process_slice])
-        output["self_reward_coef"] = coef[process_slice]
+        loss_coef = 0.0 if batch.phase == Phase.REASONING else args.self_reward_loss_coef
+        output["self_reward_index"] = batch.index
+        output["self_reward_target"] = torch.nan_to_num(targets[batch.process_slice])
+        output["self_reward_coef"] = coef[batch.process_slice]
         output["self_reward_loss_coef"] = torch.full((local_n,), float(loss_coef), device=device)
         output["self_reward_ref"] = torch.nan_to_num(ref)
-        base = self._laser_rows[mode]
-        output["self_reward_row"] = (
-            base + self.accelerator.process_index * local_n + torch.arange(local_n, device=device)
-        )
-        self._laser_rows[mode] = base + finished.numel()
-        self._laser_window[mode]["generation_batches"].append(1.0)
+        first = self._laser_log.generation_batch(mode, finished.numel())
+        output["self_reward_row"] = first + batch.process_slice.start + torch.arange(local_n, device=device)
 
         metrics = self._metrics[mode]
-        metrics["self_reward/phase"].append(float(_PHASE_CODE[phase]))
+        metrics["self_reward/phase"].append(float(_PHASE_CODE[batch.phase]))
         metrics["self_reward/frac_truncated"].append(1.0 - finished.float().mean().item())
-        metrics["self_reward/w_correct"].append(counts["w_correct"])
-        metrics["self_reward/w_incorrect"].append(counts["w_incorrect"])
-        metrics["self_reward/n_correct"].append(float(counts["n_correct"]))
-        metrics["self_reward/n_incorrect"].append(float(counts["n_incorrect"]))
+        for key in ("w_correct", "w_incorrect", "n_correct", "n_incorrect"):
+            metrics[f"self_reward/{key}"].append(float(counts[key]))
         if self._ref_constant is not None:
             metrics["self_reward/c_ref"].append(float(self._ref_constant))
-        return output
 
     def _compute_loss(self, model, inputs):
         self._laser_capture = True
@@ -407,52 +439,15 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         has = (inputs["self_reward_index"] >= 0).float()
         row = inputs["self_reward_row"].float()
         packed = torch.stack([scores, inputs["self_reward_target"], has, coef, row, mean_logp], 1)
-        packed = gather(packed)
-        window = self._laser_window[mode]
-        window["mse"].append(mse.item())
-        keep = (packed[:, 2] > 0) & (packed[:, 3] != 0)
-        window["score"].extend(packed[keep, 0].tolist())
-        window["label"].extend(packed[keep, 1].tolist())
-        window["mean_token_logprob"].extend(packed[keep, 5].tolist())
-        if self.log_completions:
-            rows = packed[packed[:, 2] > 0]
-            self._laser_table[mode].update(zip(rows[:, 4].long().tolist(), rows[:, 0].tolist()))
+        self._laser_log.record(mode, mse.item(), gather(packed), self.log_completions)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        window = self._laser_window[mode]
-        metrics = self._metrics[mode]
-        if window["generation_batches"] and window["mse"]:
-            metrics["self_reward/mse"] = [sum(window["mse"]) / len(window["generation_batches"])]
-        if window["generation_batches"]:  # generation batches since the last log with no verifier value at all
-            metrics["self_reward/verifier_missing"] = [float(len(window["verifier_missing"]))]
-        if window["score"]:
-            scores, labels = window["score"], [int(v > 0.5) for v in window["label"]]
-            sv = self_verification_metrics(scores, labels)
-            for key, name in (
-                ("sv_accuracy", "accuracy"),
-                ("sv_f1_paper", "f1_paper"),
-                ("sv_f1_binary", "f1"),
-                ("auroc", "auroc"),
-                ("ece", "ece"),
-            ):
-                if sv[key] is not None:
-                    metrics[f"self_reward/{name}"] = [sv[key]]
-            baseline = auroc(window["mean_token_logprob"], labels)
-            if baseline is not None:
-                metrics["self_reward/auroc_mean_token_logprob"] = [baseline]
-            for label, name in ((1, "score_correct"), (0, "score_incorrect")):
-                values = [s for s, y in zip(scores, labels) if y == label]
-                if values:
-                    metrics[f"self_reward/{name}"] = [sum(values) / len(values)]
-        window.clear()
+        self._metrics[mode].update({k: [v] for k, v in self._laser_log.metrics(mode).items()})
         if self.log_completions and self.accelerator.is_main_process:
-            total, shown = self._laser_rows[mode], len(self._logs["prompt"])
-            table = self._laser_table[mode]
             column = self._logs["extra"]["self_reward"]
             column.clear()
-            column.extend(table.get(row) for row in range(total - shown, total))
-            self._laser_table[mode] = {k: v for k, v in table.items() if k >= total - shown}
+            column.extend(self._laser_log.table_column(mode, len(self._logs["prompt"])))
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ saving and resuming

@@ -1,7 +1,7 @@
 """Answer aggregation over N samples of one problem: majority vote, self-reward-weighted vote, best-of-N.
 
 Answers are grouped by mathematical equivalence with math-verify (`0.5`, `\\frac{1}{2}` and `\\boxed{1/2}` are one
-answer), as `LASER_SPEC.md` ("Evaluation") requires; a sample without an answer (`None`) takes part in no vote.
+answer), as `docs/method.md` ("Metrics") requires; a sample without an answer (`None`) takes part in no vote.
 Every tie is broken by first appearance, so results are deterministic; over randomly ordered samples that is a
 uniformly random tie-break.
 """
