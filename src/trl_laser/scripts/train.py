@@ -17,6 +17,8 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from trl import ModelConfig
+
 from trl_laser.config import LaSeRConfig, LaSeRScriptArguments
 from trl_laser.launch import LaunchedRunFailed, LaunchError, relaunch, skip_deepspeed_shm_build
 from trl_laser.recipe import RecipeError, RecipeParser, parse_args, recipe_text
@@ -31,7 +33,7 @@ def make_parser(prog: str | None = None) -> RecipeParser:
     return RecipeParser(prog)
 
 
-def build_trainer(script_args: LaSeRScriptArguments, training_args: LaSeRConfig, model_args):
+def build_trainer(script_args: LaSeRScriptArguments, training_args: LaSeRConfig, model_args: ModelConfig):
     """The `LaSeRGRPOTrainer` a recipe describes; bad input raises `RecipeError` before any training."""
     from transformers import AutoTokenizer
     from trl import get_peft_config, get_quantization_config
@@ -46,18 +48,21 @@ def build_trainer(script_args: LaSeRScriptArguments, training_args: LaSeRConfig,
     try:
         model_path = resolve_model_path(model_args.model_name_or_path)
         reward_funcs = get_reward_funcs(script_args.reward_funcs)
-        splits = [(script_args.dataset_train_split, script_args.max_train_samples)]
+        seed = script_args.dataset_seed
+        train_dataset = load_split(script_args, script_args.dataset_train_split, script_args.max_train_samples, seed)
+        eval_dataset = None
         if training_args.eval_strategy != "no":
-            splits.append((script_args.dataset_test_split, script_args.max_eval_samples))
-        datasets = [load_split(script_args, split, limit, script_args.dataset_seed) for split, limit in splits]
+            eval_dataset = load_split(script_args, script_args.dataset_test_split, script_args.max_eval_samples, seed)
         tokenizer = AutoTokenizer.from_pretrained(
             model_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
         )
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         if script_args.max_prompt_length is not None:
-            kwargs = training_args.chat_template_kwargs
-            datasets = [filter_long_prompts(d, tokenizer, script_args.max_prompt_length, kwargs) for d in datasets]
+            limit, kwargs = script_args.max_prompt_length, training_args.chat_template_kwargs
+            train_dataset = filter_long_prompts(train_dataset, tokenizer, limit, kwargs)
+            if eval_dataset is not None:
+                eval_dataset = filter_long_prompts(eval_dataset, tokenizer, limit, kwargs)
 
         model_init_kwargs = dict(
             revision=model_args.model_revision,
@@ -71,8 +76,8 @@ def build_trainer(script_args: LaSeRScriptArguments, training_args: LaSeRConfig,
             model=model_path,
             reward_funcs=reward_funcs,
             args=training_args,
-            train_dataset=datasets[0],
-            eval_dataset=datasets[1] if len(datasets) > 1 else None,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
             processing_class=tokenizer,
             quantization_config=get_quantization_config(model_args),
             peft_config=get_peft_config(model_args),
@@ -87,7 +92,9 @@ def build_trainer(script_args: LaSeRScriptArguments, training_args: LaSeRConfig,
         raise RecipeError(f"{type(err).__name__}: {' '.join(str(err).split())}") from err
 
 
-def main(script_args: LaSeRScriptArguments, training_args: LaSeRConfig, model_args, recipe: str | None = None) -> None:
+def main(
+    script_args: LaSeRScriptArguments, training_args: LaSeRConfig, model_args: ModelConfig, recipe: str | None = None
+) -> None:
     """Train, save (weights, tokenizer, `self_reward_config.json`, `trainer_state.json`) and optionally push, as TRL's
     grpo.py does.
 
@@ -181,7 +188,7 @@ def report_failure(err: BaseException, output_dir: str | None) -> int:
     return 1
 
 
-def prepare_model(model_args) -> None:
+def prepare_model(model_args: ModelConfig) -> None:
     """Before a relaunch: find the model once, in this one process, so that a missing one is one line here, and the
     packaged SmolLM2 is converted here rather than by every launched process at once (under ZeRO-3 their loading is
     partitioned and cannot write the float copy)."""
