@@ -10,7 +10,11 @@ import pytest
 import yaml
 
 from trl_laser.cli import main as cli_main
+from trl_laser.config import LaSeRScriptArguments
+from trl_laser.data import filter_long_prompts, load_split
 from trl_laser.launch import LaunchError, gpu_available, resolve_accelerate_config
+from trl_laser.recipe import RecipeError, parse_args, recipe_text
+from trl_laser.rewards import get_reward_funcs
 from trl_laser.scripts import train
 
 
@@ -47,7 +51,7 @@ def test_python_dash_m_runs_the_cli():
 
 
 def test_yaml_gives_defaults_and_the_command_line_wins():
-    parsed = train.parse_args(["--config", QUICKSTART, "--max_steps", "3", "--self_reward_ref_constant", "-15.5"])
+    parsed = parse_args(["--config", QUICKSTART, "--max_steps", "3", "--self_reward_ref_constant", "-15.5"])
     assert parsed.training_args.max_steps == 3
     assert parsed.training_args.self_reward_ref_constant == -15.5
     assert parsed.training_args.learning_rate == 1e-5  # from the recipe
@@ -76,13 +80,13 @@ def test_unknown_yaml_key_fails_with_suggestion(tmp_path, capsys):
 def test_unknown_key_is_reported_before_other_checks(tmp_path):
     # A renamed key whose value was needed elsewhere: the unknown key is named, not the consequence.
     path = write_recipe(tmp_path, temperature=0.7, num_generation=8)
-    with pytest.raises(train.RecipeError, match="Did you mean 'num_generations'"):
-        train.parse_args(["--config", path])
+    with pytest.raises(RecipeError, match="Did you mean 'num_generations'"):
+        parse_args(["--config", path])
 
 
 def test_abbreviated_keys_are_refused():
-    with pytest.raises(train.RecipeError, match="Unknown key 'learning_rat'"):
-        train.parse_args(["--config", QUICKSTART, "--learning_rat", "1e-5"])
+    with pytest.raises(RecipeError, match="Unknown key 'learning_rat'"):
+        parse_args(["--config", QUICKSTART, "--learning_rat", "1e-5"])
 
 
 def test_bad_values_give_one_line_errors(tmp_path, capsys):
@@ -107,20 +111,20 @@ def test_setup_errors_name_the_setting(tmp_path, tiny_model_dir, capsys):
 
 def test_accelerate_arguments_are_split_off():
     argv = ["--config", QUICKSTART, "--num_processes", "2", "--max_steps", "1", "--main_process_port", "29501"]
-    parsed = train.parse_args(argv)
+    parsed = parse_args(argv)
     assert parsed.launch_args == ["--num_processes", "2", "--main_process_port", "29501"]
     assert parsed.script_argv == ["--config", QUICKSTART, "--max_steps", "1"]
     assert parsed.training_args.max_steps == 1
 
 
 def test_accelerate_keys_in_the_recipe(tmp_path):
-    parsed = train.parse_args(["--config", write_recipe(tmp_path, num_processes=2, same_network=True)])
+    parsed = parse_args(["--config", write_recipe(tmp_path, num_processes=2, same_network=True)])
     assert parsed.launch_args == ["--num_processes", "2", "--same_network"]
     assert parsed.script_argv == ["--config", str(tmp_path / "recipe.yaml")]
 
 
 def test_gradient_accumulation_goes_to_the_recipe_not_accelerate():
-    parsed = train.parse_args(["--config", QUICKSTART, "--gradient_accumulation_steps", "2"])
+    parsed = parse_args(["--config", QUICKSTART, "--gradient_accumulation_steps", "2"])
     assert parsed.training_args.gradient_accumulation_steps == 2
     assert parsed.launch_args == []
 
@@ -171,8 +175,8 @@ def test_deepspeed_config_without_deepspeed_is_a_clear_error(capsys, monkeypatch
 
 def test_recipe_text_hides_the_hub_token(tmp_path):
     path = write_recipe(tmp_path, hub_token="hf_secret")
-    parsed = train.parse_args(["--config", path, "--hub_token", "hf_other", "--max_steps", "1"])
-    text = train.recipe_text(parsed)
+    parsed = parse_args(["--config", path, "--hub_token", "hf_other", "--max_steps", "1"])
+    text = recipe_text(parsed)
     assert "hf_secret" not in text and "hf_other" not in text
     assert text.startswith(f"# trl-laser train --config {path} --hub_token '***' --max_steps 1")
 
@@ -192,10 +196,10 @@ def test_failed_relaunch_returns_its_exit_status(monkeypatch):
 def test_reward_funcs_by_name_or_import_path():
     from trl_laser.answers import math_verify_reward
 
-    funcs = train._load_reward_funcs(["math_verify_reward", "trl_laser.answers.math_verify_reward"])
+    funcs = get_reward_funcs(["math_verify_reward", "trl_laser.answers.math_verify_reward"])
     assert funcs == [math_verify_reward, math_verify_reward]
-    with pytest.raises(train.RecipeError, match="could not import 'trl_laser.answers.nope'"):
-        train._load_reward_funcs(["trl_laser.answers.nope"])
+    with pytest.raises(RecipeError, match="could not import 'trl_laser.answers.nope'"):
+        get_reward_funcs(["trl_laser.answers.nope"])
 
 
 def test_local_dataset_columns_system_prompt_and_prompt_filter(tmp_path, tokenizer):
@@ -205,10 +209,10 @@ def test_local_dataset_columns_system_prompt_and_prompt_filter(tmp_path, tokeniz
         + "x " * 300
         + '", "final_answer": "1"}\n'
     )
-    args = train.LaSeRScriptArguments(
+    args = LaSeRScriptArguments(
         dataset_name=str(data), problem_column="question", answer_column="final_answer", system_prompt="Be brief."
     )
-    dataset = train.load_split(args, "train", None, seed=0)
+    dataset = load_split(args, "train", None, seed=0)
     assert dataset[0]["answer"] == "4"
     assert dataset[0]["prompt"] == [
         {"role": "system", "content": "Be brief."},
@@ -217,13 +221,13 @@ def test_local_dataset_columns_system_prompt_and_prompt_filter(tmp_path, tokeniz
             "content": "What is 2 plus 2? Please reason step by step, and put your final answer within \\boxed{}.",
         },
     ]
-    assert len(train._filter_long_prompts(dataset, tokenizer, 100, None)) == 1
-    with pytest.raises(train.RecipeError, match="max_prompt_length=5"):
-        train._filter_long_prompts(dataset, tokenizer, 5, None)
+    assert len(filter_long_prompts(dataset, tokenizer, 100, None)) == 1
+    with pytest.raises(RecipeError, match="max_prompt_length=5"):
+        filter_long_prompts(dataset, tokenizer, 5, None)
 
 
 def test_builtin_arithmetic_uses_its_own_instruction():
-    args = train.LaSeRScriptArguments(dataset_name="builtin:arithmetic")
-    dataset = train.load_split(args, "test", 3, seed=0)
+    args = LaSeRScriptArguments(dataset_name="builtin:arithmetic")
+    dataset = load_split(args, "test", 3, seed=0)
     assert len(dataset) == 3 and set(dataset.column_names) >= {"prompt", "answer", "difficulty"}
     assert dataset[0]["prompt"][-1]["content"].endswith("? Answer with just the number.")  # the paper's space

@@ -216,7 +216,8 @@ def test_prompt_settings_are_read_back_from_the_model(models):
 def test_build_trainer_saves_the_prompt_settings(tiny_model_dir, tmp_path):
     from test_quickstart import QUICKSTART, SHORT
 
-    from trl_laser.scripts.train import build_trainer, parse_args
+    from trl_laser.recipe import parse_args
+    from trl_laser.scripts.train import build_trainer
 
     argv = ["--config", QUICKSTART, "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path), *SHORT]
     parsed = parse_args([*argv, "--self_reward_ref_constant", "-12", "--system_prompt", "Hi.", "--dataset_seed", "5"])

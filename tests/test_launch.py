@@ -88,7 +88,7 @@ def test_batch_sizes_are_checked_for_the_launched_processes(launch, generation_b
     """4 completions per process make one group of 8 only when the launch has 2 processes or more: the launching
     process (alone) checks the recipe as the launched ones will see it."""
     pytest.importorskip("deepspeed", reason="the test extra installs deepspeed")
-    from trl_laser.scripts.train import RecipeError, parse_args
+    from trl_laser.recipe import RecipeError, parse_args
 
     argv = ["--model_name_or_path", "m", "--output_dir", "o", "--use_cpu", "true", "--bf16", "false"]
     argv += ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--num_generations", "8"]
@@ -106,7 +106,7 @@ def test_ddp_backend_is_for_the_launched_processes(monkeypatch):
     """accelerate starts a process group for any `ddp_backend`: the launching process plans with it but does not
     start one, and a run of one process is told to drop it."""
     pytest.importorskip("deepspeed", reason="the test extra installs deepspeed")
-    from trl_laser.scripts.train import RecipeError, parse_args
+    from trl_laser.recipe import RecipeError, parse_args
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     argv = ["--model_name_or_path", "m", "--output_dir", "o", "--use_cpu", "true", "--bf16", "false"]

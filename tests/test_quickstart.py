@@ -73,7 +73,8 @@ def test_quickstart_short_trains_saves_and_evaluates(tiny_model_dir, tmp_path, c
 
 
 def test_quickstart_logs_self_reward_metrics_every_step(tiny_model_dir, tmp_path):
-    from trl_laser.scripts.train import build_trainer, parse_args
+    from trl_laser.recipe import parse_args
+    from trl_laser.scripts.train import build_trainer
 
     argv = ["--config", QUICKSTART, "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path), *SHORT]
     parsed = parse_args(argv)

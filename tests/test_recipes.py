@@ -14,6 +14,9 @@ from accelerate.commands.config.config_args import load_config_from_file
 from trl import ModelConfig
 
 from trl_laser import LaSeRConfig, launch
+from trl_laser.config import LaSeRScriptArguments
+from trl_laser.data import load_split
+from trl_laser.recipe import ParsedArgs, parse_args
 from trl_laser.scripts import train
 
 
@@ -43,10 +46,10 @@ PAPER = {
 PAPER_RECIPES = [r for r in RECIPES if r.split(os.sep)[-3] in PAPER]
 
 
-def parse(path: str) -> train.ParsedArgs:
+def parse(path: str) -> ParsedArgs:
     # bf16 recipes are for GPUs: on a CPU-only machine parse them with bf16 off, which TrainingArguments insists on.
     extra = [] if torch.cuda.is_available() else ["--bf16", "false"]
-    return train.parse_args(["--config", path, *extra])
+    return parse_args(["--config", path, *extra])
 
 
 def test_the_expected_recipes_are_shipped():
@@ -67,7 +70,7 @@ def test_the_expected_recipes_are_shipped():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: os.path.relpath(p, ROOT))
 def test_recipe_parses_with_no_unknown_key(path):
     parsed = parse(path)
-    assert isinstance(parsed.script_args, train.LaSeRScriptArguments)
+    assert isinstance(parsed.script_args, LaSeRScriptArguments)
     assert isinstance(parsed.training_args, LaSeRConfig)
     assert isinstance(parsed.model_args, ModelConfig)
     assert parsed.launch_args == []  # accelerate settings are given on the command line
@@ -144,7 +147,7 @@ def test_quickstart_recipe_is_small_and_offline():
 def test_smollm2_recipes_keep_their_measured_newline_separator(path):
     script = parse(path).script_args
     assert script.instruction_separator == "\n" and script.reward_funcs == ["math_verify_reward"]
-    prompt = train.load_split(script, "test", 1, seed=0)[0]["prompt"][-1]["content"]
+    prompt = load_split(script, "test", 1, seed=0)[0]["prompt"][-1]["content"]
     assert prompt.endswith("?\nAnswer with just the number.")
 
 

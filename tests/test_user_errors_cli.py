@@ -24,6 +24,8 @@ import yaml
 from trl_laser.cli import main as cli_main
 from trl_laser.config import LaSeRConfig
 from trl_laser.hub import RECIPE_FILE
+from trl_laser.recipe import Mismatch, RecipeError, conform
+from trl_laser.run_dir import checkpoints, is_complete, latest_checkpoint
 from trl_laser.scripts import train
 
 
@@ -109,14 +111,14 @@ def test_reward_funcs_as_a_string_says_how_to_write_the_list(tmp_path, capsys):
 
 def test_recipe_values_are_read_as_the_command_line_reads_them():
     # YAML reads 1e-5 (no dot) as a string, -23.0 for a string field as a float: both as their command-line text.
-    assert train._conform("1e-5", float) == 1e-5
-    assert train._conform("3", int) == 3 and train._conform(-23.0, str) == "-23.0"
-    assert train._conform("yes", bool) is True and train._conform("0", bool | None) is False
-    assert train._conform(False, str | None | typing.Literal[False]) is False
-    assert train._conform([1, "0.5"], list[float] | None) == [1, 0.5]
+    assert conform("1e-5", float) == 1e-5
+    assert conform("3", int) == 3 and conform(-23.0, str) == "-23.0"
+    assert conform("yes", bool) is True and conform("0", bool | None) is False
+    assert conform(False, str | None | typing.Literal[False]) is False
+    assert conform([1, "0.5"], list[float] | None) == [1, 0.5]
     for value, tp in [(4.0, int), (True, int), ("2.5", int), ("x", float), ({"a": 1}, str), ("a", list[str])]:
-        with pytest.raises(train._Mismatch):
-            train._conform(value, tp)
+        with pytest.raises(Mismatch):
+            conform(value, tp)
 
 
 def test_recipe_choices_are_checked(tmp_path, capsys):
@@ -196,7 +198,7 @@ def test_errors_raised_while_training_are_one_line_and_the_trace_on_request(tmp_
     err = capsys.readouterr().err
     hint = " (run with TRL_LASER_TRACEBACK=1 for the full traceback)"
     assert err == f"trl-laser train: error: RuntimeError: c_ref is missing from the checkpoint{hint}\n"
-    assert train._script_main(argv) == 1  # the processes that `accelerate launch` starts
+    assert train.run(argv, launched=True) == 1  # the processes that `accelerate launch` starts
     assert capsys.readouterr().err == err
     monkeypatch.setenv("TRL_LASER_TRACEBACK", "1")
     assert cli_main(["train", *argv]) == 1
@@ -225,15 +227,15 @@ def test_latest_checkpoint_skips_checkpoints_cut_off_while_written(tmp_path):
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
     (tmp_path / "checkpoint-99.tmp").mkdir()  # not a checkpoint name
     said = []
-    assert train.latest_checkpoint(str(tmp_path), say=said.append) == str(tmp_path / "checkpoint-10")
+    assert latest_checkpoint(str(tmp_path), say=said.append) == str(tmp_path / "checkpoint-10")
     assert [line.split(":")[0] for line in said] == [
         f"[trl-laser] Skipping {tmp_path / 'checkpoint-12'}",
         f"[trl-laser] Skipping {tmp_path / 'checkpoint-11'}",
     ]
     for step in (2, 10):
         shutil.rmtree(tmp_path / f"checkpoint-{step}")
-    with pytest.raises(train.RecipeError, match="but it holds no complete checkpoint-N folder"):
-        train.latest_checkpoint(str(tmp_path), say=said.append)
+    with pytest.raises(RecipeError, match="but it holds no complete checkpoint-N folder"):
+        latest_checkpoint(str(tmp_path), say=said.append)
 
 
 # ---------------------------------------------------------------------------------------------------- machine, model
@@ -286,14 +288,14 @@ def training_process(argv, stderr_path):
 
 def wait_for_checkpoint(process, out, stderr_path, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
-    while not any(train._is_complete(c) for c in train._checkpoints(str(out))):
+    while not any(is_complete(c) for c in checkpoints(str(out))):
         assert process.poll() is None, open(stderr_path).read()[-3000:]
         assert time.monotonic() < deadline, "no checkpoint in time"
         time.sleep(0.1)
 
 
 def completed_steps(out) -> int:
-    return int(train.latest_checkpoint(str(out), say=lambda _: None).rsplit("-", 1)[1])
+    return int(latest_checkpoint(str(out), say=lambda _: None).rsplit("-", 1)[1])
 
 
 def test_sigkill_then_resume_true_continues_from_the_latest_complete_checkpoint(tiny_model_dir, tmp_path, capsys):
@@ -328,7 +330,7 @@ def test_sigint_prints_one_line_that_says_how_to_resume(tiny_model_dir, tmp_path
     err = (tmp_path / "stderr.txt").read_text()
     assert "Traceback" not in err
     [line] = [line for line in err.splitlines() if line.startswith("trl-laser train: interrupted.")]
-    latest = train.latest_checkpoint(str(out), say=lambda _: None)
+    latest = latest_checkpoint(str(out), say=lambda _: None)
     assert line == (
         f"trl-laser train: interrupted. Its latest checkpoint is {latest}: continue with "
         "`--resume_from_checkpoint true`."

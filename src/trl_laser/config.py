@@ -1,4 +1,5 @@
-"""`LaSeRConfig`: `GRPOConfig` plus the LaSeR settings of `docs/method.md`, defaults = the paper's."""
+"""The settings of a LaSeR run: `LaSeRConfig` (`GRPOConfig` plus the LaSeR settings of `docs/method.md`, defaults =
+the paper's) and `LaSeRScriptArguments` (the data and rewards of `trl-laser train`), as TRL's and open-r1's configs."""
 
 from __future__ import annotations
 
@@ -34,6 +35,70 @@ def parse_ref_constant(value: float | int | str, field_name: str = "self_reward_
             "`trl-laser estimate-ref-constant` or set it to 'auto'."
         )
     return value
+
+
+@dataclass
+class LaSeRScriptArguments:
+    """Data and reward settings of `trl-laser train` (the training settings are `LaSeRConfig`'s)."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub dataset name, local JSON/JSONL/parquet/CSV file, or `builtin:arithmetic` (generated, no "
+            "network)."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(
+        default="test", metadata={"help": "Split to evaluate on (only with `eval_strategy` other than `no`)."}
+    )
+    problem_column: str = field(default="problem", metadata={"help": "Column holding the problem text."})
+    answer_column: str = field(
+        default="answer", metadata={"help": "Column holding the gold answer that the verifier checks."}
+    )
+    system_prompt: str | None = field(default=None, metadata={"help": "Optional system message of every prompt."})
+    instruction: str | None = field(
+        default=None,
+        metadata={
+            "help": "Text appended to every problem. Default: the paper's 'Please reason step by step, and put your "
+            "final answer within \\boxed{}.', or 'Answer with just the number.' for builtin:arithmetic. '' for none."
+        },
+    )
+    instruction_separator: str = field(
+        default=" ",
+        metadata={
+            "help": "What joins the problem and the instruction: ' ' (default), as the official LaSeR training data; "
+            "'\\n' in the SmolLM2 recipes, whose results were measured with it."
+        },
+    )
+    dataset_seed: int = field(default=0, metadata={"help": "Seed of the generated builtin:arithmetic problems."})
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Drop problems whose prompt (chat template applied) is longer than this many tokens, as the "
+            "paper's `filter_overlong_prompts` with 2048."
+        },
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N problems only."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N problems only."})
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["math_verify_reward"],
+        metadata={
+            "help": "Reward functions, the first being LaSeR's 0/1 verifier: `math_verify_reward` (default; the last "
+            "box, else the last $...$ math or number), `boxed_math_verify_reward` (the official LaSeR verifier: exactly "
+            "one \\boxed{}, no fallback), or dotted import paths such as `my_lib.rewards.my_reward`."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start a new run in an `output_dir` that already holds a trained model or checkpoints (refused "
+            "otherwise, so that nothing is lost): its old checkpoint-N folders are removed once the new run has made "
+            "its first step, and its model files are replaced when it ends. To continue a run instead, use "
+            "`resume_from_checkpoint: true` (the latest checkpoint in `output_dir`)."
+        },
+    )
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Problem datasets and prompts, shared by training and evaluation so that both format prompts identically."""
+"""Problem datasets and prompts, shared by training and evaluation so that both format prompts identically, and the
+splits that `trl-laser train` trains and evaluates on."""
 
 from __future__ import annotations
 
@@ -6,8 +7,16 @@ import hashlib
 import json
 import os
 import random
+from typing import TYPE_CHECKING, Any
 
 from datasets import Dataset, load_dataset
+
+from trl_laser.recipe import RecipeError
+from trl_laser.settings import PromptSettings
+
+
+if TYPE_CHECKING:
+    from trl_laser.config import LaSeRScriptArguments
 
 
 # The paper's instruction (as in DeepMath-103K / Open-Reasoner-Zero prompts): reason, then box the final answer.
@@ -201,3 +210,55 @@ def make_arithmetic_dataset(
 def default_instruction(dataset_name: str | None) -> str:
     """The instruction appended to each problem when none is set: the paper's, or the arithmetic set's own."""
     return ARITHMETIC_INSTRUCTION if dataset_name == ARITHMETIC_DATASET else PAPER_INSTRUCTION
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The splits of `trl-laser train`, from its script arguments (`config.LaSeRScriptArguments`).
+
+
+def prompt_settings(script_args: LaSeRScriptArguments) -> PromptSettings:
+    """How the training prompts are built, saved with the model so that `trl-laser eval` builds them the same way."""
+    name = script_args.dataset_name
+    return PromptSettings(
+        system_prompt=script_args.system_prompt,
+        instruction=script_args.instruction if script_args.instruction is not None else default_instruction(name),
+        instruction_separator=script_args.instruction_separator,
+        dataset_name=name,
+        dataset_seed=script_args.dataset_seed,
+    )
+
+
+def load_split(script_args: LaSeRScriptArguments, split: str, limit: int | None, seed: int) -> Dataset:
+    """One split as TRL's GRPOTrainer wants it: a conversational `prompt` plus the `answer` for the verifier."""
+    name = script_args.dataset_name
+    if not name:
+        raise RecipeError(
+            "`dataset_name` is not set: give a Hub dataset, a local JSON/JSONL/parquet/CSV file, or builtin:arithmetic."
+        )
+    if name == ARITHMETIC_DATASET:
+        dataset = make_arithmetic_dataset(split, seed=seed)
+    else:
+        dataset = load_problems(
+            name, split, script_args.problem_column, script_args.answer_column, script_args.dataset_config
+        )
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    instruction = script_args.instruction if script_args.instruction is not None else default_instruction(name)
+    return to_prompt_dataset(dataset, script_args.system_prompt, instruction, script_args.instruction_separator)
+
+
+def filter_long_prompts(
+    dataset: Dataset, tokenizer: Any, max_length: int, chat_template_kwargs: dict | None
+) -> Dataset:
+    """Drop the problems whose templated prompt is longer than `max_length` tokens (the paper's 2048 filter)."""
+
+    def keep(row):
+        ids = tokenizer.apply_chat_template(
+            row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True, **(chat_template_kwargs or {})
+        )["input_ids"]
+        return len(ids) <= max_length
+
+    kept = dataset.filter(keep, desc=f"dropping prompts over {max_length} tokens")
+    if len(kept) == 0:
+        raise RecipeError(f"Every prompt is longer than `max_prompt_length={max_length}` tokens.")
+    return kept

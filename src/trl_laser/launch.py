@@ -7,10 +7,14 @@ machine without one the same command still runs, so that a distributed recipe ca
 cluster is rented: the launch uses gloo (`--ddp_backend gloo`, and `--use_cpu true` outside DeepSpeed) and fp32, and
 says so in one line; a setting that cannot work there (bf16 or fp16 under DeepSpeed) is refused before anything
 starts. On every machine the launch's mixed precision follows the recipe's `bf16` / `fp16`.
+
+This module also reads the launch arguments themselves (accelerate's options, a flag's value, the process count), for
+`trl_laser.recipe`, which splits them off a command line, and for the launch plan.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.resources
 import importlib.util
@@ -64,6 +68,18 @@ def resolve_accelerate_config(name_or_path: str) -> Path:
         f"Accelerate config '{name_or_path}' is neither a file nor one of the shipped configs "
         f"{sorted(packaged)}: give a path or one of those names."
     )
+
+
+def launch_options() -> dict[str, argparse.Action]:
+    """The options of `accelerate launch`, by option string: the keys that `trl-laser train` hands to it."""
+    from accelerate.commands.launch import launch_command_parser
+
+    actions = {}
+    for action in launch_command_parser()._actions:
+        for option in action.option_strings:
+            if option.startswith("--") and option != "--help":
+                actions[option] = action
+    return actions
 
 
 def _flag_value(args: list[str], flag: str) -> str | None:
