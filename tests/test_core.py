@@ -7,6 +7,7 @@ import torch
 
 from trl_laser.core import (
     Phase,
+    append_self_reward_token,
     class_weights,
     laser_phase,
     mixed_advantages,
@@ -201,3 +202,20 @@ def test_self_reward_advantage_refuses_unknown_settings():
         self_reward_advantages(torch.zeros(4), 4, "per_token")
     with pytest.raises(ValueError, match="`multi_objective_aggregation`"):
         self_reward_advantages(torch.zeros(4), 4, "group", "sum")
+
+
+def test_append_self_reward_token_by_hand():
+    # EOS is 2, z_c is 9: rows finished, truncated, empty; the second row's tool mask hides its first id.
+    ids, mask, logprobs, finished = append_self_reward_token(
+        [[5, 2], [4, 6], []],
+        [[1, 1], [0, 1], []],
+        [[-0.5, -0.1], [-1.0, -2.0], []],
+        eos_token_ids=[2],
+        token_id=9,
+        mask_truncated=False,
+    )
+    assert ids == [[5, 2, 9], [4, 6], []] and finished == [True, False, False]
+    assert mask == [[1, 1, 0], [0, 1], []]
+    assert logprobs == [[-0.5, -0.1, None], [-1.0, -2.0], []]
+    ids, mask, logprobs, _ = append_self_reward_token([[5, 2], [4, 6]], None, None, [2], 9, mask_truncated=True)
+    assert mask == [[1, 1, 0], [0, 0]] and logprobs is None

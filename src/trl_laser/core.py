@@ -1,4 +1,4 @@
-"""Pure tensor functions of LaSeR (`docs/method.md`): score, class weights, loss, advantage mix and phase.
+"""Pure functions of LaSeR (`docs/method.md`): z_c's place, score, class weights, loss, advantage mix and phase.
 
 They take no model and no trainer, so that every formula is tested against hand computations; the trainer only
 wires them into TRL's data flow.
@@ -7,8 +7,36 @@ wires them into TRL's data flow.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 
 import torch
+
+
+def append_self_reward_token(
+    completion_ids: Sequence[Sequence[int]],
+    tool_mask: Sequence[Sequence[int]] | None,
+    logprobs: Sequence[Sequence[float]] | None,
+    eos_token_ids: Sequence[int],
+    token_id: int,
+    mask_truncated: bool,
+) -> tuple[list[list[int]], list[list[int]], list[list[float | None]] | None, list[bool]]:
+    """z_c after every finished completion (its last id an EOS), for TRL's fused head to score it in the policy's
+    forward: loss mask 0 there (and on truncated completions when `mask_truncated`), sampling log-prob None.
+
+    Returns the new completion ids, loss masks, sampling log-probs, and which completions are finished.
+    """
+    eos = set(eos_token_ids)
+    finished = [len(ids) > 0 and ids[-1] in eos for ids in completion_ids]
+    new_ids, new_mask, new_logprobs = [], [], None if logprobs is None else []
+    for i, (ids, done) in enumerate(zip(completion_ids, finished)):
+        mask = list(tool_mask[i]) if tool_mask is not None else [1] * len(ids)
+        if mask_truncated and not done:
+            mask = [0] * len(ids)
+        new_ids.append(list(ids) + [token_id] if done else list(ids))
+        new_mask.append(mask + [0] if done else mask)
+        if logprobs is not None:
+            new_logprobs.append(list(logprobs[i]) + [None] if done else list(logprobs[i]))
+    return new_ids, new_mask, new_logprobs, finished
 
 
 class Phase(str, enum.Enum):

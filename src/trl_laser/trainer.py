@@ -31,7 +31,15 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from .config import LaSeRConfig
-from .core import Phase, class_weights, laser_phase, mixed_advantages, self_reward_loss, self_reward_score
+from .core import (
+    Phase,
+    append_self_reward_token,
+    class_weights,
+    laser_phase,
+    mixed_advantages,
+    self_reward_loss,
+    self_reward_score,
+)
 from .row_update import ROW_STATE_NAME, LeastSquaresRowUpdate, check_row_update_supported
 from .self_reward_log import SelfRewardLog
 from .settings import SELF_REWARD_CONFIG_NAME, SelfRewardSettings
@@ -177,29 +185,16 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         return optimizer
 
     def _generate(self, prompts: list):
-        (
-            prompt_ids,
+        prompt_ids, completion_ids, tool_mask, completions, logprobs, *rest = super()._generate(prompts)
+        ids, mask, logprobs, self._laser_finished = append_self_reward_token(
             completion_ids,
             tool_mask,
-            completions,
             logprobs,
-            extra_fields,
-            images,
-            tool_images,
-        ) = super()._generate(prompts)
-        eos = set(self.eos_token_ids)
-        finished = [len(ids) > 0 and ids[-1] in eos for ids in completion_ids]
-        self._laser_finished = finished
-        new_ids, new_mask, new_logprobs = [], [], None if logprobs is None else []
-        for i, (ids, done) in enumerate(zip(completion_ids, finished)):
-            mask = list(tool_mask[i]) if tool_mask is not None else [1] * len(ids)
-            if self._laser_mask_truncated and not done:
-                mask = [0] * len(ids)
-            new_ids.append(list(ids) + [self.self_reward_token_id] if done else list(ids))
-            new_mask.append(mask + [0] if done else mask)
-            if logprobs is not None:
-                new_logprobs.append(list(logprobs[i]) + [None] if done else list(logprobs[i]))
-        return prompt_ids, new_ids, new_mask, completions, new_logprobs, extra_fields, images, tool_images
+            self.eos_token_ids,
+            self.self_reward_token_id,
+            self._laser_mask_truncated,
+        )
+        return prompt_ids, ids, mask, completions, logprobs, *rest
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         completion_ids_list = [
