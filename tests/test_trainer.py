@@ -360,7 +360,7 @@ def test_save_writes_self_reward_settings_and_model_card(tiny_model_dir, tmp_pat
     settings = json.loads((out / SELF_REWARD_CONFIG_NAME).read_text())
     assert settings["self_reward_token"] == SELF_REWARD_TOKEN and settings["self_reward_token_id"] == ZC
     assert settings["self_reward_ref_mode"] == "auto" and settings["self_reward_beta"] == 0.1
-    assert settings["self_reward_ref_constant"] == pytest.approx(trainer._ref_constant)
+    assert settings["self_reward_ref_constant"] == pytest.approx(trainer.ref_constant.value)
     assert settings["temperature"] == 1.0 and settings["eos_token_ids"] == [EOS, EOS2]
     trainer.create_model_card(model_name="tiny-laser")
     card = (tmp_path / "out" / "README.md").read_text()
@@ -371,13 +371,13 @@ def test_resume_keeps_auto_ref_constant_and_phase(tiny_model_dir, tmp_path):
     common = dict(self_reward_ref_constant="auto", save_strategy="steps", save_steps=1, self_reward_warmup_steps=2)
     first = make_trainer(tiny_model_dir, tmp_path, max_steps=1, **common)
     first.train()
-    c_ref = first._ref_constant
+    c_ref = first.ref_constant.value
     checkpoint = tmp_path / "out" / "checkpoint-1"
     assert json.loads((checkpoint / SELF_REWARD_CONFIG_NAME).read_text())["self_reward_ref_constant"] == c_ref
 
     resumed = make_trainer(tiny_model_dir, tmp_path, max_steps=3, **common)
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    assert resumed._ref_constant == c_ref  # reused, not re-estimated from the trained policy
+    assert resumed.ref_constant.value == c_ref  # reused, not re-estimated from the trained policy
     logged = [h for h in resumed.state.log_history if "self_reward/phase" in h and h["step"] > 1]
     assert [h["step"] for h in logged] == [2, 3]
     assert [h["self_reward/phase"] for h in logged] == [1.0, 2.0]  # step 1: MSE only; step 2: mixing

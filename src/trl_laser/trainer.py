@@ -7,9 +7,11 @@ How it rides on `GRPOTrainer` (TRL 1.16), one small seam each:
   `log pi(z_c | x, y, EOS)` in the same forward pass as the policy's tokens, and loss-mask 0 (through TRL's
   `tool_mask`), so it adds nothing to the policy loss, KL, entropy or token counts. `mask_truncated_completions`
   is applied here too, through the same mask, because TRL's own check would read z_c as a truncation.
+- `_generate_single_turn`: while transformers' `generate` runs, a forward hook reads the generating policy's z_c
+  log-prob right after each EOS (`generation_capture`), so the mixing phase needs no extra forward pass.
 - `_calculate_rewards`: reward functions see the completion ids without z_c; the verifier's column is kept.
-- `_generate_and_score_completions`: class weights over the whole generation batch (all processes), c_ref, phase,
-  and the mixed advantage are attached to the batch as per-row tensors, which TRL shuffles and splits with the rest.
+- `_generate_and_score_completions`: c_ref, the mixed advantage, and class weights over the whole generation batch
+  (all processes) are attached to the batch as per-row tensors, which TRL shuffles and splits with the rest.
 - `_compute_loss`: the z_c log-probs are read from TRL's own forward (`_get_per_token_logps_and_entropies`) and
   `alpha * l_MSE` is added, scaled so that the gradient accumulated over a generation batch is exactly the spec's
   when one generation batch makes one optimizer step, and so that alpha weighs l_MSE per optimizer step otherwise.
@@ -40,6 +42,8 @@ from .core import (
     self_reward_loss,
     self_reward_score,
 )
+from .generation_capture import GenerationZcCapture, complete_generation_zc
+from .reference import RefConstant
 from .row_update import ROW_STATE_NAME, LeastSquaresRowUpdate, check_row_update_supported
 from .self_reward_log import SelfRewardLog
 from .settings import SELF_REWARD_CONFIG_NAME, SelfRewardSettings
@@ -151,17 +155,13 @@ class LaSeRGRPOTrainer(GRPOTrainer):
                 log_step_norm=lambda norm: self._metrics["train"]["self_reward/row_step_norm"].append(norm),
             )
 
-        self._ref_mode = (
-            "constant" if isinstance(args.self_reward_ref_constant, float) else args.self_reward_ref_constant
-        )
-        if self._ref_mode == "model" and self.beta == 0.0 and not is_peft_model(self.model):
+        self.ref_constant = RefConstant(args.self_reward_ref_constant)
+        if self.ref_constant.mode == "model" and self.beta == 0.0 and not is_peft_model(self.model):
             raise ValueError(
                 "`self_reward_ref_constant='model'` reads z_c's log-prob from the reference model, which TRL only "
                 "keeps with `beta > 0` or a PEFT model (adapters disabled). Set `beta > 0`, train with PEFT, or use "
                 "`self_reward_ref_constant='auto'` / a number (the paper finds the constant matches the model)."
             )
-        self._ref_constant: float | None = args.self_reward_ref_constant if self._ref_mode == "constant" else None
-        self._ref_model_stats = torch.zeros(2, dtype=torch.float64)  # sum and count of reference log-probs
 
         # TRL decides truncation by the last completion id, which is z_c for finished completions: LaSeR applies
         # `mask_truncated_completions` itself, through the loss mask.
@@ -174,6 +174,10 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         self._laser_capture = False
         self._laser_captured: torch.Tensor | None = None
         self._laser_log = SelfRewardLog()
+        # The generating policy's z_c log-prob, read during generation (None: compute it when the mix needs it).
+        self.zc_capture: GenerationZcCapture | None = GenerationZcCapture(self.self_reward_token_id)
+        self._laser_generation_zc: list[float] | None = None
+        self._laser_zc_source: str | None = None
         self._laser_scored_batches = 0  # generation batches whose verifier values were checked
 
     # ------------------------------------------------------------------ TRL seams
@@ -184,7 +188,18 @@ class LaSeRGRPOTrainer(GRPOTrainer):
             self.row_update.attach(optimizer, self.accelerator.unwrap_model(self.model))
         return optimizer
 
+    def _generate_single_turn(self, prompt_ids, *args, **kwargs):
+        """TRL's generation; with transformers' `generate` (no tools), z_c's log-prob is read along the way."""
+        if self.zc_capture is None or self.use_vllm or self.use_transformers_continuous_batching or self.tools:
+            return super()._generate_single_turn(prompt_ids, *args, **kwargs)
+        model = self.accelerator.unwrap_model(self.model)
+        with self.zc_capture.recording(model.get_base_model() if is_peft_model(model) else model):
+            completion_ids, logprobs = super()._generate_single_turn(prompt_ids, *args, **kwargs)
+        self._laser_generation_zc = self.zc_capture.read(completion_ids, self.eos_token_ids)
+        return completion_ids, logprobs
+
     def _generate(self, prompts: list):
+        self._laser_generation_zc = None
         prompt_ids, completion_ids, tool_mask, completions, logprobs, *rest = super()._generate(prompts)
         ids, mask, logprobs, self._laser_finished = append_self_reward_token(
             completion_ids,
@@ -287,40 +302,69 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         """
         train, index, finished_local = batch.mode == "train", batch.index, batch.finished_local
         local_n, device = index.numel(), index.device
-        estimate = self._ref_mode == "auto" and self._ref_constant is None and train
-        old_zc = None
-        if batch.mixing or estimate:
-            old_logps = output.get("old_per_token_logps")
-            if old_logps is None:
-                old_logps = self._laser_logps(output)
-            old_zc = self._at(old_logps, index)
+        estimate = self.ref_constant.needs_estimate and train
+        old_zc = self._generation_zc(output, batch) if batch.mixing or estimate else None
+
+        def sums(values: torch.Tensor) -> list[float]:  # over all processes, of the finished rows
+            return (
+                gather(torch.stack([torch.nan_to_num(values).sum(), finished_local.sum()]).double()[None])
+                .sum(0)
+                .tolist()
+            )
 
         if estimate:
-            stats = gather(torch.stack([torch.nan_to_num(old_zc).sum(), finished_local.sum()]).double()[None])
-            total, count = stats.sum(dim=0).tolist()
-            if count == 0:
-                raise RuntimeError(
-                    "`self_reward_ref_constant='auto'` estimates c_ref from the first generation batch's finished "
-                    "completions, but none of them ended with EOS. Raise `max_completion_length`, or set "
-                    "`self_reward_ref_constant` to a number (measure it with `trl-laser estimate-ref-constant`)."
-                )
-            self._ref_constant = total / count
-            logger.info("LaSeR: estimated c_ref = %.4f from %d finished completions.", self._ref_constant, int(count))
-
-        if self._ref_mode == "model":
+            self.ref_constant.estimate(*sums(old_zc))
+        if self.ref_constant.mode == "model":
             ref_logps = output.get("ref_per_token_logps")
             if ref_logps is None:  # PEFT with beta == 0: the reference is the model with its adapters disabled
                 ref_logps = self._laser_logps(output, reference=True)
             ref = self._at(ref_logps, index)
-            stats = gather(torch.stack([torch.nan_to_num(ref).sum(), finished_local.sum()]).double()[None]).sum(0)
+            reference_sums = sums(ref)
             if train:
-                self._ref_model_stats += stats.cpu()
-                self._ref_constant = (self._ref_model_stats[0] / self._ref_model_stats[1].clamp(min=1)).item()
-        elif self._ref_constant is not None:
-            ref = torch.full((local_n,), self._ref_constant, device=device)
+                self.ref_constant.add_reference(*reference_sums)
+        elif self.ref_constant.value is not None:
+            ref = torch.full((local_n,), self.ref_constant.value, device=device)
         else:  # "auto" before any training batch (evaluation first): no score yet
             ref = torch.full((local_n,), float("nan"), device=device)
         return old_zc, ref
+
+    def _generation_zc(self, output: dict, batch: _GenerationBatch) -> torch.Tensor:
+        """The generating policy's z_c log-prob per local row (NaN if truncated), at the least cost available: TRL's
+        old log-probs, else the value read during generation, else one no-grad forward over the rows that lack it."""
+        if output.get("old_per_token_logps") is not None:
+            return self._zc_source("TRL's old log-probs", self._at(output["old_per_token_logps"], batch.index))
+
+        def forward(rows: torch.Tensor) -> torch.Tensor:
+            multimodal = any(k in output for k in _FORWARD_KEYS)  # per-image fields: the whole batch, then the rows
+            keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+            sub = output if multimodal else {k: output[k][rows] for k in keys}
+            values = self._at(self._laser_logps(sub), batch.index if multimodal else batch.index[rows])
+            return values[rows] if multimodal else values
+
+        # Under ZeRO-3 / FSDP a forward is collective: every process runs one when any process needs it.
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        values, computed = complete_generation_zc(
+            self._laser_generation_zc,
+            batch.finished_local,
+            forward,
+            (lambda n: gather(torch.tensor([n], device=batch.index.device)).sum().item())
+            if zero3 or self.is_fsdp_enabled
+            else None,
+        )
+        self._metrics[batch.mode]["self_reward/zc_forward_rows"].append(computed / max(batch.index.numel(), 1))
+        return self._zc_source(
+            "one no-grad forward over the rows generation did not score"
+            if computed
+            else "generation (no extra forward)",
+            values,
+        )
+
+    def _zc_source(self, source: str, values: torch.Tensor) -> torch.Tensor:
+        """Say once, and again whenever it changes, where the mix's generation-time score comes from."""
+        if source != self._laser_zc_source:
+            logger.info("LaSeR: the generating policy's z_c log-prob now comes from %s.", source)
+            self._laser_zc_source = source
+        return values
 
     def _laser_mix(self, output: dict, batch: _GenerationBatch, old_zc: torch.Tensor, ref: torch.Tensor) -> None:
         """Step 2: replace TRL's advantage with the mix of the verifier's and the generating policy's score's."""
@@ -365,8 +409,8 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         metrics["self_reward/frac_truncated"].append(1.0 - finished.float().mean().item())
         for key in ("w_correct", "w_incorrect", "n_correct", "n_incorrect"):
             metrics[f"self_reward/{key}"].append(float(counts[key]))
-        if self._ref_constant is not None:
-            metrics["self_reward/c_ref"].append(float(self._ref_constant))
+        if self.ref_constant.value is not None:
+            metrics["self_reward/c_ref"].append(float(self.ref_constant.value))
 
     def _compute_loss(self, model, inputs):
         self._laser_capture = True
@@ -452,7 +496,7 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         They include what makes test-time scoring compute the training quantity (the fp32 LM head, the chat-template
         arguments) and, when `trl-laser train` set `prompt_settings`, how the prompts were built.
         """
-        return None if self._ref_constant is None else self._settings(float(self._ref_constant))
+        return None if self.ref_constant.value is None else self._settings(float(self.ref_constant.value))
 
     def _settings(self, ref_constant: float) -> SelfRewardSettings:
         return SelfRewardSettings(
@@ -460,7 +504,7 @@ class LaSeRGRPOTrainer(GRPOTrainer):
             self_reward_token_id=self.self_reward_token_id,
             self_reward_beta=self.args.self_reward_beta,
             self_reward_ref_constant=ref_constant,
-            self_reward_ref_mode=self._ref_mode,
+            self_reward_ref_mode=self.ref_constant.mode,
             temperature=1.0,
             eos_token_ids=[int(i) for i in self.eos_token_ids],
             cast_lm_head_to_fp32=bool(self.args.cast_lm_head_to_fp32),
@@ -505,16 +549,7 @@ class LaSeRGRPOTrainer(GRPOTrainer):
             return
         if self.row_update is not None:
             self.row_update.load(checkpoint, self.accelerator.device)
-        if self._ref_mode == "constant":
-            return
-        if saved is None:
-            raise FileNotFoundError(
-                f"Resuming with `self_reward_ref_constant={self._ref_mode!r}` needs the c_ref saved in "
-                f"{os.path.join(checkpoint, SELF_REWARD_CONFIG_NAME)}, which is missing; re-estimating it from a "
-                "trained policy would be wrong. Set `self_reward_ref_constant` to the value of the original run."
-            )
-        self._ref_constant = float(saved.self_reward_ref_constant)
-        logger.info("LaSeR: resumed c_ref = %.4f from %s.", self._ref_constant, checkpoint)
+        self.ref_constant.resume(saved, checkpoint)
 
     def _check_resume_settings(self, checkpoint: str) -> SelfRewardSettings | None:
         """The checkpoint's saved settings (None if it has none); refuses to resume with other self-reward settings:
@@ -524,7 +559,7 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         saved = None
         if os.path.isfile(os.path.join(checkpoint, SELF_REWARD_CONFIG_NAME)):
             saved = SelfRewardSettings.from_pretrained(checkpoint)
-            current = self._settings(float("nan") if self._ref_constant is None else self._ref_constant)
+            current = self._settings(float("nan") if self.ref_constant.value is None else self.ref_constant.value)
             differences = current.resume_differences(saved)
         row_update = self.args.self_reward_row_update
         if os.path.isfile(os.path.join(checkpoint, ROW_STATE_NAME)) and row_update != "least_squares":
