@@ -33,10 +33,16 @@ from .core import self_reward_score
 from .evaluation.prompts import Prompt, resolve_prompt, saved_settings
 from .evaluation.protocol import Benchmark, load_benchmark
 from .evaluation.report import signal_table
-from .evaluation.sampling import Sampling, SelfRewardOverrides, sample_batches
+from .evaluation.sampling import (
+    Sampling,
+    SelfRewardOverrides,
+    check_counts,
+    default_device,
+    load_for_sampling,
+    sample_batches,
+)
 from .evaluation.summary import BASELINES, add_answer_agreement, auroc_null_std, band_names, ranking
 from .metrics import self_verification_metrics
-from .models import load_model_and_tokenizer
 from .readout import DEFAULT_C_VALUES, readout_probabilities
 from .ref_constant import c_ref_statistics
 from .settings import SELF_REWARD_CONFIG_NAME, SelfRewardSettings
@@ -122,7 +128,7 @@ def run_probe(
         raise ValueError(f"{len(problems)} problems cannot fill {folds} folds grouped by problem: use more problems.")
 
     start = time.perf_counter()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     model, tokenizer, settings = _load(model_name_or_path, device, self_reward)
     seconds = {"load": time.perf_counter() - start}
     conversations = [prompt.conversation(p["problem"], dataset) for p in problems]
@@ -184,14 +190,14 @@ def _check_options(
     c_values: Sequence[float],
     self_reward_ref_constant: float | None,
 ) -> None:
-    for name, value in (
-        ("num_samples", sampling.num_samples),
-        ("batch_size", sampling.batch_size),
-        ("max_new_tokens", sampling.max_new_tokens),
-        ("max_problems", 1 if max_problems is None else max_problems),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` (--{name.replace('_', '-')}) must be an integer >= 1, got {value!r}.")
+    check_counts(
+        {
+            "num_samples": sampling.num_samples,
+            "batch_size": sampling.batch_size,
+            "max_new_tokens": sampling.max_new_tokens,
+            "max_problems": max_problems,
+        }
+    )
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
         raise ValueError(f"`folds` (--folds) must be an integer >= 2, got {folds!r}.")
     if not c_values or any(not c > 0 for c in c_values):
@@ -204,8 +210,7 @@ def _load(
     model_name_or_path: str, device: str, self_reward: SelfRewardOverrides
 ) -> tuple[Any, Any, SelfRewardSettings]:
     """The model (float32 on the CPU) and tokenizer, and the settings whose z_c is probed."""
-    model, tokenizer = load_model_and_tokenizer(model_name_or_path, dtype=torch.float32 if device == "cpu" else None)
-    model.to(device)
+    model, tokenizer = load_for_sampling(model_name_or_path, device)
     ref = self_reward.self_reward_ref_constant
     try:
         # The raw log-prob is what is captured; c_ref only shifts the score, so a placeholder stands in until measured.

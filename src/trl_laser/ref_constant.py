@@ -16,9 +16,9 @@ from typing import Any
 
 from .answers import is_correct
 from .data import default_instruction, load_problems, make_conversation
+from .evaluation.sampling import default_device, load_for_sampling
 from .evaluation.summary import auroc_null_std
 from .metrics import auroc
-from .models import load_model_and_tokenizer
 from .scoring import generate_with_self_rewards
 
 
@@ -155,9 +155,7 @@ def run_estimate(
     prompts = [make_conversation(p, system_prompt, instruction) for p in problems["problem"]]
     answers = list(problems["answer"]) if answer_column else None
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model_and_tokenizer(model_name_or_path, dtype=torch.float32 if device == "cpu" else "auto")
-    model.to(device)
+    model, tokenizer = load_for_sampling(model_name_or_path, default_device(device))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(seed)

@@ -25,7 +25,7 @@ from .protocol import (
     protocol_num_samples,
 )
 from .report import plot_benchmark, results_markdown
-from .sampling import Sampling, SelfRewardOverrides, sample_batches
+from .sampling import Sampling, SelfRewardOverrides, check_counts, default_device, sample_batches
 from .summary import add_answer_agreement, paper_table, scaling_curves, summarize
 
 
@@ -133,15 +133,15 @@ def _write_table(plan: EvalPlan, summaries: dict[str, dict], config: dict[str, A
 def _check_options(protocol: str, sampling: Sampling, num_subsets: int, max_problems: int | None) -> None:
     if protocol not in PROTOCOLS:
         raise ValueError(f"`protocol` (--protocol) must be one of {list(PROTOCOLS)}, got {protocol!r}.")
-    for name, value in (
-        ("num_samples", sampling.num_samples),
-        ("batch_size", sampling.batch_size),
-        ("max_new_tokens", sampling.max_new_tokens),
-        ("num_subsets", num_subsets),
-        ("max_problems", max_problems),
-    ):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"`{name}` (--{name.replace('_', '-')}) must be an integer >= 1, got {value!r}.")
+    check_counts(
+        {
+            "num_samples": sampling.num_samples,
+            "batch_size": sampling.batch_size,
+            "max_new_tokens": sampling.max_new_tokens,
+            "num_subsets": num_subsets,
+            "max_problems": max_problems,
+        }
+    )
     if sampling.temperature is not None and not sampling.temperature > 0:
         raise ValueError(f"`temperature` (--temperature) must be > 0 (sampling), got {sampling.temperature}.")
     if sampling.top_p is not None and not 0 < sampling.top_p <= 1:
@@ -241,10 +241,8 @@ def open_output(plan: EvalPlan, overwrite: bool, log: Callable[[str], None] = _p
 def _load(plan: EvalPlan, self_reward: SelfRewardOverrides, device: str | None) -> tuple[Any, SelfRewardSettings]:
     """The model on `device` (default: cuda if available), and the settings checked against it (its output size, its
     generation config's EOS ids); a model trained with a float32 LM head gets it back."""
-    import torch
-
     model = load_model(plan.model_path)  # the tokenizer and the resolved path of the plan
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(default_device(device))
     settings = scoring.resolve_settings(
         model, plan.tokenizer, plan.saved or plan.model_path, **dataclasses.asdict(self_reward)
     )

@@ -1,5 +1,9 @@
 """The one sampler of `trl-laser eval`, `trl-laser probe` and the benchmarks: generate, score and grade N solutions per
-problem, one batch of graded records at a time, from any batch on (so that an interrupted run can resume)."""
+problem, one batch of graded records at a time, from any batch on (so that an interrupted run can resume).
+
+Also what a sampling run is asked (`Sampling`, `SelfRewardOverrides`, checked by `check_counts`) and where it runs
+(`default_device`, `load_for_sampling`).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,10 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
+from ..models import load_model_and_tokenizer
 from ..scoring import ScoredCompletion, iter_generate_with_self_rewards
 from ..settings import SelfRewardSettings
 from .protocol import grade, grade_paper, paper_conventions
@@ -33,6 +39,25 @@ class SelfRewardOverrides:
     self_reward_token: str | int | None = None
     self_reward_ref_constant: float | None = None
     self_reward_beta: float | None = None
+
+
+def check_counts(counts: dict[str, int | None]) -> None:
+    """Each given count (`num_samples`, `batch_size` ...; `None`: not given) must be an integer >= 1."""
+    for name, value in counts.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"`{name}` (--{name.replace('_', '-')}) must be an integer >= 1, got {value!r}.")
+
+
+def default_device(device: str | None) -> str:
+    """`device`, else cuda when there is one, else cpu."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_for_sampling(model_name_or_path: str, device: str) -> tuple[Any, Any]:
+    """The model on `device` (in float32 on the CPU, else in its saved dtype) and its tokenizer."""
+    model, tokenizer = load_model_and_tokenizer(model_name_or_path, dtype=torch.float32 if device == "cpu" else "auto")
+    model.to(device)
+    return model, tokenizer
 
 
 def graded_record(problem: dict, s: ScoredCompletion, protocol: str, keep_token_ids: bool = False) -> dict:
