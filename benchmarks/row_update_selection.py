@@ -49,25 +49,27 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import set_seed
 
     from trl_laser.data import ARITHMETIC_INSTRUCTION, make_arithmetic_dataset, make_conversation
-    from trl_laser.evaluation import sample_records
+    from trl_laser.evaluation import add_answer_agreement, sample_batches
     from trl_laser.models import load_model_and_tokenizer
-    from trl_laser.scoring import last_position, tokenize_prompt
+    from trl_laser.scoring import last_position, resolve_settings, tokenize_prompt
 
     model, tokenizer = load_model_and_tokenizer(MODEL)
     problems = make_arithmetic_dataset("train").shuffle(seed=123).select(range(args.problems)).to_list()
+    settings = resolve_settings(model, tokenizer, self_reward_token=TOKEN, self_reward_ref_constant=args.c_ref)
     set_seed(args.seed)
-    records = sample_records(
+    batches = sample_batches(
         model,
         tokenizer,
+        settings,
         problems,
+        [make_conversation(p["problem"], None, ARITHMETIC_INSTRUCTION) for p in problems],
         args.samples,
-        instruction=ARITHMETIC_INSTRUCTION,
         batch_size=32,
-        self_reward_token=TOKEN,
-        self_reward_ref_constant=args.c_ref,
         max_new_tokens=args.max_new_tokens,
         keep_token_ids=True,
     )
+    records = [record for batch in batches for record in batch]
+    add_answer_agreement(records)
     finished = [r for r in records if r["finished"]]
     sequences = [
         tokenize_prompt(tokenizer, make_conversation(r["problem"], None, ARITHMETIC_INSTRUCTION)) + r["token_ids"]

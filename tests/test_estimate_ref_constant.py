@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_laser.cli import main as cli_main
 from trl_laser.data import ARITHMETIC_INSTRUCTION, make_conversation
+from trl_laser.ref_constant import estimate, token_warnings
 from trl_laser.scoring import generate_with_self_rewards
-from trl_laser.scripts.estimate_ref_constant import _warnings, estimate
 
 
 def test_cli_json_on_the_tiny_model(tiny_model_dir, capsys):
@@ -73,12 +73,12 @@ def test_values_are_the_log_prob_after_eos_from_full_logits(tiny_model_dir):
 
 def test_warnings_for_a_poor_token(tokenizer):
     base = {"token": SELF_REWARD_TOKEN, "mean": -20.0, "std": 0.1, "auroc": 0.5, "auroc_null_std": 0.05}
-    assert _warnings(base, tokenizer, max_std=1.0) == []
-    assert "varies a lot" in _warnings({**base, "std": 1.5}, tokenizer, 1.0)[0]
-    assert "tracks correctness" in _warnings({**base, "auroc": 0.8}, tokenizer, 1.0)[0]
-    assert _warnings({**base, "auroc": 0.7, "auroc_null_std": 0.12}, tokenizer, 1.0) == []  # within chance
-    assert "uses this token" in _warnings({**base, "mean": -1.0}, tokenizer, 1.0)[0]
-    assert "chat template" in _warnings({**base, "token": "<|im_start|>"}, tokenizer, 1.0)[0]
+    assert token_warnings(base, tokenizer, max_std=1.0) == []
+    assert "varies a lot" in token_warnings({**base, "std": 1.5}, tokenizer, 1.0)[0]
+    assert "tracks correctness" in token_warnings({**base, "auroc": 0.8}, tokenizer, 1.0)[0]
+    assert token_warnings({**base, "auroc": 0.7, "auroc_null_std": 0.12}, tokenizer, 1.0) == []  # within chance
+    assert "uses this token" in token_warnings({**base, "mean": -1.0}, tokenizer, 1.0)[0]
+    assert "chat template" in token_warnings({**base, "token": "<|im_start|>"}, tokenizer, 1.0)[0]
 
 
 def test_bad_input_is_a_one_line_error(tiny_model_dir, tmp_path, capsys):

@@ -20,9 +20,9 @@ from trl_laser.answers import boxed_math_verify_reward
 from trl_laser.data import make_arithmetic_dataset, make_conversation
 from trl_laser.evaluation import (
     Benchmark,
-    _graded,
-    _paper_conventions,
     grade_paper,
+    graded_record,
+    paper_conventions,
     paper_table,
     parse_benchmark,
     results_markdown,
@@ -61,7 +61,7 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was found")
 
-    monkeypatch.setattr("trl_laser.evaluation.load_model", refuse)
+    monkeypatch.setattr("trl_laser.evaluation.runner.load_model", refuse)
 
 
 # ------------------------------------------------------------------------------------------ syntax and protocol
@@ -134,9 +134,9 @@ def test_paper_conventions_on_hand_made_samples(models, tokenizer):
         )
         for i, (t, done, score) in enumerate(texts)
     ]
-    rows = [_graded(problems[0], s, "paper") for s in batch]
+    rows = [graded_record(problems[0], s, "paper") for s in batch]
     conversations = [make_conversation(problems[0]["problem"])]
-    _paper_conventions(model, tokenizer, settings, conversations, batch, rows, {"chat_template_kwargs": None})
+    paper_conventions(model, tokenizer, settings, conversations, batch, rows, None)
     assert [r["pred"] for r in rows] == ["4", None, "4", None, "5"]
     assert [r["correct"] for r in rows] == [True, False, True, False, False]
     # Row 2 by hand: a plain full-logits forward of prompt + completion + EOS.

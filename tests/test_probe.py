@@ -9,19 +9,16 @@ import random
 
 import pytest
 import torch
-from conftest import SELF_REWARD_TOKEN, answering_model
+from conftest import EOS, SELF_REWARD_TOKEN, ZC, answering_model
+from transformers import AutoTokenizer
 
 from trl_laser.cli import main as cli_main
+from trl_laser.data import make_conversation
 from trl_laser.metrics import auroc
-from trl_laser.probe import (
-    DEFAULT_C_VALUES,
-    SIGNALS,
-    auroc_table,
-    c_ref_statistics,
-    fit_logistic,
-    grouped_folds,
-    readout_probabilities,
-)
+from trl_laser.probe import SIGNALS, auroc_table
+from trl_laser.readout import DEFAULT_C_VALUES, fit_logistic, grouped_folds, readout_probabilities
+from trl_laser.ref_constant import c_ref_statistics
+from trl_laser.settings import PromptSettings, SelfRewardSettings
 
 
 def phi(x: float) -> float:
@@ -233,6 +230,49 @@ def test_cli_on_the_tiny_model(answering_dir, tmp_path, capsys):
     table = capsys.readouterr().out
     assert all(label in table for label in SIGNALS.values())
     assert "auroc easy" in table and "within problem" in table and "Wrote probe.json" in table
+
+
+@pytest.fixture(scope="module")
+def prompted_dir(tiny_model_dir, tokenizer, tmp_path_factory) -> str:
+    """A model saved as training saves it: prompt settings, and chat-template arguments its template reads."""
+    path = str(tmp_path_factory.mktemp("probe") / "prompted")
+    answering_model(tokenizer).save_pretrained(path)
+    templated = AutoTokenizer.from_pretrained(tiny_model_dir)
+    templated.chat_template = "{% if hint %}{{ hint }}{% endif %}" + templated.chat_template
+    templated.save_pretrained(path)
+    prompt = PromptSettings("Be brief.", "Say it.", " | ", "builtin:arithmetic", 0)
+    settings = SelfRewardSettings(SELF_REWARD_TOKEN, ZC, 0.1, -16.0, eos_token_ids=[EOS], prompt=prompt)
+    settings.chat_template_kwargs = {"hint": "Think first.\n"}
+    settings.save_pretrained(path)
+    return path
+
+
+def test_cli_prompts_as_the_model_was_trained(prompted_dir, tmp_path, capsys):
+    # The saved chat-template argument changes the prompt's tokens: a forward without it would read other EOS states
+    # than the sampled ones (the probe checks that they agree), and the saved instruction replaces the dataset's.
+    templated = AutoTokenizer.from_pretrained(prompted_dir)
+    conversation = make_conversation("What is 1 plus 2?", "Be brief.", "Say it.", " | ")
+    assert templated.apply_chat_template(conversation, tokenize=False) != templated.apply_chat_template(
+        conversation, tokenize=False, hint="Think first.\n"
+    )
+    out = str(tmp_path / "probe")
+    argv = ["probe", "--model", prompted_dir, "--dataset", "builtin:arithmetic", "--max-problems", "6"]
+    assert cli_main([*argv, "--num-samples", "4", "--max-new-tokens", "6", "--folds", "3", "--output-dir", out]) == 0
+    assert "Wrote probe.json" in capsys.readouterr().out
+    with open(os.path.join(out, "probe.json"), encoding="utf-8") as f:
+        config = json.load(f)["config"]
+    assert (config["system_prompt"], config["instruction"], config["instruction_separator"]) == (
+        "Be brief.",
+        "Say it.",
+        " | ",
+    )
+    assert config["chat_template_kwargs"] == {"hint": "Think first.\n"}
+    assert set(config["settings_from"].values()) == {"model"}
+    # An argument still wins over the saved value, and says so.
+    argv += ["--num-samples", "4", "--max-new-tokens", "6", "--folds", "3", "--instruction", ""]
+    assert cli_main([*argv, "--output-dir", str(tmp_path / "given"), "--json"]) == 0
+    config = json.loads(capsys.readouterr().out)["config"]
+    assert config["instruction"] == "" and config["settings_from"]["instruction"] == "argument"
 
 
 def error_of(capsys, *argv) -> str:

@@ -19,6 +19,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from trl_laser.scripts.common import exit_status
+
 
 _TRAIN_HELP = "Train with LaSeR (or the GRPO baseline) from a recipe; `trl-laser train --help` lists every key."
 
@@ -57,8 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "run", None) is None:
         parser.print_help()
         return 0
-    status = args.run(args)
-    return status if isinstance(status, int) else 0
+    return exit_status(args.run, args)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 LaSeR teaches a model to put "my answer is right" into one logit, z_c's, read at the position right after EOS. How far
 that can go for a model and a task can be measured before any training (`trl-laser probe` runs `run_probe`):
 
-- the ceiling: a linear read-out (L2-regularised logistic regression) of the final hidden state at the EOS position,
-  the very state from which the model predicts z_c, cross-validated with folds grouped by problem. Training z_c's
-  output row alone can at best reach such a read-out; a LaSeR score above it needs a better representation;
+- the ceiling: a linear read-out of the final hidden state at the EOS position, the very state from which the model
+  predicts z_c, cross-validated with folds grouped by problem (`readout`). Training z_c's output row alone can at
+  best reach such a read-out; a LaSeR score above it needs a better representation;
 - the free confidence signals every sample has without training: mean and minimum token log-prob of the completion,
   and the agreement of its answer with the other samples of its problem. A LaSeR score that does not beat them is
   not worth its training;
@@ -13,38 +13,41 @@ that can go for a model and a task can be measured before any training (`trl-las
 
 Every signal is ranked on the finished completions only (those with an EOS state and a z_c score): AUROC overall,
 within a problem (pairs of one problem: what a signal that only knows how hard a problem is cannot do) and per
-difficulty band. The other functions here are pure functions of features, labels and problem ids.
+difficulty band. Problems are prompted as `trl-laser eval` prompts them: as the model was trained, when it was.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import math
 import os
-import random
-import statistics
 import time
 from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
 
+from . import scoring
 from .core import self_reward_score
-from .data import default_instruction, load_problems, make_conversation
-from .evaluation import BASELINES, band_names, ranking, sample_records, signal_table
+from .evaluation.prompts import Prompt, resolve_prompt, saved_settings
+from .evaluation.protocol import Benchmark, load_benchmark
+from .evaluation.report import signal_table
+from .evaluation.sampling import (
+    Sampling,
+    SelfRewardOverrides,
+    check_counts,
+    default_device,
+    load_for_sampling,
+    sample_batches,
+)
+from .evaluation.summary import BASELINES, add_answer_agreement, auroc_null_std, band_names, ranking
 from .metrics import self_verification_metrics
-from .models import load_model_and_tokenizer
-from .scoring import last_position, resolve_settings, tokenize_prompt
-from .settings import SELF_REWARD_CONFIG_NAME
+from .readout import DEFAULT_C_VALUES, readout_probabilities
+from .ref_constant import c_ref_statistics
+from .settings import SELF_REWARD_CONFIG_NAME, SelfRewardSettings
 
 
-# Inverse L2 strengths tried for the read-out (scikit-learn's C on standardised features): from a read-out that can
-# only use a few strong directions to one that can fit any of the hidden size's. The best is chosen per outer fold by
-# the balanced log-loss of an inner grouped split of its training part, so the reported AUROC never sees the samples
-# that chose C. (On SmolLM2-135M-Instruct's 576-wide EOS states with ~400 training samples the choice is 0.003.)
-DEFAULT_C_VALUES = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 # The signals, in the table's order, with what each row means.
 SIGNALS = {
     "mean_token_logprob": "mean token log-prob",
@@ -55,185 +58,6 @@ SIGNALS = {
 }
 
 
-def grouped_folds(
-    groups: Sequence[Hashable], num_folds: int, seed: int = 0, labels: Sequence[bool | int] | None = None
-) -> list[int]:
-    """The fold of each sample, all samples of a group (a problem) in the same fold; stratified when `labels` given.
-
-    A read-out validated on other samples of a problem it was trained on would be credited for recognising the
-    problem. Groups are shuffled with `seed`, sorted by their fraction of correct samples when `labels` are given
-    (a stable sort: random order among equals), and dealt in consecutive blocks of `num_folds`, each block to the
-    folds in a random order. So every fold has the same number of groups give or take one, and, stratified, about
-    the same share of correct samples: pooled out-of-fold AUROCs are biased low when the folds' class balance
-    differs (a read-out trained on fewer correct samples than its test fold has scores that fold lower).
-    """
-    unique = list(dict.fromkeys(groups))
-    if num_folds < 2:
-        raise ValueError(f"Cross-validation needs at least 2 folds, got {num_folds}.")
-    if len(unique) < num_folds:
-        raise ValueError(f"{len(unique)} problems cannot fill {num_folds} folds grouped by problem: use fewer folds.")
-    rng = random.Random(seed)
-    rng.shuffle(unique)
-    if labels is not None:
-        if len(labels) != len(groups):
-            raise ValueError(f"Got {len(groups)} groups but {len(labels)} labels.")
-        correct = collections.Counter(g for g, y in zip(groups, labels) if y)
-        size = collections.Counter(groups)
-        unique.sort(key=lambda g: correct[g] / size[g])
-    fold_of = {}
-    for start in range(0, len(unique), num_folds):
-        block = unique[start : start + num_folds]
-        for group, fold in zip(block, rng.sample(range(num_folds), len(block))):
-            fold_of[group] = fold
-    return [fold_of[group] for group in groups]
-
-
-@dataclasses.dataclass
-class LinearReadout:
-    """A fitted logistic regression on standardised features: p(correct | h) = sigmoid(((h - mean) / scale) . w + b)."""
-
-    mean: torch.Tensor
-    scale: torch.Tensor
-    weight: torch.Tensor
-    bias: float
-
-    def probabilities(self, features: torch.Tensor) -> torch.Tensor:
-        """p(correct) of each row of `features`."""
-        z = (features.to(torch.float64) - self.mean) / self.scale
-        return torch.sigmoid(z @ self.weight + self.bias)
-
-
-def fit_logistic(
-    features: torch.Tensor, labels: Sequence[bool | int], c: float, balanced: bool = True, max_iter: int = 500
-) -> LinearReadout:
-    """L2-regularised logistic regression: minimises mean(v_i * log-loss_i) + ||w||^2 / (2 C n), bias not penalised.
-
-    With `balanced`, v_i are LaSeR's class weights (`(N_c + N_i) / (2 N_c)` for correct samples, `(N_c + N_i) /
-    (2 N_i)` for incorrect ones), so that p > 0.5 is the balanced decision the paper's F1 scores, as LaSeR's
-    class-balanced MSE makes r_s > 0.5 one; otherwise v_i = 1. That is scikit-learn's `LogisticRegression(C=c,
-    class_weight="balanced")` objective divided by C n. Features are standardised with the training data's mean and
-    std (so C means the same for any hidden size and scale); full-batch L-BFGS in float64.
-    """
-    y = torch.tensor([float(bool(v)) for v in labels], dtype=torch.float64)
-    if len(y) != len(features):
-        raise ValueError(f"Got {len(features)} feature rows but {len(y)} labels.")
-    if not 0 < y.mean() < 1:
-        raise ValueError("A logistic read-out needs both classes among its training samples.")
-    if not c > 0:
-        raise ValueError(f"The inverse regularisation strength C must be > 0, got {c}.")
-    x = features.detach().to(torch.float64).clone()  # a plain tensor, also when made under inference mode
-    mean = x.mean(0)
-    scale = x.std(0, unbiased=False)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    z = (x - mean) / scale
-    n_correct = float(y.sum())
-    if balanced:
-        sample_weight = torch.where(y > 0, len(y) / (2 * n_correct), len(y) / (2 * (len(y) - n_correct)))
-        start_bias = 0.0
-    else:
-        sample_weight = torch.ones_like(y)
-        start_bias = math.log(n_correct / (len(y) - n_correct))
-    weight = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
-    bias = torch.tensor(start_bias, dtype=torch.float64, requires_grad=True)
-    penalty = 1.0 / (2 * c * len(y))
-    optimizer = torch.optim.LBFGS(
-        [weight, bias],
-        lr=1.0,
-        max_iter=max_iter,
-        tolerance_grad=1e-10,
-        tolerance_change=1e-14,
-        history_size=20,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ weight + bias, y, weight=sample_weight)
-        loss = loss + penalty * weight.dot(weight)
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    return LinearReadout(mean=mean, scale=scale, weight=weight.detach(), bias=float(bias.detach()))
-
-
-def _fit_predict(x: torch.Tensor, y: list[int], test: torch.Tensor, c: float) -> list[float]:
-    """Probabilities for `test` from a read-out fitted on (x, y); a single-class training part predicts its class."""
-    if len(set(y)) < 2:
-        return [float(y[0])] * len(test)
-    return fit_logistic(x, y, c).probabilities(test).tolist()
-
-
-def _cross_validate(x: torch.Tensor, y: list[int], folds: list[int], c: float) -> list[float]:
-    probs = [0.0] * len(y)
-    for k in sorted(set(folds)):
-        train = [i for i, f in enumerate(folds) if f != k]
-        test = [i for i, f in enumerate(folds) if f == k]
-        for i, p in zip(test, _fit_predict(x[train], [y[i] for i in train], x[test], c)):
-            probs[i] = p
-    return probs
-
-
-def _balanced_log_loss(probs: Sequence[float], labels: Sequence[int]) -> float:
-    """Mean log-loss with LaSeR's class weights (the read-out's own objective, without the penalty)."""
-    n, n_correct = len(labels), sum(labels)
-    total = 0.0
-    for p, y in zip(probs, labels):
-        p = min(max(p, 1e-12), 1 - 1e-12)
-        total += -math.log(p) * n / (2 * n_correct) if y else -math.log(1 - p) * n / (2 * (n - n_correct))
-    return total / n
-
-
-def _choose_c(
-    x: torch.Tensor, y: list[int], groups: list[Hashable], num_folds: int, c_values: Sequence[float], seed: int
-) -> float:
-    """The C with the lowest out-of-fold balanced log-loss of an inner grouped split (ties: stronger regularisation).
-
-    Log-loss, a proper score, picks C more steadily than the AUROC of a few hundred samples does.
-    """
-    candidates = sorted(c_values)
-    unique = len(set(groups))
-    if len(candidates) == 1 or unique < 2 or len(set(y)) < 2:
-        return candidates[0]
-    inner = grouped_folds(groups, min(max(2, num_folds - 1), unique), seed + 1, y)
-    losses = [_balanced_log_loss(_cross_validate(x, y, inner, c), y) for c in candidates]
-    return candidates[losses.index(min(losses))]
-
-
-def readout_probabilities(
-    features: torch.Tensor,
-    labels: Sequence[bool | int],
-    groups: Sequence[Hashable],
-    num_folds: int = 5,
-    c_values: Sequence[float] = DEFAULT_C_VALUES,
-    seed: int = 0,
-) -> tuple[list[float], list[float]]:
-    """Out-of-fold p(correct) of every sample from a linear read-out of `features`, folds grouped by `groups`.
-
-    Each sample's probability comes from a read-out that saw no sample of its group, with C chosen on the training
-    folds only (`DEFAULT_C_VALUES`); folds are stratified by correctness (`grouped_folds`). Returns the probabilities
-    and the C chosen for each fold.
-    """
-    y = [int(bool(v)) for v in labels]
-    if not len(y) == len(features) == len(groups):
-        raise ValueError(f"Got {len(features)} feature rows, {len(y)} labels and {len(groups)} groups.")
-    if not c_values or any(not c > 0 for c in c_values):
-        raise ValueError(f"The read-out's C values must be > 0, got {list(c_values)}.")
-    folds = grouped_folds(groups, num_folds, seed, y)
-    probs = [0.0] * len(y)
-    chosen = []
-    for k in range(num_folds):
-        train = [i for i, f in enumerate(folds) if f != k]
-        test = [i for i, f in enumerate(folds) if f == k]
-        y_train = [y[i] for i in train]
-        c = _choose_c(features[train], y_train, [groups[i] for i in train], num_folds, c_values, seed)
-        for i, p in zip(test, _fit_predict(features[train], y_train, features[test], c)):
-            probs[i] = p
-        chosen.append(c)
-    return probs, chosen
-
-
 def auroc_table(
     signals: dict[str, Sequence[float | None]],
     labels: Sequence[bool | int],
@@ -242,17 +66,6 @@ def auroc_table(
 ) -> dict[str, dict[str, Any]]:
     """For each signal: AUROC overall, within a problem, and per difficulty band (`evaluation.ranking`)."""
     return {name: ranking(values, labels, problems, bands) for name, values in signals.items()}
-
-
-def c_ref_statistics(logps: Sequence[float]) -> dict[str, float | int]:
-    """Mean, std, min and max of log pi(z_c | x, y, EOS) over the finished completions."""
-    return {
-        "n_finished": len(logps),
-        "mean": statistics.fmean(logps),
-        "std": statistics.stdev(logps) if len(logps) > 1 else 0.0,
-        "min": min(logps),
-        "max": max(logps),
-    }
 
 
 def format_probe_table(result: dict[str, Any]) -> str:
@@ -288,15 +101,10 @@ def run_probe(
     split: str = "test",
     problem_column: str = "problem",
     answer_column: str = "answer",
-    num_samples: int = 8,
-    max_new_tokens: int = 1024,
-    batch_size: int = 8,
-    seed: int = 0,
-    system_prompt: str | None = None,
-    instruction: str | None = None,
     max_problems: int | None = None,
-    self_reward_token: str | int | None = None,
-    self_reward_ref_constant: float | None = None,
+    sampling: Sampling | None = None,
+    prompt: Prompt | None = None,
+    self_reward: SelfRewardOverrides | None = None,
     folds: int = 5,
     c_values: Sequence[float] = DEFAULT_C_VALUES,
     device: str | None = None,
@@ -305,111 +113,221 @@ def run_probe(
 ) -> dict[str, Any]:
     """Sample, read each finished completion's EOS state, rank every signal; write `probe.json` and `samples.jsonl`.
 
-    Sampling is at temperature 1 with `evaluation.sample_records` (prompts as in training and `trl-laser eval`). The
-    EOS states come from one batched forward over prompt + completion (last position only), whose log pi(z_c) must
-    equal the one captured during generation within `tolerance` (else a `RuntimeError`: the state would not be the
-    one that predicts z_c). c_ref defaults to the measured mean. Bad input raises `ValueError` before the model loads.
+    Sampling is at temperature 1 (default: 8 samples per problem, 1024 new tokens); prompts as in `trl-laser eval`,
+    unset prompt settings are those saved with the model by training. The EOS states come from one batched forward
+    over prompt + completion (last position only), whose log pi(z_c) must equal the one captured during generation
+    within `tolerance` (else a `RuntimeError`: the state would not be the one that predicts z_c). c_ref defaults to
+    the measured mean (`self_reward`). Bad input raises `ValueError` before the model loads.
     """
-    for name, value in (
-        ("num_samples", num_samples),
-        ("batch_size", batch_size),
-        ("max_new_tokens", max_new_tokens),
-        ("max_problems", 1 if max_problems is None else max_problems),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` (--{name.replace('_', '-')}) must be an integer >= 1, got {value!r}.")
+    sampling, self_reward = _probe_sampling(sampling), self_reward or SelfRewardOverrides()
+    _check_options(sampling, max_problems, folds, c_values, self_reward.self_reward_ref_constant)
+    prompt, origins = resolve_prompt(saved_settings(model_name_or_path), prompt or Prompt(), [dataset])
+    benchmark = Benchmark(dataset, dataset, split=split, problem_column=problem_column, answer_column=answer_column)
+    problems = load_benchmark(benchmark, max_problems, prompt.dataset_seed)
+    if len(problems) < folds:
+        raise ValueError(f"{len(problems)} problems cannot fill {folds} folds grouped by problem: use more problems.")
+
+    start = time.perf_counter()
+    device = default_device(device)
+    model, tokenizer, settings = _load(model_name_or_path, device, self_reward)
+    seconds = {"load": time.perf_counter() - start}
+    conversations = [prompt.conversation(p["problem"], dataset) for p in problems]
+    records = _sample(model, tokenizer, settings, problems, conversations, prompt, sampling, progress)
+    seconds["generation"] = time.perf_counter() - start - sum(seconds.values())
+    finished = _finished(records, sampling.max_new_tokens, folds)
+    states = _eos_states(model, tokenizer, settings, finished, conversations, prompt, sampling.batch_size, tolerance)
+    seconds["forward"] = time.perf_counter() - start - sum(seconds.values())
+    ref = self_reward.self_reward_ref_constant
+    result = {
+        "model": model_name_or_path,
+        "dataset": dataset,
+        **_rank(len(problems), records, finished, states, settings, ref, folds, c_values, sampling.seed),
+        "config": {
+            "split": split,
+            **_config(sampling, max_problems, prompt, origins),
+            "self_reward_beta": settings.self_reward_beta,
+            "device": str(device),
+        },
+    }
+    total = time.perf_counter() - start
+    result["seconds"] = {**seconds, "readout": total - sum(seconds.values()), "total": total}
+    if output_dir is not None:
+        _write(output_dir, records, result)
+    return result
+
+
+def _config(sampling: Sampling, max_problems: int | None, prompt: Prompt, origins: dict[str, str]) -> dict[str, Any]:
+    """How the samples were drawn and prompted, and where each prompt setting came from."""
+    return {
+        "num_samples": sampling.num_samples,
+        "max_new_tokens": sampling.max_new_tokens,
+        "max_problems": max_problems,
+        "seed": sampling.seed,
+        "temperature": sampling.temperature,
+        **dataclasses.asdict(prompt),
+        "settings_from": origins,
+    }
+
+
+def _probe_sampling(sampling: Sampling | None) -> Sampling:
+    """The given sampling with the probe's defaults (8 samples per problem, 1024 new tokens), at temperature 1."""
+    sampling = sampling or Sampling()
+    if sampling.temperature not in (None, 1.0) or sampling.top_p not in (None, 1.0):
+        raise ValueError("The probe samples at temperature 1 and top-p 1, as the score is read: leave them unset.")
+    return dataclasses.replace(
+        sampling,
+        num_samples=8 if sampling.num_samples is None else sampling.num_samples,
+        max_new_tokens=1024 if sampling.max_new_tokens is None else sampling.max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+    )
+
+
+def _check_options(
+    sampling: Sampling,
+    max_problems: int | None,
+    folds: int,
+    c_values: Sequence[float],
+    self_reward_ref_constant: float | None,
+) -> None:
+    check_counts(
+        {
+            "num_samples": sampling.num_samples,
+            "batch_size": sampling.batch_size,
+            "max_new_tokens": sampling.max_new_tokens,
+            "max_problems": max_problems,
+        }
+    )
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
         raise ValueError(f"`folds` (--folds) must be an integer >= 2, got {folds!r}.")
     if not c_values or any(not c > 0 for c in c_values):
         raise ValueError(f"The read-out's C values (--readout-c) must be > 0, got {list(c_values)}.")
     if self_reward_ref_constant is not None and not (math.isfinite(self_reward_ref_constant)):
         raise ValueError(f"`self_reward_ref_constant` must be a finite number, got {self_reward_ref_constant}.")
-    data = load_problems(dataset, split=split, problem_column=problem_column, answer_column=answer_column)
-    if max_problems is not None:
-        data = data.select(range(min(max_problems, len(data))))
-    problems = data.to_list()
-    if len(problems) < folds:
-        raise ValueError(f"{len(problems)} problems cannot fill {folds} folds grouped by problem: use more problems.")
-    if instruction is None:
-        instruction = default_instruction(dataset)
 
-    from transformers import set_seed
 
-    start = time.perf_counter()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model_and_tokenizer(model_name_or_path, dtype=torch.float32 if device == "cpu" else None)
-    model.to(device)
+def _load(
+    model_name_or_path: str, device: str, self_reward: SelfRewardOverrides
+) -> tuple[Any, Any, SelfRewardSettings]:
+    """The model (float32 on the CPU) and tokenizer, and the settings whose z_c is probed."""
+    model, tokenizer = load_for_sampling(model_name_or_path, device)
+    ref = self_reward.self_reward_ref_constant
     try:
         # The raw log-prob is what is captured; c_ref only shifts the score, so a placeholder stands in until measured.
-        settings = resolve_settings(
+        settings = scoring.resolve_settings(
             model,
             tokenizer,
-            self_reward_token=self_reward_token,
-            self_reward_ref_constant=0.0 if self_reward_ref_constant is None else self_reward_ref_constant,
+            self_reward_token=self_reward.self_reward_token,
+            self_reward_ref_constant=0.0 if ref is None else ref,
+            self_reward_beta=self_reward.self_reward_beta,
         )
     except FileNotFoundError:
         raise ValueError(
             f"{model_name_or_path} has no {SELF_REWARD_CONFIG_NAME}: give the token to probe (--self-reward-token)."
         ) from None
+    return model, tokenizer, settings
 
-    load_seconds = time.perf_counter() - start
-    set_seed(seed)
-    records = sample_records(
+
+def _sample(
+    model: Any,
+    tokenizer: Any,
+    settings: SelfRewardSettings,
+    problems: list[dict],
+    conversations: list[list],
+    prompt: Prompt,
+    sampling: Sampling,
+    progress: bool,
+) -> list[dict]:
+    """The graded records of every sample, with their generated ids; sampling continues from `sampling.seed`."""
+    from transformers import set_seed
+
+    set_seed(sampling.seed)
+    batches = sample_batches(
         model,
         tokenizer,
+        settings,
         problems,
-        num_samples,
-        system_prompt=system_prompt,
-        instruction=instruction,
-        batch_size=batch_size,
-        progress=progress,
+        conversations,
+        sampling.num_samples,
+        batch_size=sampling.batch_size,
+        chat_template_kwargs=prompt.chat_template_kwargs,
         keep_token_ids=True,
-        settings=settings,
-        max_new_tokens=max_new_tokens,
-        temperature=1.0,
-        top_p=1.0,
+        progress=progress,
+        max_new_tokens=sampling.max_new_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
     )
-    generation_seconds = time.perf_counter() - start - load_seconds
+    records = [record for batch in batches for record in batch]
+    add_answer_agreement(records)
+    return records
+
+
+def _finished(records: list[dict], max_new_tokens: int, folds: int) -> list[dict]:
+    """The finished records (those with an EOS state), when they span enough problems to fill the folds."""
     finished = [r for r in records if r["finished"]]
     if not finished:
         raise ValueError(
             f"None of the {len(records)} completions ended with EOS within {max_new_tokens} tokens: there is no EOS "
             "state to read. Raise --max-new-tokens."
         )
-    problem_ids = sorted({r["problem_index"] for r in finished})
-    if len(problem_ids) < folds:
+    num_problems = len({r["problem_index"] for r in finished})
+    if num_problems < folds:
         raise ValueError(
-            f"Only {len(problem_ids)} problems have a finished completion, fewer than the {folds} folds: use more "
+            f"Only {num_problems} problems have a finished completion, fewer than the {folds} folds: use more "
             "problems, samples or tokens."
         )
+    return finished
 
+
+def _eos_states(
+    model: Any,
+    tokenizer: Any,
+    settings: SelfRewardSettings,
+    finished: list[dict],
+    conversations: list[list],
+    prompt: Prompt,
+    batch_size: int,
+    tolerance: float,
+) -> torch.Tensor:
+    """The final hidden state at each finished completion's EOS, checked to be the one that predicted z_c."""
     prompt_ids = {
-        p: tokenize_prompt(tokenizer, make_conversation(problems[p]["problem"], system_prompt, instruction))
-        for p in problem_ids
+        p: scoring.tokenize_prompt(tokenizer, conversations[p], prompt.chat_template_kwargs)
+        for p in sorted({r["problem_index"] for r in finished})
     }
     sequences = [prompt_ids[r["problem_index"]] + r["token_ids"] for r in finished]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else settings.eos_token_ids[0]
     model.eval()
     with torch.inference_mode():
-        logps, states = last_position(
+        logps, states = scoring.last_position(
             model, sequences, settings.self_reward_token_id, pad_id, batch_size, hidden_states=True
         )
-    captured = [r["self_reward_logprob"] for r in finished]
-    gap = max(abs(a - b) for a, b in zip(logps, captured))
+    gap = max(abs(a - r["self_reward_logprob"]) for a, r in zip(logps, finished))
     if gap > tolerance:
         raise RuntimeError(
             f"log pi(z_c) from the forward over prompt + completion differs from the one captured during generation "
             f"by up to {gap:.2e} (> {tolerance:g}): the EOS states read are not the ones that predict z_c."
         )
-    forward_seconds = time.perf_counter() - start - load_seconds - generation_seconds
+    return states
 
-    ref = c_ref_statistics(captured)
+
+def _rank(
+    num_problems: int,
+    records: list[dict],
+    finished: list[dict],
+    states: torch.Tensor,
+    settings: SelfRewardSettings,
+    self_reward_ref_constant: float | None,
+    folds: int,
+    c_values: Sequence[float],
+    seed: int,
+) -> dict[str, Any]:
+    """Score with c_ref (given, else the measured mean), fit the read-out, and rank every signal on `finished`."""
+    ref = c_ref_statistics([r["self_reward_logprob"] for r in finished])
     c_ref = ref["mean"] if self_reward_ref_constant is None else float(self_reward_ref_constant)
     ref.update(used=c_ref, source="measured mean" if self_reward_ref_constant is None else "given")
     for r in finished:
         logp = torch.tensor(r["self_reward_logprob"], dtype=torch.float64)
         r["self_reward"] = float(self_reward_score(logp, c_ref, settings.self_reward_beta))
-
     labels = [bool(r["correct"]) for r in finished]
     groups = [r["problem_index"] for r in finished]
     has_bands = any(r.get("difficulty") is not None for r in finished)
@@ -422,24 +340,18 @@ def run_probe(
     signals = {name: [r[name] for r in finished] for name in (*BASELINES, "self_reward", "eos_readout")}
     sv = self_verification_metrics(probs, labels)
     n_correct = sum(labels)
-    n_incorrect = len(labels) - n_correct
-    result: dict[str, Any] = {
-        "model": model_name_or_path,
-        "dataset": dataset,
+    return {
         "self_reward_token": settings.self_reward_token,
         "self_reward_token_id": settings.self_reward_token_id,
         "counts": {
-            "n_problems": len(problems),
+            "n_problems": num_problems,
             "n_samples": len(records),
             "n_finished": len(finished),
             "n_correct": sum(bool(r["correct"]) for r in records),
             "n_correct_finished": n_correct,
             "accuracy": sum(bool(r["correct"]) for r in records) / len(records),
             "accuracy_finished": n_correct / len(finished),
-            # The std of the AUROC of a score unrelated to correctness (Mann-Whitney U under the null).
-            "auroc_null_std": math.sqrt((len(labels) + 1) / (12 * n_correct * n_incorrect))
-            if n_correct and n_incorrect
-            else None,
+            "auroc_null_std": auroc_null_std(labels),
         },
         "c_ref": ref,
         "bands": band_names(bands) if bands is not None else None,
@@ -451,34 +363,16 @@ def run_probe(
             "hidden_size": int(states.shape[1]),
             **{k: sv[k] for k in ("sv_f1_paper", "sv_f1_binary", "sv_accuracy", "tpr", "tnr", "ece")},
         },
-        "config": {
-            "split": split,
-            "num_samples": num_samples,
-            "max_new_tokens": max_new_tokens,
-            "max_problems": max_problems,
-            "seed": seed,
-            "temperature": 1.0,
-            "system_prompt": system_prompt,
-            "instruction": instruction,
-            "self_reward_beta": settings.self_reward_beta,
-            "device": str(device),
-        },
     }
-    total = time.perf_counter() - start
-    result["seconds"] = {
-        "load": load_seconds,
-        "generation": generation_seconds,
-        "forward": forward_seconds,
-        "readout": total - load_seconds - generation_seconds - forward_seconds,
-        "total": total,
-    }
-    if output_dir is not None:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "samples.jsonl"), "w", encoding="utf-8") as f:
-            for record in records:
-                record.pop("token_ids")
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        with open(os.path.join(output_dir, "probe.json"), "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-    return result
+
+
+def _write(output_dir: str | os.PathLike, records: list[dict], result: dict[str, Any]) -> None:
+    """`samples.jsonl` (without the token ids) and `probe.json` into `output_dir`."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "samples.jsonl"), "w", encoding="utf-8") as f:
+        for record in records:
+            record.pop("token_ids")
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    with open(os.path.join(output_dir, "probe.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")

