@@ -30,7 +30,8 @@ import transformers
 
 from trl_laser.data import make_conversation
 from trl_laser.models import load_model_and_tokenizer
-from trl_laser.scoring import generate_with_self_rewards, resolve_settings, score_completions, tokenize_prompt
+from trl_laser.scoring import generate_with_self_rewards, score_completions, tokenize_prompt
+from trl_laser.settings import resolve_settings
 
 
 PROBLEMS = [
@@ -107,7 +108,7 @@ def main() -> None:
         "self_reward_token": args.self_reward_token,
         "self_reward_ref_constant": args.self_reward_ref_constant,
     }
-    settings = resolve_settings(model, tokenizer, **overrides)
+    settings = resolve_settings(model, tokenizer, overrides=overrides)
     prompts = [make_conversation(p) for p in (PROBLEMS * (args.prompts // len(PROBLEMS) + 1))[: args.prompts]]
     rows = args.prompts * args.samples
     generate_kwargs = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
@@ -134,7 +135,7 @@ def main() -> None:
                     prompts,
                     args.samples,
                     batch_size=rows,
-                    **overrides,
+                    overrides=overrides,
                     **generate_kwargs,
                 )
             times[name].append(t)
@@ -145,7 +146,7 @@ def main() -> None:
         completion_ids = [c.token_ids for c in flat]
 
         t, rescored = timed(
-            score_completions, model, tokenizer, row_prompts, completion_ids, batch_size=rows, **overrides
+            score_completions, model, tokenizer, row_prompts, completion_ids, batch_size=rows, overrides=overrides
         )
         times["score_completions"].append(t)
         finished_prompts = [prompts[c.prompt_index] for c in finished]

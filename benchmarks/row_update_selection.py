@@ -51,11 +51,14 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     from trl_laser.data import ARITHMETIC_INSTRUCTION, make_arithmetic_dataset, make_conversation
     from trl_laser.evaluation import add_answer_agreement, sample_batches
     from trl_laser.models import load_model_and_tokenizer
-    from trl_laser.scoring import last_position, resolve_settings, tokenize_prompt
+    from trl_laser.scoring import last_position, tokenize_prompt
+    from trl_laser.settings import resolve_settings
 
     model, tokenizer = load_model_and_tokenizer(MODEL)
     problems = make_arithmetic_dataset("train").shuffle(seed=123).select(range(args.problems)).to_list()
-    settings = resolve_settings(model, tokenizer, self_reward_token=TOKEN, self_reward_ref_constant=args.c_ref)
+    settings = resolve_settings(
+        model, tokenizer, overrides={"self_reward_token": TOKEN, "self_reward_ref_constant": args.c_ref}
+    )
     set_seed(args.seed)
     batches = sample_batches(
         model,

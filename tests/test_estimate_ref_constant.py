@@ -52,8 +52,7 @@ def test_values_are_the_log_prob_after_eos_from_full_logits(tiny_model_dir):
         tokenizer,
         prompts,
         3,
-        self_reward_token=SELF_REWARD_TOKEN,
-        self_reward_ref_constant=0.0,
+        overrides={"self_reward_token": SELF_REWARD_TOKEN, "self_reward_ref_constant": 0.0},
         max_new_tokens=12,
     )
     direct = []

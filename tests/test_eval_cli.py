@@ -38,9 +38,7 @@ def workdir(tokenizer, tmp_path_factory):
         tokenizer,
         [make_conversation(p) for p, _ in PROBLEMS] * 2,
         [[EOS]] * 4 + [[FOUR, FOUR, EOS]] * 4,
-        self_reward_token=SELF_REWARD_TOKEN,
-        self_reward_ref_constant=0.0,
-        self_reward_beta=1.0,
+        overrides={"self_reward_token": SELF_REWARD_TOKEN, "self_reward_ref_constant": 0.0, "self_reward_beta": 1.0},
     )
     c_ref = sorted(logps)[4] - 0.025
     trained = shutil.copytree(bare, root / "trained")

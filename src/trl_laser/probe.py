@@ -45,7 +45,7 @@ from .evaluation.summary import BASELINES, add_answer_agreement, auroc_null_std,
 from .metrics import self_verification_metrics
 from .readout import DEFAULT_C_VALUES, readout_probabilities
 from .ref_constant import c_ref_statistics
-from .settings import SELF_REWARD_CONFIG_NAME, SelfRewardSettings
+from .settings import SELF_REWARD_CONFIG_NAME, SelfRewardSettings, resolve_settings
 
 
 # The signals, in the table's order, with what each row means.
@@ -214,12 +214,10 @@ def _load(
     ref = self_reward.self_reward_ref_constant
     try:
         # The raw log-prob is what is captured; c_ref only shifts the score, so a placeholder stands in until measured.
-        settings = scoring.resolve_settings(
+        settings = resolve_settings(
             model,
             tokenizer,
-            self_reward_token=self_reward.self_reward_token,
-            self_reward_ref_constant=0.0 if ref is None else ref,
-            self_reward_beta=self_reward.self_reward_beta,
+            overrides={**dataclasses.asdict(self_reward), "self_reward_ref_constant": 0.0 if ref is None else ref},
         )
     except FileNotFoundError:
         raise ValueError(

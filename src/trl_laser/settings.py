@@ -177,8 +177,9 @@ def resolve_settings(
     model's own `name_or_path`. `overrides` maps any of `OVERRIDABLE` to a value (None: not overridden). Without that
     file, `self_reward_token` and `self_reward_ref_constant` must be overridden (beta_v then defaults to the paper's
     0.1); otherwise a `FileNotFoundError` says so. `model=None` checks the settings against the tokenizer alone
-    (before the weights are loaded; give `settings`): the generation config's EOS ids are then not read. z_c is
-    checked by the trainer's own rules (`tokens.resolve_self_reward_token`).
+    (before the weights are loaded): EOS ids not saved with the model are then left empty, and
+    `resolve_settings(model, tokenizer, those settings)` completes them from the loaded model without reading any
+    file again. z_c is checked by the trainer's own rules (`tokens.resolve_self_reward_token`).
     """
     overrides = _checked_overrides(overrides)
     token_override = overrides.get("self_reward_token")
@@ -207,8 +208,8 @@ def resolve_settings(
         eos = list(base.eos_token_ids)
     elif model is not None:
         eos = eos_token_ids(model, tokenizer)
-    else:
-        eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    else:  # known once the model's generation config is: `resolve_settings(model, tokenizer, these settings)`
+        eos = []
     if token_override is None:
         token_id, token = base.self_reward_token_id, base.self_reward_token
         if tokenizer.convert_tokens_to_ids(token) != token_id:
@@ -218,7 +219,10 @@ def resolve_settings(
                 "override `self_reward_token`."
             )
     token_id, token = resolve_self_reward_token(
-        tokenizer, token if token_override is None else token_override, vocab_size(model, tokenizer), eos
+        tokenizer,
+        token if token_override is None else token_override,
+        vocab_size(model, tokenizer),
+        eos or [tokenizer.eos_token_id],
     )
 
     if ref_override is not None:

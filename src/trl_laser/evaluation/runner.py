@@ -9,9 +9,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .. import scoring
-from ..models import load_model, resolve_model_path
-from ..settings import SelfRewardSettings
+from ..models import load_lm_head_fp32, load_model, resolve_model_path
+from ..settings import SelfRewardSettings, resolve_settings
 from .output import append_batches, prepare_output, read_records, replace_records, write_json
 from .prompts import Prompt, resolve_prompt, saved_settings
 from .protocol import (
@@ -36,6 +35,7 @@ class EvalPlan:
     model_path: str
     tokenizer: Any
     saved: SelfRewardSettings | None
+    settings: SelfRewardSettings  # saved or given, overrides applied: resolved once, completed by the loaded model
     output_dir: str
     benchmarks: list[Benchmark]
     flat: bool  # one problem set, whose files go straight into `output_dir`
@@ -101,7 +101,7 @@ def run_evaluation(
         self_reward=self_reward,
     )
     done = open_output(plan, overwrite, log)
-    model, settings = _load(plan, self_reward, device)
+    model, settings = _load(plan, device)
     config = {
         **plan.run,
         "dataset": dataset,
@@ -203,7 +203,7 @@ def plan_evaluation(
     model_path = resolve_model_path(model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     saved = saved_settings(model_path)
-    checked = scoring.resolve_settings(None, tokenizer, saved or model_path, **dataclasses.asdict(self_reward))
+    checked = resolve_settings(None, tokenizer, saved or model_path, dataclasses.asdict(self_reward))
     prompt, origins = resolve_prompt(saved, prompt, [b.source for b in items])
     problems = {b.name: load_benchmark(b, max_problems, prompt.dataset_seed) for b in items}
     run = {
@@ -222,7 +222,7 @@ def plan_evaluation(
     dirs = {b.name: output_dir if flat else os.path.join(output_dir, b.name) for b in items}
     totals = {b.name: len(problems[b.name]) * b.num_samples for b in items}
     return EvalPlan(
-        model_path, tokenizer, saved, output_dir, items, flat, protocol, sampling, generation, prompt, origins,
+        model_path, tokenizer, saved, checked, output_dir, items, flat, protocol, sampling, generation, prompt, origins,
         problems, run, dirs, totals,
     )  # fmt: skip
 
@@ -238,16 +238,14 @@ def open_output(plan: EvalPlan, overwrite: bool, log: Callable[[str], None] = _p
     return done
 
 
-def _load(plan: EvalPlan, self_reward: SelfRewardOverrides, device: str | None) -> tuple[Any, SelfRewardSettings]:
+def _load(plan: EvalPlan, device: str | None) -> tuple[Any, SelfRewardSettings]:
     """The model on `device` (default: cuda if available), and the settings checked against it (its output size, its
     generation config's EOS ids); a model trained with a float32 LM head gets it back."""
     model = load_model(plan.model_path)  # the tokenizer and the resolved path of the plan
     model.to(default_device(device))
-    settings = scoring.resolve_settings(
-        model, plan.tokenizer, plan.saved or plan.model_path, **dataclasses.asdict(self_reward)
-    )
+    settings = resolve_settings(model, plan.tokenizer, plan.settings)  # EOS ids and output size: the loaded model's
     if settings.cast_lm_head_to_fp32:
-        scoring.load_lm_head_fp32(model, plan.model_path)
+        load_lm_head_fp32(model, plan.model_path)
     return model, settings
 
 
