@@ -99,9 +99,9 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     from trl import GRPOConfig, GRPOTrainer
 
     from trl_laser import LaSeRConfig, LaSeRGRPOTrainer
-    from trl_laser.answers import math_verify_reward
     from trl_laser.data import ARITHMETIC_INSTRUCTION, make_arithmetic_dataset, to_prompt_dataset
     from trl_laser.models import load_model_and_tokenizer, resolve_model_path
+    from trl_laser.rewards import math_verify_reward
 
     class StepTimer(TrainerCallback):
         """Wall time of each optimizer step, from its start to the end of its own logging."""

@@ -2,15 +2,8 @@
 
 import pytest
 
-from trl_laser.answers import (
-    answers_equivalent,
-    boxed_math_verify_reward,
-    extract_answer,
-    is_correct,
-    last_boxed,
-    math_verify_reward,
-    single_boxed,
-)
+from trl_laser.answers import answers_equivalent, extract_answer, is_correct, last_boxed, single_boxed
+from trl_laser.rewards import boxed_math_verify_reward, math_verify_reward
 
 
 @pytest.mark.parametrize(

@@ -194,9 +194,9 @@ def test_failed_relaunch_returns_its_exit_status(monkeypatch):
 
 
 def test_reward_funcs_by_name_or_import_path():
-    from trl_laser.answers import math_verify_reward
+    from trl_laser.rewards import math_verify_reward
 
-    funcs = get_reward_funcs(["math_verify_reward", "trl_laser.answers.math_verify_reward"])
+    funcs = get_reward_funcs(["math_verify_reward", "trl_laser.rewards.math_verify_reward"])
     assert funcs == [math_verify_reward, math_verify_reward]
     with pytest.raises(RecipeError, match="could not import 'trl_laser.answers.nope'"):
         get_reward_funcs(["trl_laser.answers.nope"])

@@ -16,7 +16,6 @@ import torch
 from conftest import SELF_REWARD_TOKEN, answering_model
 from test_eval_cli import PROBLEMS, error_of, read_samples, read_summary, run
 
-from trl_laser.answers import boxed_math_verify_reward
 from trl_laser.data import make_arithmetic_dataset, make_conversation
 from trl_laser.evaluation import (
     Benchmark,
@@ -28,6 +27,7 @@ from trl_laser.evaluation import (
     results_markdown,
     summarize,
 )
+from trl_laser.rewards import boxed_math_verify_reward
 from trl_laser.scoring import ScoredCompletion
 from trl_laser.settings import PromptSettings, SelfRewardSettings
 

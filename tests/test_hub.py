@@ -11,10 +11,10 @@ from conftest import SELF_REWARD_TOKEN
 from huggingface_hub import HfApi
 
 from trl_laser import SELF_REWARD_CONFIG_NAME, LaSeRConfig, LaSeRGRPOTrainer
-from trl_laser.answers import math_verify_reward
 from trl_laser.cli import main as cli_main
 from trl_laser.data import make_arithmetic_dataset, to_prompt_dataset
 from trl_laser.hub import CARD_END, CARD_START, RECIPE_FILE, add_laser_card_section
+from trl_laser.rewards import math_verify_reward
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

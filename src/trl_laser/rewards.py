@@ -1,6 +1,5 @@
-"""The reward functions of a recipe's `reward_funcs`, by name or dotted import path, as open-r1's `get_reward_funcs`.
-
-The functions themselves live in `trl_laser.answers`; the first one named is LaSeR's 0/1 verifier.
+"""The 0/1 verifier reward functions, and those of a recipe's `reward_funcs` by name or dotted import path (open-r1's
+`get_reward_funcs`). The first reward function is LaSeR's verifier; the checks themselves are `trl_laser.answers`'.
 """
 
 from __future__ import annotations
@@ -9,9 +8,41 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from trl_laser.answers import boxed_math_verify_reward, math_verify_reward
+from trl_laser.answers import completion_text, content_text, is_correct, is_correct_boxed
 from trl_laser.recipe import RecipeError
+
+
+def math_verify_reward(completions: list, answer: list, **kwargs: Any) -> list[float]:
+    """TRL reward function: 1.0 if the completion's answer equals the dataset's `answer` column, else 0.0.
+
+    This is the 0/1 verifier reward that LaSeR's self-rewarding score is trained to predict.
+    """
+    return [float(is_correct(completion_text(c), str(a))) for c, a in zip(completions, answer, strict=True)]
+
+
+def asks_for_answer_tags(prompt: Any) -> bool:
+    """Whether a prompt (text, or chat messages as TRL passes them) holds both `<answer>` and `</answer>`, as
+    Open-Reasoner-Zero's does: the official reward then applies its R1 format check (`official_answer`)."""
+    text = prompt if isinstance(prompt, str) else " ".join(content_text(m.get("content")) for m in prompt)
+    return "<answer>" in text and "</answer>" in text
+
+
+def boxed_math_verify_reward(
+    completions: list, answer: list, prompts: list | None = None, **kwargs: Any
+) -> list[float]:
+    """TRL reward function, the official LaSeR verifier: 1.0 if the completion's official answer equals `answer`.
+
+    0.0 when there is no box or more than one, and no fallback to `$...$` or plain numbers (`single_boxed`). When a
+    prompt asks for `<answer>` tags, the official R1 format check decides instead (`official_answer`); TRL passes the
+    prompts. The paper recipes use it; models that never box (SmolLM2) get 0 everywhere and need `math_verify_reward`.
+    """
+    tags = [False] * len(completions) if prompts is None else [asks_for_answer_tags(p) for p in prompts]
+    return [
+        float(a is not None and is_correct_boxed(completion_text(c), str(a), t))
+        for c, a, t in zip(completions, answer, tags, strict=True)
+    ]
 
 
 REWARD_FUNCS_REGISTRY: dict[str, Callable] = {

@@ -32,6 +32,7 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
+from .answers import verification_timeouts
 from .config import LaSeRConfig
 from .core import (
     Phase,
@@ -179,6 +180,7 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         self._laser_generation_zc: list[float] | None = None
         self._laser_zc_source: str | None = None
         self._laser_scored_batches = 0  # generation batches whose verifier values were checked
+        self._laser_timeouts = verification_timeouts()
 
     # ------------------------------------------------------------------ TRL seams
     def create_optimizer(self, model=None):
@@ -228,6 +230,11 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         if torch.isnan(verifier).all():
             self._verifier_missing(self.reward_func_names[self._verifier_index])
         self._laser_scored_batches += 1
+        # Verifications past their time bound scored 0 (`answers.verification_timeouts`), all processes.
+        timeouts, self._laser_timeouts = verification_timeouts() - self._laser_timeouts, verification_timeouts()
+        mode = "train" if self.model.training else "eval"
+        total = gather(torch.tensor([float(timeouts)], device=self.accelerator.device)).sum().item()
+        self._metrics[mode]["self_reward/verification_timeouts"].append(total)
         self._laser_verifier = verifier.clone()
         self._laser_unscorable = torch.isnan(rewards_per_func).all(dim=1)
         return rewards_per_func
