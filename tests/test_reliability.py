@@ -28,7 +28,7 @@ from trl_laser.cli import main as cli_main
 from trl_laser.hub import RECIPE_FILE
 from trl_laser.launch import LaunchError, check_main_process_address, launch_plan
 from trl_laser.row_update import ROW_STATE_NAME
-from trl_laser.run_dir import checkpoint_problem, latest_checkpoint
+from trl_laser.run_dir import checkpoint_problem, is_complete, latest_checkpoint
 
 
 def train_cli(argv, capsys) -> tuple[int, str, str]:
@@ -224,7 +224,10 @@ def end_all(processes: list[psutil.Process]) -> list[psutil.Process]:
     return alive
 
 
-def test_sigkill_to_the_launcher_ends_the_launched_processes(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_the_launched_processes_end_with_the_launcher(tiny_model_dir, tmp_path, sig):
+    """SIGKILL (the OOM killer, a scheduler's hard kill) leaves no process training; SIGINT stops them all, and the
+    launcher says so in one line."""
     out = tmp_path / "run"
     argv = run_argv(
         tiny_model_dir, out, *SAVE_EVERY_STEP, "--max_steps", "50", "--self_reward_row_update", "optimizer"
@@ -234,14 +237,14 @@ def test_sigkill_to_the_launcher_ends_the_launched_processes(tiny_model_dir, tmp
     workers: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 150
-        while not os.path.isdir(out / "checkpoint-1"):  # both processes train
+        while not is_complete(str(out / "checkpoint-1")):  # both processes train
             assert process.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint in time"
             time.sleep(0.2)
         workers = psutil.Process(process.pid).children(recursive=True)
         assert len([w for w in workers if "train.py" in " ".join(w.cmdline())]) == 2
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
+        os.kill(process.pid, sig)
+        status = process.wait(timeout=60)
         _, alive = psutil.wait_procs(workers, timeout=10)
         assert not alive, f"left running: {[p.pid for p in alive]}"
     finally:
@@ -249,6 +252,11 @@ def test_sigkill_to_the_launcher_ends_the_launched_processes(tiny_model_dir, tmp
             process.kill()
             process.wait()
         end_all(workers)
+    if sig == signal.SIGINT:
+        log = (tmp_path / "log.txt").read_text()
+        assert status == 130 and "Traceback" not in log
+        [line] = [line for line in log.splitlines() if line.startswith("trl-laser train: interrupted")]
+        assert line.startswith("trl-laser train: interrupted. Its latest checkpoint is ")
 
 
 def free_port() -> int:

@@ -363,7 +363,9 @@ def launch_plan(launch_args: list[str], training_args: Any, gpu: bool | None = N
             f"`ddp_backend: {training_args.ddp_backend}` needs a GPU, and this machine has none: drop it or set "
             "`ddp_backend: gloo`."
         )
-    extra = [] if training_args.ddp_backend == "gloo" else ["--ddp_backend", "gloo"]
+    # one process has no process group (the launched process would refuse a `ddp_backend` it did not ask for)
+    alone = launch_world_size(launch_args) == 1
+    extra = [] if training_args.ddp_backend == "gloo" or alone else ["--ddp_backend", "gloo"]
     if not deepspeed and not training_args.use_cpu:
         extra += ["--use_cpu", "true"]
     print("[trl-laser] No GPU here: the launch runs on CPU, with gloo and fp32 (mixed_precision no).", flush=True)
@@ -407,6 +409,9 @@ def relaunch(
         raise LaunchedRunFailed(failure.exitcode, rank) from None
     except SignalException:  # torch.distributed stopped the processes on SIGINT / SIGTERM
         raise KeyboardInterrupt from None
+    except KeyboardInterrupt:  # one launched process, which accelerate leaves running
+        _stop_children(INTERRUPT_GRACE_S)
+        raise
 
 
 @contextlib.contextmanager
@@ -461,20 +466,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _children() -> list[int]:
-    """The pids of this process's children (Linux; none elsewhere)."""
-    me, found = os.getpid(), []
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == me:
-            found.append(int(entry))
-    return found
+def _children() -> list:
+    """This process's children (psutil comes with accelerate)."""
+    import psutil
+
+    return psutil.Process().children()
+
+
+def _stop_children(grace: float) -> None:
+    """After an interrupt of this process, its launched processes stop too: those that the terminal's SIGINT reached
+    stop by themselves, the others get SIGINT, and whatever still runs `grace` seconds later is killed."""
+    import psutil
+
+    _, running = psutil.wait_procs(_children(), timeout=5)
+    for child in running:
+        with contextlib.suppress(psutil.Error):
+            child.send_signal(signal.SIGINT)
+    _, running = psutil.wait_procs(running, timeout=grace)
+    for child in running:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
 
 
 @contextlib.contextmanager

@@ -192,13 +192,16 @@ def eval_command(script_args: LaSeRScriptArguments, training_args: LaSeRConfig) 
 
 def report_failure(err: BaseException, output_dir: str | None) -> int:
     """Report an error raised while training (or an interrupt) in one line, the trace only with
-    `TRL_LASER_TRACEBACK=1`; return the exit status (1, or 130 for an interrupt)."""
+    `TRL_LASER_TRACEBACK=1`; return the exit status (1, or 130 for an interrupt, which the launcher of a launched
+    process reports)."""
     if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
         traceback.print_exception(err)
         hint = ""
     else:
         hint = f" (run with {TRACEBACK_ENV}=1 for the full traceback)"
     if isinstance(err, KeyboardInterrupt):
+        if launched_by_launcher():  # the `trl-laser train` launcher says it, once
+            return 130
         done = [c for c in checkpoints(output_dir) if is_complete(c)] if output_dir else []
         resume = (
             f" Its latest checkpoint is {done[-1]}: continue with `--resume_from_checkpoint true`."
