@@ -333,11 +333,6 @@ def launch_plan(launch_args: list[str], training_args: Any, gpu: bool | None = N
             f"Accelerate config '{value}' uses DeepSpeed, which is not installed: `pip install "
             '"trl-laser[deepspeed]"`, or use `--accelerate_config ddp`.'
         )
-    # accelerate reads `--config_file`, else its default config, when no `--accelerate_config` names one
-    effective = config if value is not None else _read_config(_flag_value(args, "--config_file") or _default_config())
-    placeholder = _shipped_value(value, "main_process_ip") if value is not None else None
-    check_machines(args, effective, placeholder)
-    check_launched_settings(args, effective, training_args)
     # The recipe's precision decides (as it decides gradient accumulation): a config's `mixed_precision: bf16` beside a
     # recipe's `bf16: false` would otherwise fail inside DeepSpeed ("ds bf16.enabled=True vs hf bf16 False").
     wanted = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "no"
@@ -351,12 +346,23 @@ def launch_plan(launch_args: list[str], training_args: Any, gpu: bool | None = N
         args += ["--mixed_precision", wanted]
     if gpu is None:
         gpu = gpu_available()
-    if gpu:
-        return args, []
-    if deepspeed and wanted != "no":
+    extra = [] if gpu else _cpu_settings(deepspeed, wanted, launch_args, training_args)
+    # accelerate reads `--config_file`, else its default config, when no `--accelerate_config` names one
+    effective = config if value is not None else _read_config(_flag_value(args, "--config_file") or _default_config())
+    check_machines(args, effective, _shipped_value(value, "main_process_ip") if value is not None else None)
+    check_launched_settings(args, effective, training_args)
+    if not gpu:
+        print("[trl-laser] No GPU here: the launch runs on CPU, with gloo and fp32 (mixed_precision no).", flush=True)
+    return args, extra
+
+
+def _cpu_settings(deepspeed: bool, precision: str, launch_args: list[str], training_args: Any) -> list[str]:
+    """The training settings that the launched processes need on a machine without a GPU; refuses what cannot work
+    there."""
+    if deepspeed and precision != "no":
         raise LaunchError(
-            f"`{wanted}: true` cannot train under DeepSpeed on a machine without a GPU (its CPU path is fp32 only): set "
-            f"`{wanted}: false` in the recipe or pass `--{wanted} false`."
+            f"`{precision}: true` cannot train under DeepSpeed on a machine without a GPU (its CPU path is fp32 only): "
+            f"set `{precision}: false` in the recipe or pass `--{precision} false`."
         )
     if training_args.ddp_backend not in (None, "gloo"):
         raise LaunchError(
@@ -368,8 +374,7 @@ def launch_plan(launch_args: list[str], training_args: Any, gpu: bool | None = N
     extra = [] if training_args.ddp_backend == "gloo" or alone else ["--ddp_backend", "gloo"]
     if not deepspeed and not training_args.use_cpu:
         extra += ["--use_cpu", "true"]
-    print("[trl-laser] No GPU here: the launch runs on CPU, with gloo and fp32 (mixed_precision no).", flush=True)
-    return args, extra
+    return extra
 
 
 def relaunch(
