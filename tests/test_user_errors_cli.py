@@ -220,9 +220,20 @@ def test_resume_true_without_a_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert not missing.exists()
 
 
+def write_checkpoint_states(folder) -> None:
+    """Stand-ins for the weights, optimizer, scheduler and RNG state that a complete checkpoint holds besides its
+    trainer_state.json (`run_dir.checkpoint_problem`)."""
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(1)}, str(folder / "model.safetensors"))
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        torch.save({}, folder / name)
+
+
 def test_latest_checkpoint_skips_checkpoints_cut_off_while_written(tmp_path):
     for step, state in [(2, '{"global_step": 2}'), (10, '{"global_step": 10}'), (11, '{"global_st'), (12, None)]:
         (tmp_path / f"checkpoint-{step}").mkdir()
+        write_checkpoint_states(tmp_path / f"checkpoint-{step}")
         if state is not None:
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
     (tmp_path / "checkpoint-99.tmp").mkdir()  # not a checkpoint name

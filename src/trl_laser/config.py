@@ -4,6 +4,7 @@ the paper's) and `LaSeRScriptArguments` (the data and rewards of `trl-laser trai
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -35,6 +36,18 @@ def parse_ref_constant(value: float | int | str, field_name: str = "self_reward_
             "`trl-laser estimate-ref-constant` or set it to 'auto'."
         )
     return value
+
+
+def check_zero3_generation(zero_stage: int | None, ds3_gather_for_generation: bool, use_vllm: bool) -> None:
+    """Refuse generation under ZeRO-3 that gathers the weights layer by layer (`ds3_gather_for_generation: false`)
+    without vLLM: the backward after it fails deep in DeepSpeed (lm_head's gradient has size 0), for TRL's own
+    GRPOTrainer too. Checked by the trainer and, before anything starts, by `trl-laser train`'s launch."""
+    if zero_stage == 3 and not ds3_gather_for_generation and not use_vllm:
+        raise ValueError(
+            "`ds3_gather_for_generation: false` under DeepSpeed ZeRO-3 without vLLM makes the first backward fail "
+            "inside DeepSpeed (TRL's GRPOTrainer too). Set `ds3_gather_for_generation: true` (the default: the "
+            "weights are gathered once per `generate`), or generate with vLLM (`use_vllm: true`)."
+        )
 
 
 @dataclass
@@ -262,6 +275,15 @@ class LaSeRConfig(GRPOConfig):
         if not 0.0 <= self.self_reward_advantage_coef <= 1.0:
             raise ValueError(
                 f"`self_reward_advantage_coef` (tau) must be in [0, 1], got {self.self_reward_advantage_coef}."
+            )
+        if self.self_reward_loss_coef == 0 and self.self_reward_advantage_coef > 0:
+            warnings.warn(
+                f"`self_reward_loss_coef: 0` trains no self-reward score, but `self_reward_advantage_coef: "
+                f"{self.self_reward_advantage_coef}` mixes that score into the advantage: it mixes the untrained "
+                "score of the initial model. Set `self_reward_advantage_coef: 0` too (plain GRPO), or "
+                "`self_reward_loss_coef` > 0 (LaSeR).",
+                UserWarning,
+                stacklevel=2,
             )
         if not self.self_reward_std_threshold >= 0:
             raise ValueError(

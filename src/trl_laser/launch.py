@@ -8,6 +8,14 @@ cluster is rented: the launch uses gloo (`--ddp_backend gloo`, and `--use_cpu tr
 says so in one line; a setting that cannot work there (bf16 or fp16 under DeepSpeed) is refused before anything
 starts. On every machine the launch's mixed precision follows the recipe's `bf16` / `fp16`.
 
+Before anything starts, the launch plan also refuses what would only fail once every process has loaded the model
+(ZeRO-3 generation without `ds3_gather_for_generation`, the least-squares row update under DeepSpeed or FSDP) or would
+wait for a machine that never comes (a multi-node launch without a usable `--main_process_ip`, a `--machine_rank`
+without several machines).
+
+The launched processes die with the launcher (`die_with_launcher`), and an interrupt ends the launcher even while it
+waits inside torch.distributed's C++ rendezvous (`relaunch`).
+
 This module also reads the launch arguments themselves (accelerate's options, a flag's value, the process count), for
 `trl_laser.recipe`, which splits them off a command line, and for the launch plan.
 """
@@ -18,8 +26,14 @@ import argparse
 import contextlib
 import importlib.resources
 import importlib.util
+import json
 import os
 import shlex
+import signal
+import socket
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +41,13 @@ from typing import Any
 
 ACCELERATE_CONFIG_DIR = Path("recipes") / "accelerate_configs"
 ACCELERATE_CONFIG_FLAG = "--accelerate_config"
+# "host:pid" of the `trl-laser train` process that launched this one: the launched processes die with it.
+LAUNCHER_ENV = "TRL_LASER_LAUNCHER"
+# After an interrupt, how long the launcher waits for its processes to stop (torch.distributed waits 30 s for them
+# before it kills them) before it ends itself, and them with it.
+INTERRUPT_GRACE_S = 45.0
+# How long machine_rank > 0 tries to reach machine 0 before the launch.
+CONNECT_TIMEOUT_S = 3.0
 
 
 class LaunchError(ValueError):
@@ -145,26 +166,166 @@ def assumed_world_size(count: int, config_class: type) -> Iterator[None]:
             config_class.world_size = original
 
 
+def _read_config(path: str | os.PathLike | None) -> dict[str, Any]:
+    """An accelerate config file (YAML or JSON) as a mapping; `{}` for none."""
+    import yaml
+
+    if path is None or not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
+
+
+def _default_config() -> str | None:
+    """accelerate's own default config (`accelerate config`), which `accelerate launch` reads without a config."""
+    try:
+        from accelerate.commands.config import default_config_file
+    except ImportError:
+        return None
+    return default_config_file
+
+
+def _shipped_value(name: str, key: str) -> Any:
+    """`key` of the shipped config that `name` names (not a file of the user's), else None."""
+    packaged = packaged_accelerate_configs()
+    if os.path.isfile(name) or name not in packaged:
+        return None
+    return _read_config(packaged[name]).get(key)
+
+
+def _int_setting(args: list[str], config: dict[str, Any], key: str, default: int) -> int:
+    """`--key` on the command line, else the config's `key`, else `default`, as an integer."""
+    value = _flag_value(args, f"--{key}")
+    value = value if value is not None else config.get(key, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise LaunchError(f"`--{key}` must be an integer, got {value!r}.") from None
+
+
+def check_machines(args: list[str], config: dict[str, Any], placeholder: str | None = None) -> None:
+    """Refuse a launch that would wait for a machine that never comes, or run as the main machine by mistake.
+
+    `--machine_rank` needs several machines (accelerate ignores it otherwise, and the run saves as the main machine);
+    several machines need the address of machine 0 (`placeholder`: the shipped config's, which each launch
+    overrides), which must be an address of this machine on machine 0, and reachable from the others.
+    """
+    machines = _int_setting(args, config, "num_machines", 1)
+    rank = _int_setting(args, config, "machine_rank", 0)
+    if machines <= 1:
+        if rank != 0:
+            raise LaunchError(
+                f"`--machine_rank {rank}` is the rank of this machine in a run over several machines, and this launch "
+                f"has one (`num_machines: {machines}`), so it would run alone as the main machine: launch with a "
+                "multi-node config (`--accelerate_config zero3_multinode`, or `--num_machines N` with "
+                "`--main_process_ip`), or drop `--machine_rank`."
+            )
+        return
+    if not 0 <= rank < machines:
+        raise LaunchError(f"`--machine_rank` must be in 0..{machines - 1} (`num_machines: {machines}`), got {rank}.")
+    given = _flag_value(args, "--main_process_ip")
+    address = given if given is not None else config.get("main_process_ip")
+    if address is None or (given is None and placeholder is not None and str(address) == str(placeholder)):
+        where = "" if address is None else f" (the config's `main_process_ip: {address}` is a placeholder)"
+        raise LaunchError(
+            f"A launch over {machines} machines needs the address of machine 0{where}: pass `--main_process_ip "
+            "<IP of machine 0>` (the address every machine reaches it at) and `--main_process_port`, the same on "
+            "every machine."
+        )
+    check_main_process_address(str(address), _int_setting(args, config, "main_process_port", 29500), rank)
+
+
+def _is_local_address(family: int, address: tuple) -> bool:
+    """Whether this machine has `address`: binding to it succeeds (nothing is sent)."""
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((address[0], 0, *address[2:]))
+        except OSError:
+            return False
+    return True
+
+
+def check_main_process_address(address: str, port: int, machine_rank: int) -> None:
+    """`--main_process_ip` must resolve; on machine 0 it must be this machine's (machine 0 listens there), and from the
+    other machines machine 0 must be reachable: a connection refused means that it is up but not listening yet, which
+    is fine (the machines start in any order); no route or no answer within `CONNECT_TIMEOUT_S` is refused."""
+    try:
+        found = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        raise LaunchError(f"`--main_process_ip {address}` does not resolve to an address ({err}).") from None
+    if any(_is_local_address(family, sockaddr) for family, _, _, _, sockaddr in found):
+        return
+    if machine_rank == 0:
+        raise LaunchError(
+            f"`--main_process_ip {address}` is not an address of this machine, and `--machine_rank 0` is machine 0, "
+            "which the others connect to: give this machine's address (the one the other machines reach it at), or "
+            "run this command with the rank of this machine."
+        )
+    try:
+        socket.create_connection((address, port), timeout=CONNECT_TIMEOUT_S).close()
+    except ConnectionRefusedError:
+        return
+    except OSError as err:
+        reason = err.strerror or "no answer"
+        raise LaunchError(
+            f"`--main_process_ip {address}` (port {port}): machine 0 is not reachable from this machine ({reason} "
+            f"within {CONNECT_TIMEOUT_S:g} s). Give the address of machine 0 that this machine reaches it at."
+        ) from None
+
+
+def _zero_stage(args: list[str], config: dict[str, Any]) -> int | None:
+    """The ZeRO stage that a DeepSpeed launch runs: `--zero_stage`, the config's, or its DeepSpeed JSON's."""
+    deepspeed_config = config.get("deepspeed_config") or {}
+    stage = _flag_value(args, "--zero_stage")
+    stage = stage if stage is not None else deepspeed_config.get("zero_stage")
+    json_file = _flag_value(args, "--deepspeed_config_file") or deepspeed_config.get("deepspeed_config_file")
+    if stage is None and json_file and os.path.isfile(json_file):
+        with open(json_file, encoding="utf-8") as f:
+            stage = (json.load(f).get("zero_optimization") or {}).get("stage")
+    try:
+        return None if stage is None else int(stage)
+    except (TypeError, ValueError):
+        return None
+
+
+def check_launched_settings(args: list[str], config: dict[str, Any], training_args: Any) -> None:
+    """Refuse here, once, the recipe settings that every launched process would refuse only after loading the model:
+    ZeRO-3 generation without `ds3_gather_for_generation`, and the least-squares row update under DeepSpeed or FSDP
+    (the trainer keeps the same checks, for a launch of one's own)."""
+    from trl_laser.config import check_zero3_generation
+    from trl_laser.row_update import check_row_update_supported
+
+    distributed_type = config.get("distributed_type")
+    deepspeed = distributed_type == "DEEPSPEED" or "--use_deepspeed" in args
+    fsdp = distributed_type == "FSDP" or "--use_fsdp" in args
+    try:
+        if deepspeed:
+            gather = getattr(training_args, "ds3_gather_for_generation", True)
+            check_zero3_generation(_zero_stage(args, config), gather, getattr(training_args, "use_vllm", False))
+        if getattr(training_args, "self_reward_row_update", None) == "least_squares":
+            check_row_update_supported(False, deepspeed, fsdp)
+    except ValueError as err:
+        raise LaunchError(str(err)) from None
+
+
 def launch_plan(launch_args: list[str], training_args: Any, gpu: bool | None = None) -> tuple[list[str], list[str]]:
     """The arguments of `accelerate launch` for `launch_args` (the recipe's and the command line's), and the training
     settings to add for the launched processes.
 
-    `--accelerate_config X` becomes `--config_file <file>`, checked for what its distributed type needs, and
+    `--accelerate_config X` becomes `--config_file <file>`, checked for what its distributed type needs (its machines:
+    `check_machines`; the recipe's settings under it: `check_launched_settings`), and
     `--mixed_precision` follows the recipe's `bf16` / `fp16`. Without a GPU (`gpu=False`; detected when None) the
     launch uses one gloo process group, says so in one line, and refuses what cannot work there (bf16/fp16 under
     DeepSpeed, a GPU-only backend). The processes
     get `--ddp_backend gloo` (with accelerate's default each would believe it is alone) and, outside DeepSpeed,
     `--use_cpu true` (accelerate's multi-CPU mode; DeepSpeed picks its CPU accelerator itself).
     """
-    import yaml
-
     args = list(launch_args)
     config: dict[str, Any] = {}
     value = _flag_value(args, ACCELERATE_CONFIG_FLAG)
     if value is not None:
         path = resolve_accelerate_config(value)
-        with open(path, encoding="utf-8") as f:
-            config = yaml.safe_load(f) or {}
+        config = _read_config(path)
         args = ["--config_file", str(path)] + command_without(args, ACCELERATE_CONFIG_FLAG)
     deepspeed = config.get("distributed_type") == "DEEPSPEED" or "--use_deepspeed" in args
     if deepspeed and importlib.util.find_spec("deepspeed") is None:
@@ -185,23 +346,35 @@ def launch_plan(launch_args: list[str], training_args: Any, gpu: bool | None = N
         args += ["--mixed_precision", wanted]
     if gpu is None:
         gpu = gpu_available()
-    if gpu:
-        return args, []
-    if deepspeed and wanted != "no":
+    extra = [] if gpu else _cpu_settings(deepspeed, wanted, launch_args, training_args)
+    # accelerate reads `--config_file`, else its default config, when no `--accelerate_config` names one
+    effective = config if value is not None else _read_config(_flag_value(args, "--config_file") or _default_config())
+    check_machines(args, effective, _shipped_value(value, "main_process_ip") if value is not None else None)
+    check_launched_settings(args, effective, training_args)
+    if not gpu:
+        print("[trl-laser] No GPU here: the launch runs on CPU, with gloo and fp32 (mixed_precision no).", flush=True)
+    return args, extra
+
+
+def _cpu_settings(deepspeed: bool, precision: str, launch_args: list[str], training_args: Any) -> list[str]:
+    """The training settings that the launched processes need on a machine without a GPU; refuses what cannot work
+    there."""
+    if deepspeed and precision != "no":
         raise LaunchError(
-            f"`{wanted}: true` cannot train under DeepSpeed on a machine without a GPU (its CPU path is fp32 only): set "
-            f"`{wanted}: false` in the recipe or pass `--{wanted} false`."
+            f"`{precision}: true` cannot train under DeepSpeed on a machine without a GPU (its CPU path is fp32 only): "
+            f"set `{precision}: false` in the recipe or pass `--{precision} false`."
         )
     if training_args.ddp_backend not in (None, "gloo"):
         raise LaunchError(
             f"`ddp_backend: {training_args.ddp_backend}` needs a GPU, and this machine has none: drop it or set "
             "`ddp_backend: gloo`."
         )
-    extra = [] if training_args.ddp_backend == "gloo" else ["--ddp_backend", "gloo"]
+    # one process has no process group (the launched process would refuse a `ddp_backend` it did not ask for)
+    alone = launch_world_size(launch_args) == 1
+    extra = [] if training_args.ddp_backend == "gloo" or alone else ["--ddp_backend", "gloo"]
     if not deepspeed and not training_args.use_cpu:
         extra += ["--use_cpu", "true"]
-    print("[trl-laser] No GPU here: the launch runs on CPU, with gloo and fp32 (mixed_precision no).", flush=True)
-    return args, extra
+    return extra
 
 
 def relaunch(
@@ -213,13 +386,17 @@ def relaunch(
 ) -> None:
     """Run `script` under `accelerate launch`, with the launch arguments first and the recipe arguments after.
 
-    `prepare` runs once the launch is planned and checked, before any process starts.
+    `prepare` runs once the launch is planned and checked, before any process starts. The launched processes die with
+    this one (`die_with_launcher`), and an interrupt ends the launch even while it waits for other machines
+    (`_interrupts_end_the_launch`).
 
-    Raises `LaunchedRunFailed` when the launched run fails (it has printed why).
+    Raises `LaunchedRunFailed` when the launched run fails (it has printed why), `KeyboardInterrupt` when it was
+    interrupted (torch.distributed has stopped its processes).
     """
     import subprocess
 
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     accelerate_args, extra = launch_plan(launch_args, training_args)
@@ -228,12 +405,151 @@ def relaunch(
     command = accelerate_args + [str(Path(script).resolve())] + script_argv + extra
     print(f"[trl-laser] accelerate launch {shlex.join(command)}", flush=True)
     try:
-        launch_command(launch_command_parser().parse_args(command))
+        with _launcher_environment(), _interrupts_end_the_launch(INTERRUPT_GRACE_S):
+            launch_command(launch_command_parser().parse_args(command))
     except subprocess.CalledProcessError as err:  # one process
         raise LaunchedRunFailed(err.returncode) from None
     except ChildFailedError as err:  # torch.distributed.run's report of the first rank that failed
         rank, failure = err.get_first_failure()
         raise LaunchedRunFailed(failure.exitcode, rank) from None
+    except SignalException:  # torch.distributed stopped the processes on SIGINT / SIGTERM
+        raise KeyboardInterrupt from None
+    except KeyboardInterrupt:  # one launched process, which accelerate leaves running
+        _stop_children(INTERRUPT_GRACE_S)
+        raise
+
+
+@contextlib.contextmanager
+def _launcher_environment() -> Iterator[None]:
+    """Within, processes started from here know their launcher ("host:pid" in `LAUNCHER_ENV`)."""
+    previous = os.environ.get(LAUNCHER_ENV)
+    os.environ[LAUNCHER_ENV] = f"{socket.gethostname()}:{os.getpid()}"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[LAUNCHER_ENV]
+        else:
+            os.environ[LAUNCHER_ENV] = previous
+
+
+def launched_by_launcher() -> bool:
+    """Whether this process was started by a `trl-laser train` launcher (which reports what is common to all)."""
+    return LAUNCHER_ENV in os.environ
+
+
+def die_with_launcher() -> None:
+    """In a launched process: die when the `trl-laser train` launcher dies, however it dies.
+
+    torch.distributed starts each process in a session of its own, so a launcher killed by SIGKILL (the OOM killer, a
+    scheduler's hard kill) left them training. Linux delivers SIGKILL to this process when its parent dies
+    (`PR_SET_PDEATHSIG`); a launcher that died before that was set is checked by its pid (on its own machine). Other
+    systems keep the old behaviour.
+    """
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if launcher is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    host, _, pid = launcher.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+        os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _children() -> list:
+    """This process's children (psutil comes with accelerate)."""
+    import psutil
+
+    return psutil.Process().children()
+
+
+def _stop_children(grace: float) -> None:
+    """After an interrupt of this process, its launched processes stop too: those that the terminal's SIGINT reached
+    stop by themselves, the others get SIGINT, and whatever still runs `grace` seconds later is killed."""
+    import psutil
+
+    _, running = psutil.wait_procs(_children(), timeout=5)
+    for child in running:
+        with contextlib.suppress(psutil.Error):
+            child.send_signal(signal.SIGINT)
+    _, running = psutil.wait_procs(running, timeout=grace)
+    for child in running:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+
+
+@contextlib.contextmanager
+def _interrupts_end_the_launch(grace: float) -> Iterator[None]:
+    """Within, SIGINT / SIGTERM end this process even while its main thread waits inside C++.
+
+    torch.distributed handles them itself (it forwards them to the processes, and kills them 30 s later), but only
+    once its main thread runs Python again: while it waits for the other machines in its rendezvous, that is after
+    15 minutes. The signal also reaches a watchdog thread (`signal.set_wakeup_fd`), which waits for the launch to
+    end: `grace` seconds while launched processes run (a second signal: at once), a few seconds without any; then it
+    ends this process, and the launched processes with it (`die_with_launcher`).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    receive, send = socket.socketpair()
+    send.setblocking(False)
+    previous = signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
+    ended = threading.Event()
+    watchdog = threading.Thread(target=_watch, args=(receive, ended, grace), daemon=True)
+    watchdog.start()
+    try:
+        yield
+    finally:
+        ended.set()
+        signal.set_wakeup_fd(previous)
+        send.close()  # wakes the watchdog up
+        watchdog.join()
+        receive.close()
+
+
+def _watch(receive: socket.socket, ended: threading.Event, grace: float) -> None:
+    """The watchdog of `_interrupts_end_the_launch`."""
+    stops = {int(signal.SIGINT), int(signal.SIGTERM)}
+    deadline = None
+    while not ended.is_set():
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        receive.settimeout(timeout)
+        try:
+            data = receive.recv(16)
+        except TimeoutError:
+            data = None
+        if data == b"":  # the launch has ended
+            return
+        if data is None:
+            break
+        if any(byte in stops for byte in data):
+            if deadline is not None:  # a second signal
+                break
+            deadline = time.monotonic() + (grace if _children() else 3.0)
+    if ended.is_set():
+        return
+    print(
+        "trl-laser train: interrupted; the launch did not stop in time (it was waiting for the other machines, or "
+        "for its processes to stop), so it was ended with its processes.",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(130)
 
 
 def skip_deepspeed_shm_build() -> None:

@@ -33,7 +33,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from .answers import verification_timeouts
-from .config import LaSeRConfig
+from .config import LaSeRConfig, check_zero3_generation
 from .core import (
     Phase,
     append_self_reward_token,
@@ -120,14 +120,7 @@ class LaSeRGRPOTrainer(GRPOTrainer):
             )
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
         zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
-        if zero_stage == 3 and not args.ds3_gather_for_generation and not args.use_vllm:
-            # The backward after such a generation fails deep in DeepSpeed (lm_head's gradient has size 0), for
-            # TRL's own GRPOTrainer too: refuse before the first step instead.
-            raise ValueError(
-                "`ds3_gather_for_generation: false` under DeepSpeed ZeRO-3 without vLLM makes the first backward fail "
-                "inside DeepSpeed (TRL's GRPOTrainer too). Set `ds3_gather_for_generation: true` (the default: the "
-                "weights are gathered once per `generate`), or generate with vLLM (`use_vllm: true`)."
-            )
+        check_zero3_generation(zero_stage, args.ds3_gather_for_generation, args.use_vllm)
         # `num_embeddings`, not the weight's shape: ZeRO-3 partitions the weight to an empty tensor.
         vocab = self.accelerator.unwrap_model(self.model).get_input_embeddings().num_embeddings
         self.self_reward_token_id, self.self_reward_token = resolve_self_reward_token(
@@ -142,6 +135,12 @@ class LaSeRGRPOTrainer(GRPOTrainer):
             raise ValueError(
                 f"`self_reward_verifier={args.self_reward_verifier!r}` is not among the reward functions "
                 f"{self.reward_func_names}. Set it to the name of the function that returns the 0/1 verifier reward."
+            )
+        if isinstance(self.reward_funcs[self._verifier_index], torch.nn.Module):
+            raise ValueError(
+                f"The verifier reward {self.reward_func_names[self._verifier_index]!r} is a reward model, whose scores "
+                "are not LaSeR's 0/1 target. Put the 0/1 verifier function first in `reward_funcs`, or name it with "
+                "`self_reward_verifier`."
             )
 
         self.row_update: LeastSquaresRowUpdate | None = None  # the opt-in least-squares row update

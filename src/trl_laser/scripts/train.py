@@ -20,9 +20,23 @@ from collections.abc import Sequence
 from trl import ModelConfig
 
 from trl_laser.config import LaSeRConfig, LaSeRScriptArguments
-from trl_laser.launch import LaunchedRunFailed, LaunchError, relaunch, skip_deepspeed_shm_build
+from trl_laser.launch import (
+    LaunchedRunFailed,
+    LaunchError,
+    die_with_launcher,
+    launched_by_launcher,
+    relaunch,
+    skip_deepspeed_shm_build,
+)
 from trl_laser.recipe import RecipeError, RecipeParser, parse_args, recipe_text
-from trl_laser.run_dir import OutputDirWriter, check_output_dir, checkpoints, is_complete
+from trl_laser.run_dir import (
+    OutputDirWriter,
+    RunFinished,
+    check_output_dir,
+    checkpoints,
+    is_complete,
+    resumed_recipe,
+)
 
 
 TRACEBACK_ENV = "TRL_LASER_TRACEBACK"  # set to 1 for the full trace of an error raised while training
@@ -99,20 +113,30 @@ def main(
     grpo.py does.
 
     `recipe` is the recipe text written next to the model (and into the model card) for reproducibility, once the
-    first step has run. `output_dir` is checked first (`check_output_dir`).
+    first step has run (a resumed run's after the recipe of the run it continues). `output_dir` is checked first
+    (`check_output_dir`: raises `RunFinished` when a resumed run has nothing left to train). A `ValueError` or
+    `OSError` raised while the trainer sets up (before its first step: resuming with other self-reward settings, a
+    checkpoint that does not fit the model) is one of the run's settings: `RecipeError`.
     """
     from trl_laser.hub import CARD_METRICS, final_self_reward_metrics
 
-    old_checkpoints = check_output_dir(script_args, training_args)
+    # a `trl-laser train` launcher has checked the output dir and said what it skipped, once
+    say = (lambda _: None) if launched_by_launcher() else None
+    old_checkpoints = check_output_dir(script_args, training_args, say=say)
+    if recipe is not None and training_args.resume_from_checkpoint is not None:
+        recipe = resumed_recipe(training_args.resume_from_checkpoint, recipe)
     trainer = build_trainer(script_args, training_args, model_args)
-    trainer.add_callback(OutputDirWriter(recipe, old_checkpoints))
+    writer = OutputDirWriter(recipe, old_checkpoints)
+    trainer.add_callback(writer)
 
     try:
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    except BaseException:  # end the progress bar's line, so that the error is reported on a line of its own
+    except BaseException as err:  # end the progress bar's line, so that the error is reported on a line of its own
         for callback in trainer.callback_handler.callbacks:
             if getattr(callback, "training_bar", None) is not None:
                 callback.training_bar.close()
+        if isinstance(err, (ValueError, OSError)) and not writer.training_began:
+            raise RecipeError(f"{type(err).__name__}: {' '.join(str(err).split())}") from err
         raise
     trainer.accelerator.print("Training completed.")
 
@@ -168,13 +192,16 @@ def eval_command(script_args: LaSeRScriptArguments, training_args: LaSeRConfig) 
 
 def report_failure(err: BaseException, output_dir: str | None) -> int:
     """Report an error raised while training (or an interrupt) in one line, the trace only with
-    `TRL_LASER_TRACEBACK=1`; return the exit status (1, or 130 for an interrupt)."""
+    `TRL_LASER_TRACEBACK=1`; return the exit status (1, or 130 for an interrupt, which the launcher of a launched
+    process reports)."""
     if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
         traceback.print_exception(err)
         hint = ""
     else:
         hint = f" (run with {TRACEBACK_ENV}=1 for the full traceback)"
     if isinstance(err, KeyboardInterrupt):
+        if launched_by_launcher():  # the `trl-laser train` launcher says it, once
+            return 130
         done = [c for c in checkpoints(output_dir) if is_complete(c)] if output_dir else []
         resume = (
             f" Its latest checkpoint is {done[-1]}: continue with `--resume_from_checkpoint true`."
@@ -205,19 +232,28 @@ def run(argv: Sequence[str], launched: bool = False) -> int:
     """`trl-laser train ARGS`: relaunch through accelerate if the arguments ask for it, else train in this process.
 
     `launched` is true in the processes that `accelerate launch` started (`python train.py ARGS`): they train, whatever
-    launch keys the recipe holds, since those were used already. Returns the exit status.
+    launch keys the recipe holds, since those were used already, and die with their launcher. A relaunch checks the
+    output dir first, so that what it refuses is said once, before any process starts.
+
+    Returns the exit status: 0, 2 for a usage error (a setting, the command line, the output dir; found before the
+    run or while the trainer sets up), 1 for an error while training, 130 for an interrupt, or a launched process's.
     """
     if launched:
+        die_with_launcher()
         skip_deepspeed_shm_build()
     parser = make_parser()
     parsed = None
     try:
         parsed = parse_args(argv, parser)
         if parsed.launch_args and not launched:
+            check_output_dir(parsed.script_args, parsed.training_args)
             prepare = functools.partial(prepare_model, parsed.model_args)
             relaunch(__file__, parsed.script_argv, parsed.launch_args, parsed.training_args, prepare=prepare)
             return 0
         main(parsed.script_args, parsed.training_args, parsed.model_args, recipe=recipe_text(parsed))
+    except RunFinished as finished:
+        if parsed.training_args.process_index == 0:
+            print(finished, flush=True)
     except (RecipeError, LaunchError) as err:
         parser.error(str(err))
     except LaunchedRunFailed as err:  # the launched run has printed its error: say which process, in one line
