@@ -78,6 +78,8 @@ def test_benchmark_syntax():
         ("a b=x", "name"),
         ("m=x.jsonl,colour=red", "colour"),
         ("m=x.jsonl,n=0", "integer >= 1"),
+        ("m=x.jsonl:0", "integer >= 1"),
+        ("m=x.jsonl:-3", "integer >= 1"),  # a negative count is refused as :0 is, not read as part of the path
     ):
         with pytest.raises(ValueError, match=needle):
             parse_benchmark(bad)
@@ -311,3 +313,17 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(models, tmp_path, c
     for s in (summary, expected):
         s["config"].pop("generation_seconds")
     assert summary == expected
+
+
+def test_paper_table_reports_an_empty_class_f1_as_the_official_code():
+    # AIME24: every sample wrong, so TPR is undefined; the official code reports F1 0.0 and averages it in.
+    summaries = {
+        "MATH500": {"n_problems": 2, "n_samples": 4, "accuracy": 0.5, "sv_f1_paper": 0.8, "auroc": 0.9, "ece": 0.1},
+        "AIME24": {"n_problems": 1, "n_samples": 32, "accuracy": 0.0, "sv_f1_paper": None, "auroc": None, "ece": 0.3},
+    }
+    table = paper_table(summaries, {"MATH500": 2, "AIME24": 32})
+    assert table["benchmarks"]["AIME24"]["sv_f1_paper"] == 0.0
+    assert table["benchmarks"]["AIME24"]["sv_f1_paper_undefined"] is True
+    assert table["benchmarks"]["MATH500"]["sv_f1_paper_undefined"] is False
+    assert table["average"]["sv_f1_paper"] == pytest.approx(0.4)
+    assert "| Self-verification F1 (%) | 80.0 | 0.0 | 40.0 |" in results_markdown(table, "paper")

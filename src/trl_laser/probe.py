@@ -134,7 +134,7 @@ def run_probe(
     conversations = [prompt.conversation(p["problem"], dataset) for p in problems]
     records = _sample(model, tokenizer, settings, problems, conversations, prompt, sampling, progress)
     seconds["generation"] = time.perf_counter() - start - sum(seconds.values())
-    finished = _finished(records, sampling.max_new_tokens, folds)
+    finished = finished_records(records, sampling.max_new_tokens, folds)
     states = _eos_states(model, tokenizer, settings, finished, conversations, prompt, sampling.batch_size, tolerance)
     seconds["forward"] = time.perf_counter() - start - sum(seconds.values())
     ref = self_reward.self_reward_ref_constant
@@ -260,7 +260,7 @@ def _sample(
     return records
 
 
-def _finished(records: list[dict], max_new_tokens: int, folds: int) -> list[dict]:
+def finished_records(records: list[dict], max_new_tokens: int, folds: int) -> list[dict]:
     """The finished records (those with an EOS state), when they span enough problems to fill the folds."""
     finished = [r for r in records if r["finished"]]
     if not finished:
@@ -270,9 +270,10 @@ def _finished(records: list[dict], max_new_tokens: int, folds: int) -> list[dict
         )
     num_problems = len({r["problem_index"] for r in finished})
     if num_problems < folds:
+        have = "problem has" if num_problems == 1 else "problems have"
         raise ValueError(
-            f"Only {num_problems} problems have a finished completion, fewer than the {folds} folds: use more "
-            "problems, samples or tokens."
+            f"Only {num_problems} {have} a finished completion, fewer than the {folds} folds: use more problems, "
+            "samples or tokens."
         )
     return finished
 

@@ -15,7 +15,7 @@ from ..settings import SelfRewardSettings
 
 
 PROTOCOLS = ("default", "paper")
-# The paper's evaluation (LASER_SPEC.md "Evaluation"): samples per problem by benchmark, and the sampling.
+# The paper's evaluation (docs/method.md, "Metrics"): samples per problem by benchmark, and the sampling.
 PAPER_NUM_SAMPLES = {"math500": 2, "aime24": 32, "aime25": 32, "amc23": 32, "olympiadbench": 2}
 PAPER_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8192}
 DEFAULT_SAMPLING = {"num_samples": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 1024}
@@ -63,7 +63,7 @@ def parse_benchmark(spec: str) -> Benchmark:
     source, *options = [part.strip() for part in rest.split(",")]
     head, colon, tail = source.rpartition(":")
     values: dict[str, str] = {}
-    if colon and tail.isdigit():
+    if colon and tail.lstrip("+-").isdigit():  # a signed count too, so that `:-3` is refused as `:0` is
         source, values["n"] = head, tail
     for option in options:
         key, eq, value = option.partition("=")

@@ -205,7 +205,9 @@ def scaling_curves(
 def paper_table(summaries: dict[str, dict], num_samples: dict[str, int]) -> dict[str, Any]:
     """Per benchmark accuracy, self-verification F1 (the paper's), AUROC and ECE, and their plain average.
 
-    The average of a metric is over all benchmarks (as the paper's "Avg."), `None` if one of them has none.
+    The average of a metric is over all benchmarks (as the paper's "Avg."), `None` if one of them has none. As the
+    official code, the F1 of a benchmark whose samples are all right or all wrong (one class empty) is 0.0, not
+    undefined; `sv_f1_paper_undefined` says where that convention applied.
     """
     rows = {
         name: {
@@ -213,9 +215,13 @@ def paper_table(summaries: dict[str, dict], num_samples: dict[str, int]) -> dict
             "n_problems": s["n_problems"],
             "n_samples": s["n_samples"],
             **{key: s.get(key) for key in TABLE_METRICS},
+            "sv_f1_paper_undefined": s.get("sv_f1_paper") is None,
         }
         for name, s in summaries.items()
     }
+    for row in rows.values():
+        if row["sv_f1_paper_undefined"]:
+            row["sv_f1_paper"] = 0.0
     average = {}
     for key in TABLE_METRICS:
         values = [row[key] for row in rows.values()]
