@@ -137,7 +137,7 @@ def test_the_latest_checkpoint_skips_one_with_weights_cut_short(tiny_model_dir, 
     assert code == 0, err
     assert (
         f"[trl-laser] Skipping {run_copy}/checkpoint-2: its model.safetensors is cut short (the run stopped while "
-        "writing it)." in out
+        f"writing it); resuming from {run_copy}/checkpoint-1." in out
     )
     assert "Traceback" not in err and checkpoint_problem(os.path.join(run_copy, "checkpoint-2")) is None  # rewritten
 
@@ -148,7 +148,7 @@ def test_the_latest_checkpoint_skips_one_without_its_states(run_copy):
     assert latest_checkpoint(run_copy, say=said.append) == os.path.join(run_copy, "checkpoint-1")
     assert said == [
         f"[trl-laser] Skipping {run_copy}/checkpoint-2: its optimizer.pt is missing (resuming from it would continue "
-        "with a fresh optimizer)."
+        f"with a fresh optimizer); resuming from {run_copy}/checkpoint-1."
     ]
     os.remove(os.path.join(run_copy, "checkpoint-1", ROW_STATE_NAME))
     assert latest_checkpoint(run_copy, say=said.append) == os.path.join(run_copy, "checkpoint-1")

@@ -167,13 +167,18 @@ def is_complete(checkpoint: str, row_update: bool = False) -> bool:
 
 def latest_checkpoint(output_dir: str, say: Callable[[str], None] = print, row_update: bool = False) -> str:
     """The newest complete checkpoint in `output_dir`; newer incomplete ones (cut off while being written, or
-    without their optimizer state) are skipped, saying so."""
+    without their optimizer state) are skipped, saying so and which one the run resumes from."""
     found = checkpoints(output_dir)
+    skipped = []
     for path in reversed(found):
         problem = checkpoint_problem(path, row_update)
         if problem is None:
+            for older, why in skipped:
+                say(f"[trl-laser] Skipping {older}: {why}; resuming from {path}.")
             return path
-        say(f"[trl-laser] Skipping {path}: {problem}.")
+        skipped.append((path, problem))
+    for older, why in skipped:
+        say(f"[trl-laser] Skipping {older}: {why}.")
     where = f"`output_dir` '{output_dir}'" + ("" if os.path.isdir(output_dir) else " (which does not exist)")
     raise RecipeError(
         f"`resume_from_checkpoint: true` resumes from the latest checkpoint in {where}, but it holds "
