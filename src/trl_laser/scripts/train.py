@@ -20,14 +20,8 @@ from collections.abc import Sequence
 from trl import ModelConfig
 
 from trl_laser.config import LaSeRConfig, LaSeRScriptArguments
-from trl_laser.launch import (
-    LaunchedRunFailed,
-    LaunchError,
-    die_with_launcher,
-    launched_by_launcher,
-    relaunch,
-    skip_deepspeed_shm_build,
-)
+from trl_laser.launch import LaunchedRunFailed, LaunchError, relaunch, skip_deepspeed_shm_build
+from trl_laser.launch_lifetime import die_with_launcher, launched_by_launcher
 from trl_laser.recipe import RecipeError, RecipeParser, parse_args, recipe_text
 from trl_laser.run_dir import (
     OutputDirWriter,
