@@ -96,7 +96,7 @@ REQUIRED_KEYS = (
 )
 ARM_MARKER = "GPU_BENCH_ARM "
 ZERO3_MARKER = "GPU_BENCH_ZERO3 "
-ZERO3_RESERVE_S = 150  # of the budget, kept for the ZeRO-3 process
+RESERVE_S = {"liger": 80, "zero3": 110}  # of the budget, kept for the processes that run later
 MIB = 1024 * 1024
 # Options handed from the parent to its workers, as given.
 WORKER_OPTIONS = (
@@ -135,20 +135,19 @@ DRY_RUN = dict(
 def workload(args: argparse.Namespace, dtype: Any) -> tuple[Any, Any, Any, Any]:
     """`(tokenizer, model, dataset, rollout_func)`: the random model and scripted rollouts, or a named model with its
     own generation on arithmetic prompts (`--model`, e.g. SmolLM2 for the CPU bf16 measurement)."""
-    from gpu_workload import ScriptedRollout, prompt_dataset, random_model, word_tokenizer
+    import torch
+    from gpu_workload import SHAPES, ScriptedRollout, prompt_dataset, random_model, word_tokenizer
+
+    from trl_laser.data import ARITHMETIC_INSTRUCTION, make_arithmetic_dataset, to_prompt_dataset
+    from trl_laser.models import load_model_and_tokenizer
 
     if args.model:
-        from trl_laser.data import ARITHMETIC_INSTRUCTION, make_arithmetic_dataset, to_prompt_dataset
-        from trl_laser.models import load_model_and_tokenizer
-
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype)
         dataset = to_prompt_dataset(make_arithmetic_dataset("train", seed=0), instruction=ARITHMETIC_INSTRUCTION)
         return tokenizer, model, dataset, None
-    from gpu_workload import SHAPES
-
     vocab = SHAPES[args.shape]["vocab_size"]
     tokenizer = word_tokenizer(vocab)
-    model = random_model(args.shape, tokenizer, dtype, args.seed)
+    model = random_model(args.shape, tokenizer, dtype, args.seed, "cuda" if torch.cuda.is_available() else "cpu")
     rollout = ScriptedRollout(vocab, tokenizer.eos_token_id, args.prompt_length, args.completion_length, args.seed)
     return tokenizer, model, prompt_dataset(64), rollout
 
@@ -349,6 +348,7 @@ def train_worker(args: argparse.Namespace) -> None:
     """Run `args.arms` in order, printing each arm's result as one marked line as soon as it is done."""
     import torch
 
+    torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference must be float32
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     rounds: dict[str, int] = {}
@@ -512,15 +512,43 @@ def worker_command(args: argparse.Namespace, worker: str) -> list[str]:
     return command
 
 
-def plan_arms(sections: list[str], rounds: int) -> list[str]:
-    """The train worker's arms in order: the overhead arms alternating over the rounds, then `fused_head`, and
-    `liger` last (its patches are global); `liger` brings `fused_head`, its comparison."""
-    arms = ["grpo", "laser", "laser_mixing"] * rounds if "overhead" in sections else []
-    if "bf16" in sections or "liger" in sections:
-        arms.append("fused_head")
-    if "liger" in sections:
-        arms.append("liger")
-    return arms
+def plan_workers(sections: list[str], rounds: int, liger_alone: bool) -> list[list[str]]:
+    """The train workers' arms, in order: the first round of the overhead arms, `fused_head`, the other rounds; then
+    `liger` (it brings `fused_head`, its comparison). `liger_alone` (Liger will run: its patches are global) puts it
+    in a process of its own, after the others; otherwise it runs last in the same one."""
+    overhead = ["grpo", "laser", "laser_mixing"] if "overhead" in sections else []
+    arms = overhead + (["fused_head"] if "bf16" in sections or "liger" in sections else []) + overhead * (rounds - 1)
+    if "liger" not in sections:
+        return [arms]
+    return [arms, ["liger"]] if liger_alone else [arms + ["liger"]]
+
+
+def failure(status: int | None, missing: list[str], lines: list[str]) -> dict[str, Any]:
+    why = "timed out" if status is None else f"exited with status {status}"
+    reason = f"{why}; arms not done: {missing}" if missing else why
+    return {"status": "failed", "reason": reason, "log_tail": "".join(lines[-40:])}
+
+
+def section_status(
+    sections: list[str], arms: list[str], runs: list[dict[str, Any]], status: int | None, lines: list[str]
+) -> dict[str, dict[str, Any]]:
+    """Each section that a train worker served: `ran` when every arm it needs finished at least once (a round cut
+    short by the budget is noted), else `failed` with the reason and the end of the worker's log."""
+    done = [run["arm"] for run in runs]
+    result = {}
+    for section in ("overhead", "bf16", "liger"):
+        wanted = [name for name in dict.fromkeys(arms) if ARMS[name].section == section]
+        if section not in sections or not wanted:
+            continue
+        missing = [name for name in wanted if name not in done]
+        if missing:
+            result[section] = failure(status, missing, lines)
+            continue
+        result[section] = {"status": "ran"}
+        short = sum(arms.count(name) - done.count(name) for name in wanted)
+        if short:
+            result[section]["note"] = f"{short} later round(s) not run: {failure(status, [], lines)['reason']}"
+    return result
 
 
 def aggregate(arms: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -620,68 +648,42 @@ def main() -> None:
     started, wall = datetime.now(timezone.utc), time.monotonic()
     deadline = wall + args.budget
     output = os.path.abspath(args.output)
-    log_dir = os.path.dirname(output)
-    os.makedirs(log_dir, exist_ok=True)
-    stem = os.path.splitext(os.path.basename(output))[0]
-    sections: dict[str, dict[str, Any]] = {}
-    arms_plan = plan_arms(args.sections, args.rounds)
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    log_stem = os.path.splitext(output)[0]
+    import torch
+
+    cuda = torch.cuda.is_available()
+    workers = plan_workers(args.sections, args.rounds, liger_alone=liger_missing() is None)
+    zero3_wanted = "zero3" in args.sections and not args.model
     arm_runs: list[dict[str, Any]] = []
-    if arms_plan:
-        reserve = ZERO3_RESERVE_S if "zero3" in args.sections and not args.model else 0
-        command = [sys.executable, *worker_command(args, "train"), "--arms", *arms_plan]
-        print(f"train worker: {' '.join(arms_plan)}", flush=True)
-        status, lines = run_process(
-            command, deadline - time.monotonic() - reserve, os.path.join(log_dir, f"{stem}_train.log")
-        )
-        arm_runs = parse(lines, ARM_MARKER)
-        done = {run["arm"] for run in arm_runs}
-        for section in ("overhead", "bf16", "liger"):
-            if section not in args.sections:
-                continue
-            wanted = {name for name in arms_plan if ARMS[name].section == section}
-            if wanted <= done:
-                sections[section] = {"status": "ran"}
-            else:
-                why = "timed out" if status is None else f"worker exited with status {status}"
-                tail = "".join(lines[-40:])
-                sections[section] = {
-                    "status": "failed",
-                    "reason": f"{why}; arms not done: {sorted(wanted - done)}",
-                    "log_tail": tail,
-                }
+    sections: dict[str, dict[str, Any]] = {}
+    for index, arms in enumerate(workers):
+        later = [RESERVE_S["liger"] for w in workers[index + 1 :] if "liger" in w]
+        reserve = sum(later) + (RESERVE_S["zero3"] if zero3_wanted else 0)
+        command = [sys.executable, *worker_command(args, "train"), "--arms", *arms]
+        print(f"train worker: {' '.join(arms)}", flush=True)
+        log = f"{log_stem}_{'liger' if arms == ['liger'] else 'train'}.log"
+        status, lines = run_process(command, deadline - time.monotonic() - reserve, log)
+        runs = parse(lines, ARM_MARKER)
+        arm_runs += runs
+        sections.update(section_status(args.sections, arms, runs, status, lines))
     zero3: dict[str, Any] | None = None
-    if "zero3" in args.sections:
-        if args.model:
-            sections["zero3"] = {"status": "skipped", "reason": "the ZeRO-3 section trains the random model only"}
-        else:
-            import torch
+    if "zero3" in args.sections and args.model:
+        sections["zero3"] = {"status": "skipped", "reason": "the ZeRO-3 section trains the random model only"}
+    elif zero3_wanted:
+        from trl_laser.launch import launch_plan
 
-            from trl_laser.launch import launch_plan
-
-            cuda = torch.cuda.is_available()
-            launch_args, _ = launch_plan(
-                ["--accelerate_config", "zero3", "--num_processes", "1", "--main_process_port", str(free_port())],
-                SimpleNamespace(bf16=cuda, fp16=False, ddp_backend=None, use_cpu=False),
-                gpu=cuda,
-            )
-            command = [
-                sys.executable,
-                "-m",
-                "accelerate.commands.launch",
-                *launch_args,
-                *worker_command(args, "zero3"),
-            ]
-            print("zero3 worker", flush=True)
-            status, lines = run_process(
-                command, deadline - time.monotonic(), os.path.join(log_dir, f"{stem}_zero3.log")
-            )
-            found = parse(lines, ZERO3_MARKER)
-            if found:
-                zero3 = found[-1]
-                sections["zero3"] = {"status": "ran"}
-            else:
-                why = "timed out" if status is None else f"exited with status {status}"
-                sections["zero3"] = {"status": "failed", "reason": why, "log_tail": "".join(lines[-40:])}
+        launch_args, _ = launch_plan(
+            ["--accelerate_config", "zero3", "--num_processes", "1", "--main_process_port", str(free_port())],
+            SimpleNamespace(bf16=cuda, fp16=False, ddp_backend=None, use_cpu=False),
+            gpu=cuda,
+        )
+        command = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, *worker_command(args, "zero3")]
+        print("zero3 worker", flush=True)
+        status, lines = run_process(command, deadline - time.monotonic(), f"{log_stem}_zero3.log")
+        found = parse(lines, ZERO3_MARKER)
+        zero3 = found[-1] if found else None
+        sections["zero3"] = {"status": "ran"} if found else failure(status, [], lines)
 
     summary = aggregate(arm_runs)
     liger_ok, liger_reason = liger_verdict(summary)
@@ -698,9 +700,6 @@ def main() -> None:
         **memory_ratios,
         "bf16_score_max_abs_err": fused_check.get("score_max_abs_err"),
     }
-    import torch
-
-    cuda = torch.cuda.is_available()
     # On a CPU the peak is the worker's RSS so far, not the arm's own: no memory goal is judged there.
     judged = [name for name in GOALS if values.get(name) is not None and (cuda or "memory" not in name)]
     goals = {name: {"max": GOALS[name], "met": values[name] <= GOALS[name]} for name in judged}
@@ -724,7 +723,7 @@ def main() -> None:
             "dry_run": args.dry_run,
             "model": args.model or f"random {args.shape} (Qwen2 config, seed {args.seed})",
             "sections": args.sections,
-            "arms": arms_plan,
+            "workers": workers,
             "prompts_per_generation_batch": args.prompts,
             "generations_per_prompt": args.generations,
             "prompt_length": args.prompt_length,

@@ -12,6 +12,7 @@ scripted rollouts, so that the lent machine needs no download and every arm trai
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 from collections.abc import Callable, Sequence
@@ -75,8 +76,9 @@ def word_tokenizer(vocab_size: int) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, eos_token=EOS, unk_token=UNK)
 
 
-def random_model(shape: str, tokenizer: Any, dtype: torch.dtype, seed: int) -> Any:
-    """A Qwen2 causal LM of `SHAPES[shape]` with random weights (seeded), in `dtype`, on the CPU."""
+def random_model(shape: str, tokenizer: Any, dtype: torch.dtype, seed: int, device: str | None = None) -> Any:
+    """A Qwen2 causal LM of `SHAPES[shape]` with random weights (seeded), in `dtype`, built on `device` (the default
+    device when None: under DeepSpeed ZeRO-3, its `zero.Init` places the partitions)."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     config = Qwen2Config(
@@ -86,7 +88,10 @@ def random_model(shape: str, tokenizer: Any, dtype: torch.dtype, seed: int) -> A
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if device is not None:
+        torch.cuda.manual_seed_all(seed)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
