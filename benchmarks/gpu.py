@@ -36,6 +36,7 @@ others are still written. Results: `--output` (default `benchmarks/results/gpu.j
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.metadata
 import json
 import math
@@ -49,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from datetime import datetime, timezone
 from types import SimpleNamespace
 from typing import Any, NamedTuple
@@ -95,6 +97,7 @@ REQUIRED_KEYS = (
     "bf16_score_max_abs_err",
 )
 ARM_MARKER = "GPU_BENCH_ARM "
+ARM_FAILED_MARKER = "GPU_BENCH_ARM_FAILED "
 ZERO3_MARKER = "GPU_BENCH_ZERO3 "
 RESERVE_S = {"liger": 80, "zero3": 110}  # of the budget, kept for the processes that run later
 MIB = 1024 * 1024
@@ -224,10 +227,21 @@ def score_check(trainer: Any, tokenizer: Any, reference: Any, first: dict[str, A
     beta, c_ref = settings.self_reward_beta, settings.self_reward_ref_constant
     trained = [beta * (logp - c_ref) for logp in logps]
     reference.to(device)
-    before = score_completions(reference, tokenizer, prompts, completions, settings=settings, batch_size=4)
+
+    def score() -> list[float]:
+        return score_completions(reference, tokenizer, prompts, completions, settings=settings, batch_size=4)
+
+    before = score()
+    # The same initial weights in their training dtype, through a plain forward (full logits): what half precision
+    # alone costs, to set beside the training forward's error.
+    dtype = trainer.accelerator.unwrap_model(trainer.model).dtype
+    reference.to(dtype)
+    plain = score()
+    reference.float()  # exact: the initial weights are values of `dtype`
     reference.load_state_dict(trainer.accelerator.unwrap_model(trainer.model).state_dict())
-    after = score_completions(reference, tokenizer, prompts, completions, settings=settings, batch_size=4)
+    after = score()
     errors = [abs(a - b) for a, b in zip(trained, before)]
+    plain_errors = [abs(a - b) for a, b in zip(plain, before)]
     moved = sum(after) / len(after) - sum(before) / len(before)
     return {
         "finished": len(logps),
@@ -236,6 +250,9 @@ def score_check(trainer: Any, tokenizer: Any, reference: Any, first: dict[str, A
         "score_max_abs_err": max(errors),
         "score_mean_abs_err": sum(errors) / len(errors),
         "logp_max_abs_err": max(errors) / beta,
+        "plain_forward_dtype": str(dtype).replace("torch.", ""),
+        "plain_forward_score_max_abs_err": max(plain_errors),
+        "plain_forward_score_mean_abs_err": sum(plain_errors) / len(plain_errors),
         "mean_score_before": sum(before) / len(before),
         "mean_score_after": sum(after) / len(after),
         "mean_score_moved": moved,
@@ -269,7 +286,6 @@ def liger_missing() -> str | None:
 def run_arm(name: str, args: argparse.Namespace, round_index: int) -> dict[str, Any]:
     """Train one arm in this process; its step times, batches, forwards, peak memory and (check arms) score check."""
     import copy
-    import gc
     import resource
 
     import torch
@@ -354,7 +370,16 @@ def train_worker(args: argparse.Namespace) -> None:
     rounds: dict[str, int] = {}
     for name in args.arms:
         rounds[name] = rounds.get(name, -1) + 1
-        print(ARM_MARKER + json.dumps(run_arm(name, args, rounds[name])), flush=True)
+        try:
+            result = run_arm(name, args, rounds[name])
+        except Exception:  # the other arms still run: a failure is a result too
+            failure = {"arm": name, "round": rounds[name], "error": traceback.format_exc()[-4000:]}
+            print(ARM_FAILED_MARKER + json.dumps(failure), flush=True)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        print(ARM_MARKER + json.dumps(result), flush=True)
 
 
 # --------------------------------------------------------------------------------------------- the ZeRO-3 worker
@@ -369,6 +394,7 @@ def zero3_worker(args: argparse.Namespace) -> None:
     from trl_laser import SELF_REWARD_CONFIG_NAME, LaSeRGRPOTrainer, SelfRewardSettings, score_completions
 
     cuda = torch.cuda.is_available()
+    torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reload must score in float32
     if not cuda:  # one process needs no shared-memory all-reduce: skip its JIT build (g++, ~75 s on 2 cores)
         import deepspeed.ops
 
@@ -466,7 +492,7 @@ def run_process(command: list[str], timeout: float, log_path: str) -> tuple[int 
                 lines.append(line)
                 log.write(line)
                 log.flush()
-                if line.startswith((ARM_MARKER, ZERO3_MARKER)):
+                if line.startswith((ARM_MARKER, ARM_FAILED_MARKER, ZERO3_MARKER)):
                     print(f"  [{time.strftime('%H:%M:%S')}] {brief(line)}", flush=True)
 
         reader = threading.Thread(target=read, daemon=True)
@@ -487,8 +513,10 @@ def run_process(command: list[str], timeout: float, log_path: str) -> tuple[int 
 
 def brief(line: str) -> str:
     """One result line, shortened for the console."""
-    marker = ARM_MARKER if line.startswith(ARM_MARKER) else ZERO3_MARKER
+    marker = next(m for m in (ARM_FAILED_MARKER, ARM_MARKER, ZERO3_MARKER) if line.startswith(m))
     data = json.loads(line[len(marker) :])
+    if marker == ARM_FAILED_MARKER:
+        return f"{data['arm']} (round {data['round']}) FAILED: {data['error'].strip().splitlines()[-1]}"
     if marker == ZERO3_MARKER:
         return f"zero3: {data['steps']} steps, score error after save/reload {data['score_max_abs_err']}"
     seconds = summarize(data["seconds"])["median"] if data["seconds"] else float("nan")
@@ -523,17 +551,22 @@ def plan_workers(sections: list[str], rounds: int, liger_alone: bool) -> list[li
     return [arms, ["liger"]] if liger_alone else [arms + ["liger"]]
 
 
-def failure(status: int | None, missing: list[str], lines: list[str]) -> dict[str, Any]:
-    why = "timed out" if status is None else f"exited with status {status}"
-    reason = f"{why}; arms not done: {missing}" if missing else why
-    return {"status": "failed", "reason": reason, "log_tail": "".join(lines[-40:])}
+def failure(status: int | None, lines: list[str], errors: list[str] = ()) -> dict[str, Any]:
+    """A failed section: why (the arms' own errors first, else how the process ended) and the end of its log."""
+    how = "timed out" if status is None else f"exited with status {status}"
+    return {"status": "failed", "reason": "; ".join([*errors, how]), "log_tail": "".join(lines[-40:])}
 
 
 def section_status(
-    sections: list[str], arms: list[str], runs: list[dict[str, Any]], status: int | None, lines: list[str]
+    sections: list[str],
+    arms: list[str],
+    runs: list[dict[str, Any]],
+    failures: list[dict[str, Any]],
+    status: int | None,
+    lines: list[str],
 ) -> dict[str, dict[str, Any]]:
-    """Each section that a train worker served: `ran` when every arm it needs finished at least once (a round cut
-    short by the budget is noted), else `failed` with the reason and the end of the worker's log."""
+    """Each section that a train worker served: `ran` when every arm it needs finished at least once (rounds cut
+    short are noted), else `failed` with the arms' errors or how the worker ended, and the end of its log."""
     done = [run["arm"] for run in runs]
     result = {}
     for section in ("overhead", "bf16", "liger"):
@@ -541,13 +574,14 @@ def section_status(
         if section not in sections or not wanted:
             continue
         missing = [name for name in wanted if name not in done]
+        errors = [f"{f['arm']} failed: {f['error'].strip().splitlines()[-1]}" for f in failures if f["arm"] in wanted]
         if missing:
-            result[section] = failure(status, missing, lines)
+            result[section] = failure(status, lines, [f"arms not done: {missing}", *errors])
             continue
         result[section] = {"status": "ran"}
         short = sum(arms.count(name) - done.count(name) for name in wanted)
         if short:
-            result[section]["note"] = f"{short} later round(s) not run: {failure(status, [], lines)['reason']}"
+            result[section]["note"] = f"{short} later run(s) not done: " + failure(status, lines, errors)["reason"]
     return result
 
 
@@ -666,7 +700,7 @@ def main() -> None:
         status, lines = run_process(command, deadline - time.monotonic() - reserve, log)
         runs = parse(lines, ARM_MARKER)
         arm_runs += runs
-        sections.update(section_status(args.sections, arms, runs, status, lines))
+        sections.update(section_status(args.sections, arms, runs, parse(lines, ARM_FAILED_MARKER), status, lines))
     zero3: dict[str, Any] | None = None
     if "zero3" in args.sections and args.model:
         sections["zero3"] = {"status": "skipped", "reason": "the ZeRO-3 section trains the random model only"}
@@ -683,7 +717,7 @@ def main() -> None:
         status, lines = run_process(command, deadline - time.monotonic(), f"{log_stem}_zero3.log")
         found = parse(lines, ZERO3_MARKER)
         zero3 = found[-1] if found else None
-        sections["zero3"] = {"status": "ran"} if found else failure(status, [], lines)
+        sections["zero3"] = {"status": "ran"} if found else failure(status, lines)
 
     summary = aggregate(arm_runs)
     liger_ok, liger_reason = liger_verdict(summary)
@@ -770,7 +804,8 @@ def print_summary(result: dict[str, Any], output: str) -> None:
     for name, s in result["arms"].items():
         check = s.get("check", {})
         note = (
-            f"r_s err {check['score_max_abs_err']:.4f}, r_s moved {check['mean_score_moved']:+.4f}"
+            f"r_s err {check['score_max_abs_err']:.4f} (plain {check['plain_forward_dtype']} forward: "
+            f"{check['plain_forward_score_max_abs_err']:.4f}), r_s moved {check['mean_score_moved']:+.4f}"
             if "score_max_abs_err" in check
             else ""
         )

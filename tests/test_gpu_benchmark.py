@@ -129,14 +129,18 @@ def test_plan_puts_liger_last_or_alone():
 def test_section_status_reports_missing_arms_and_short_rounds():
     runs = [{"arm": name} for name in ("grpo", "laser", "laser_mixing", "fused_head")]
     arms = ["grpo", "laser", "laser_mixing", "fused_head", "grpo", "laser", "laser_mixing"]
-    status = gpu.section_status(["overhead", "bf16", "liger"], arms, runs, None, ["...\n"])
+    status = gpu.section_status(["overhead", "bf16", "liger"], arms, runs, [], None, ["...\n"])
     assert status["bf16"] == {"status": "ran"}
-    assert (
-        status["overhead"]["status"] == "ran" and "3 later round(s) not run: timed out" in status["overhead"]["note"]
-    )
+    assert status["overhead"]["status"] == "ran" and status["overhead"]["note"] == "3 later run(s) not done: timed out"
     assert "liger" not in status  # not this worker's
-    failed = gpu.section_status(["overhead"], arms, runs[:1], 1, ["Traceback\n"])["overhead"]
-    assert failed["status"] == "failed" and "status 1" in failed["reason"] and "'laser'" in failed["reason"]
+    crash = [{"arm": "laser", "round": 0, "error": "Traceback ...\nValueError: bad\n"}]
+    failed = gpu.section_status(["overhead"], arms, runs[:1], crash, 0, ["Traceback\n"])["overhead"]
+    assert failed["status"] == "failed"
+    assert (
+        failed["reason"]
+        == "arms not done: ['laser', 'laser_mixing']; laser failed: ValueError: bad; exited with status 0"
+    )
+    assert failed["log_tail"] == "Traceback\n"
 
 
 def test_liger_verdict_needs_kernels_finite_losses_and_a_moving_score():
