@@ -493,7 +493,10 @@ def run_process(command: list[str], timeout: float, log_path: str) -> tuple[int 
                 log.write(line)
                 log.flush()
                 if line.startswith((ARM_MARKER, ARM_FAILED_MARKER, ZERO3_MARKER)):
-                    print(f"  [{time.strftime('%H:%M:%S')}] {brief(line)}", flush=True)
+                    try:
+                        print(f"  [{time.strftime('%H:%M:%S')}] {brief(line)}", flush=True)
+                    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                        print(f"  (unreadable result line: {line[:120]!r})", flush=True)
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
@@ -528,7 +531,15 @@ def brief(line: str) -> str:
 
 
 def parse(lines: list[str], marker: str) -> list[dict[str, Any]]:
-    return [json.loads(line[len(marker) :]) for line in lines if line.startswith(marker)]
+    """The results marked `marker` (a line that another stream's write cut in two is skipped)."""
+    found = []
+    for line in lines:
+        if line.startswith(marker):
+            try:
+                found.append(json.loads(line[len(marker) :]))
+            except json.JSONDecodeError:
+                continue
+    return found
 
 
 def worker_command(args: argparse.Namespace, worker: str) -> list[str]:
