@@ -26,6 +26,7 @@ def load(name: str):
 
 
 gpu = load("gpu")
+gpu_arms = load("gpu_arms")
 workload = load("gpu_workload")
 bundle = load("gpu_bundle")
 
@@ -113,7 +114,7 @@ def test_finished_rows_reads_z_c_after_each_eos():
         "logits_to_keep": 4,
         "logps": torch.tensor([[-1.0, -2.0, -15.5, 0.0], [-1.0, -1.0, -1.0, -1.0]]),
     }
-    prompts, completions, logps = gpu.finished_rows(first, zc)
+    prompts, completions, logps = gpu_arms.finished_rows(first, zc)
     assert (prompts, completions, logps) == ([[10, 11, 12]], [[7, eos]], [-15.5])
 
 
