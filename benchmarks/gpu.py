@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -315,6 +316,8 @@ def main() -> None:
     zero3: dict[str, Any] | None = None
     if "zero3" in args.sections and args.model:
         sections["zero3"] = {"status": "skipped", "reason": "the ZeRO-3 section trains the random model only"}
+    elif zero3_wanted and importlib.util.find_spec("deepspeed") is None:
+        sections["zero3"] = {"status": "skipped", "reason": "deepspeed is not installed (`trl-laser[deepspeed]`)"}
     elif zero3_wanted:
         from trl_laser.launch import launch_plan
 
