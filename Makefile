@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 STAMP := .make/installed
 CHECK_DIRS := src tests benchmarks examples
 
-.PHONY: install quickstart test test-slow test-all style quality clean
+.PHONY: install quickstart test test-slow test-all style quality clean gpu-bundle gpu-check gpu-dry-run
 
 $(STAMP): setup.cfg pyproject.toml
 	# torch is pinned: a bare `torch` would pull a multi-GB CUDA build; 2.13.0 has a CPU build on this machine.
@@ -42,6 +42,17 @@ style: $(STAMP)
 quality: $(STAMP)
 	ruff format --check $(CHECK_DIRS)
 	ruff check $(CHECK_DIRS)
+
+# The GPU check (docs/gpu.md): the wheels a bare GPU machine lacks, in .whl/ (checked offline for Python 3.12); the
+# check itself, on the GPU machine, from the bundle; its CPU dry-run on a tiny model.
+gpu-bundle: $(STAMP)
+	$(PYTHON) benchmarks/gpu_bundle.py
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+gpu-dry-run: $(STAMP)
+	$(PYTHON) benchmarks/gpu.py --dry-run --output outputs/gpu_dry_run/gpu.json
 
 clean:
 	rm -rf .make build dist *.egg-info .pytest_cache

@@ -30,7 +30,6 @@ configuration's peak RSS is the maximum over its rounds. Ratios are of medians; 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -44,6 +43,9 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
+
+from step_stats import batch_record, ratios, summarize
+from step_stats import identical_batches as identical_pairs
 
 
 class Arm(NamedTuple):
@@ -95,7 +97,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Train configuration `args.worker`; return its per-generation-batch times, batches, forwards and peak RSS."""
     # Imported here so that the parent process (and the tests of the aggregation) stay light.
     import torch
-    from transformers import TrainerCallback
+    from trainer_probes import ForwardTap, StepTimer
     from trl import GRPOConfig, GRPOTrainer
 
     from trl_laser import LaSeRConfig, LaSeRGRPOTrainer
@@ -103,34 +105,13 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     from trl_laser.models import load_model_and_tokenizer, resolve_model_path
     from trl_laser.rewards import math_verify_reward
 
-    class StepTimer(TrainerCallback):
-        """Wall time of each optimizer step, from its start to the end of its own logging."""
-
-        def __init__(self) -> None:
-            self.start = 0.0
-            self.seconds: list[float] = []
-            self.logging = False
-
-        def on_step_begin(self, args, state, control, **kwargs) -> None:
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs) -> None:
-            self.seconds.append(time.perf_counter() - self.start)
-            self.logging = True
-
-        def on_log(self, args, state, control, **kwargs) -> None:
-            if self.logging:  # the step's own log, not the summary at the end of training
-                self.seconds[-1] = time.perf_counter() - self.start
-                self.logging = False
-
     arm = CONFIGS[args.worker]
     torch.set_num_threads(args.threads)
     batches: list[list] = []
 
     def verifier(completions: list, answer: list, completion_ids: list, **kwargs: Any) -> list[float]:
         """`math_verify_reward`, recording each generation batch's token count and a digest of its ids."""
-        digest = hashlib.sha256(json.dumps([list(ids) for ids in completion_ids]).encode()).hexdigest()[:16]
-        batches.append([sum(len(ids) for ids in completion_ids), digest])
+        batches.append(batch_record(completion_ids))
         return math_verify_reward(completions, answer, **kwargs)
 
     path = resolve_model_path(args.model)
@@ -181,16 +162,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             processing_class=tokenizer,
             callbacks=[timer],
         )
-        forwards = 0
-        logps_and_entropies = trainer._get_per_token_logps_and_entropies
-
-        def counted_forward(*f_args: Any, **f_kwargs: Any) -> Any:
-            """Count the log-prob forwards (training, TRL's old log-probs, LaSeR's extra one)."""
-            nonlocal forwards
-            forwards += 1
-            return logps_and_entropies(*f_args, **f_kwargs)
-
-        trainer._get_per_token_logps_and_entropies = counted_forward
+        forwards = ForwardTap(trainer)
         peak_rss_before_train_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         trainer.train()
         peak_rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -204,27 +176,12 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "step_seconds": timer.seconds,
         "seconds": batch_seconds[args.warmup_steps :],
         "batches": batches,
-        "logp_forwards_per_generation_batch": forwards / len(batches),
+        "logp_forwards_per_generation_batch": forwards.count / len(batches),
         "phases": sorted({log["self_reward/phase"] for log in history if "self_reward/phase" in log}),
         "peak_rss_before_train_kib": peak_rss_before_train_kib,
         "peak_rss_kib": peak_rss_kib,
         "torch_threads": torch.get_num_threads(),
         "model_path": path,
-    }
-
-
-def summarize(values: list[float]) -> dict[str, float]:
-    """Median, extremes, quartiles and interquartile range of repeated timings."""
-    ordered = sorted(values)
-    p25, _, p75 = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else ordered * 3
-    return {
-        "n": len(ordered),
-        "median": statistics.median(ordered),
-        "min": ordered[0],
-        "max": ordered[-1],
-        "p25": p25,
-        "p75": p75,
-        "iqr": p75 - p25,
     }
 
 
@@ -248,19 +205,9 @@ def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
     return result
 
 
-def ratios(summary: dict[str, dict[str, Any]], pairs: dict[str, tuple[str, str]], key: str) -> dict[str, float]:
-    """`summary[a][key] / summary[b][key]` for each named pair `(a, b)` whose configurations were run."""
-    return {name: summary[a][key] / summary[b][key] for name, (a, b) in pairs.items() if a in summary and b in summary}
-
-
 def identical_batches(runs: dict[str, list[dict[str, Any]]]) -> dict[str, bool]:
     """Whether paired configurations (all their rounds) sampled the same completions, batch by batch."""
-    checks = {}
-    for a, b in dict.fromkeys(TIME_RATIOS.values()):
-        if a in runs and b in runs:
-            reference = runs[b][0]["batches"]
-            checks[f"{a}_vs_{b}"] = all(run["batches"] == reference for run in runs[a] + runs[b])
-    return checks
+    return identical_pairs(runs, TIME_RATIOS.values())
 
 
 def run_config(args: argparse.Namespace, name: str) -> dict[str, Any]:

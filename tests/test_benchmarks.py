@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import pytest
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the scripts import their shared helpers as siblings
 
 
 def load(name: str):
