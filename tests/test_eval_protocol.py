@@ -327,3 +327,12 @@ def test_paper_table_reports_an_empty_class_f1_as_the_official_code():
     assert table["benchmarks"]["MATH500"]["sv_f1_paper_undefined"] is False
     assert table["average"]["sv_f1_paper"] == pytest.approx(0.4)
     assert "| Self-verification F1 (%) | 80.0 | 0.0 | 40.0 |" in results_markdown(table, "paper")
+
+
+def test_a_finished_run_resumes_to_nothing_whatever_its_batch_size():
+    from trl_laser.evaluation.sampling import sample_batches
+
+    # 1 problem x 3 samples in batches of 2: the finished run stopped at 3, not a multiple of the batch size.
+    assert (
+        list(sample_batches(None, None, None, [{"problem": "p", "answer": "1"}], [[]], 3, batch_size=2, start=3)) == []
+    )

@@ -87,3 +87,30 @@ def test_fixed_completions_fall_back_to_one_forward_over_finished_rows(tiny_mode
     calls = counting_forwards(trainer)
     batch = trainer._generate_and_score_completions(generation_batch())
     assert calls == [int((batch["self_reward_index"] >= 0).sum())]
+
+
+def test_missing_rows_are_padded_to_the_largest_count_of_any_process():
+    """Under ZeRO-3 / FSDP every process must run as many forward calls as the others: each forwards the largest
+    missing count of any process, its own rows first, padded with its row 0."""
+    from trl_laser.generation_capture import complete_generation_zc
+
+    nan = float("nan")
+    finished = torch.tensor([True, True, False, True])
+    seen = []
+
+    def forward(rows):
+        seen.append(rows.tolist())
+        return -10.0 - rows.float()
+
+    values, computed = complete_generation_zc([-1.0, nan, nan, nan], finished, forward, max_over_processes=lambda n: 3)
+    assert seen == [[1, 3, 0]] and computed == 2
+    torch.testing.assert_close(values[[0, 1, 3]], torch.tensor([-1.0, -11.0, -13.0]))
+    assert torch.isnan(values[2])  # truncated: no score
+    seen.clear()  # nothing missing here, but another process lacks 2 rows: this one joins with its row 0, twice
+    values, computed = complete_generation_zc(
+        [-1.0, -2.0, nan, -4.0], finished, forward, max_over_processes=lambda n: 2
+    )
+    assert seen == [[0, 0]] and computed == 0 and values[3].item() == -4.0
+    seen.clear()  # nowhere anything missing: no forward at all
+    complete_generation_zc([-1.0, -2.0, nan, -4.0], finished, forward, max_over_processes=lambda n: 0)
+    assert seen == []

@@ -1,4 +1,5 @@
-"""z_c's log-prob read while TRL generates, so that the mixing phase needs no extra forward pass.
+"""z_c's log-prob read while `generate` runs: for one extra token at test time (`scoring`), and in training so that
+the mixing phase needs no extra forward pass.
 
 The mixed advantage needs the generating policy's score of every finished completion before the loss. TRL's
 transformers `generate` already computes, at its step `t + 1`, the logits right after a completion's EOS generated at
@@ -16,31 +17,66 @@ from typing import Any
 import torch
 
 
-class GenerationZcCapture:
-    """Records `log pi(z_c | prefix)` at the last position of every forward call of the hooked model."""
+class ZcRecorder:
+    """Forward hook on `generate`'s forward calls: z_c's log-prob after each step and each sampled token's log-prob.
+
+    Both come from the raw last-position logits that `generate` itself reads, at temperature 1. Call t predicts
+    generated token t, and under cached generation call t + 1 is fed that token (`input_ids[:, -1]`), so the previous
+    call's log-softmax row is kept until the next call names the token to read from it; the last call's row is read
+    after `generate` returns (`finish`). Memory is one `(rows, vocab)` row plus `(rows,)` floats per step, where
+    `output_logits=True` would keep `(rows, vocab)` per step (e.g. 5 GB per row for 8192 tokens of a 152k vocabulary).
+    """
 
     def __init__(self, token_id: int):
         self.token_id = token_id
-        self._steps: list[torch.Tensor] = []
+        self.steps: list[torch.Tensor] = []  # log pi(z_c | prefix) after each call
+        self.token_steps: list[torch.Tensor] = []  # log pi(generated token t | prefix), gathered at call t + 1
+        self._previous: torch.Tensor | None = None  # the last call's log-softmax row, (rows, vocab)
+
+    def __call__(self, module: Any, args: Any, kwargs: Any, output: Any) -> None:
+        logits = output.logits if hasattr(output, "logits") else output[0]
+        row = logits[:, -1].float().log_softmax(-1)
+        if self._previous is not None:
+            fed = kwargs.get("input_ids", args[0] if args else None)
+            if fed is None:
+                raise RuntimeError("generate called the model without `input_ids`: the sampled tokens are unknown.")
+            self.token_steps.append(self._gather(fed[:, -1]))
+        self.steps.append(row[:, self.token_id])
+        self._previous = row
+
+    def _gather(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._previous.gather(1, tokens.to(self._previous.device)[:, None]).squeeze(1)
+
+    def finish(self, last_tokens: torch.Tensor, steps: int) -> list[torch.Tensor]:
+        """The log-probs of generated tokens 0 .. steps - 1, the last one read from the last call's row."""
+        values = self.token_steps[:steps]
+        if len(values) < steps:
+            values.append(self._gather(last_tokens))
+        self._previous = None
+        return values
+
+
+class GenerationZcCapture:
+    """A `ZcRecorder` on the model while TRL's `generate` runs, read out per completion."""
+
+    def __init__(self, token_id: int):
+        self.token_id = token_id
+        self._recorder = ZcRecorder(token_id)
 
     @contextlib.contextmanager
     def recording(self, model: Any) -> Iterator[None]:
         """Within, every forward call of `model` (a `generate` step) adds one value per row."""
-        self._steps = []
-        handle = model.register_forward_hook(self._record)
+        self._recorder = ZcRecorder(self.token_id)
+        handle = model.register_forward_hook(self._recorder, with_kwargs=True)
         try:
             yield
         finally:
             handle.remove()
 
-    def _record(self, module: Any, args: Any, output: Any) -> None:
-        logits = (output.logits if hasattr(output, "logits") else output[0])[:, -1].float()
-        self._steps.append(logits[:, self.token_id] - logits.logsumexp(-1))
-
     def read(self, completion_ids: Sequence[Sequence[int]], eos_token_ids: Sequence[int]) -> list[float]:
         """Per completion (rows in `generate`'s order, cut after their first EOS): z_c's log-prob after its EOS, NaN
         when it is truncated or ended at the last step. Then the record is emptied."""
-        steps, self._steps = self._steps, []
+        steps, self._recorder = self._recorder.steps, ZcRecorder(self.token_id)
         eos = set(eos_token_ids)
         if not steps or steps[0].numel() != len(completion_ids):  # not one `generate` over these rows
             return [float("nan")] * len(completion_ids)
@@ -55,21 +91,22 @@ def complete_generation_zc(
     captured: Sequence[float] | None,
     finished: torch.Tensor,
     forward: Callable[[torch.Tensor], torch.Tensor],
-    total_over_processes: Callable[[int], float] | None = None,
+    max_over_processes: Callable[[int], int] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """The generation-time z_c log-prob of every local row (NaN if truncated), and how many rows needed `forward`.
 
     `captured` holds what generation read (None: nothing); the finished rows it lacks are computed by
-    `forward(rows) -> values`, one call. `total_over_processes(n)` sums n over processes where a forward is a
-    collective (ZeRO-3, FSDP): then a process that lacks nothing still joins the others' forward with one row.
+    `forward(rows) -> values`, one call. Where a forward is a collective (ZeRO-3, FSDP), `max_over_processes(n)` is
+    the largest n of all processes: every process then forwards that many rows (its own, padded with its row 0), so
+    that all run the same number of forward calls.
     """
     values = torch.full(finished.shape, float("nan"), device=finished.device)
     if captured is not None and len(captured) == finished.numel():
         values = torch.tensor(captured, dtype=torch.float32, device=finished.device)
     missing = torch.nonzero(finished & torch.isnan(values)).squeeze(1)
-    anywhere = missing.numel() if total_over_processes is None else total_over_processes(missing.numel())
-    if anywhere == 0:
+    count = missing.numel() if max_over_processes is None else max_over_processes(missing.numel())
+    if count == 0:
         return values, 0
-    rows = missing if missing.numel() else torch.zeros(1, dtype=torch.long, device=finished.device)
-    values[missing] = forward(rows)[: missing.numel()]
+    padding = torch.zeros(count - missing.numel(), dtype=torch.long, device=finished.device)
+    values[missing] = forward(torch.cat([missing, padding]))[: missing.numel()]
     return values, missing.numel()

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .core import self_reward_score
+from .generation_capture import ZcRecorder
 from .models import lm_head_in_fp32
 from .settings import OVERRIDABLE, SelfRewardSettings, resolve_settings
 
@@ -244,45 +245,6 @@ class ScoredCompletion:
     min_token_logprob: float
 
 
-class _ZcRecorder:
-    """Forward hook on `generate`'s forward calls: z_c's log-prob after each step and each sampled token's log-prob.
-
-    Both come from the raw last-position logits that `generate` itself reads, at temperature 1. Call t predicts
-    generated token t, and under cached generation call t + 1 is fed that token (`input_ids[:, -1]`), so the previous
-    call's log-softmax row is kept until the next call names the token to read from it; the last call's row is read
-    after `generate` returns (`finish`). Memory is one `(rows, vocab)` row plus `(rows,)` floats per step, where
-    `output_logits=True` would keep `(rows, vocab)` per step (e.g. 5 GB per row for 8192 tokens of a 152k vocabulary).
-    """
-
-    def __init__(self, token_id: int):
-        self.token_id = token_id
-        self.steps: list[torch.Tensor] = []  # log pi(z_c | prefix) after each call
-        self.token_steps: list[torch.Tensor] = []  # log pi(generated token t | prefix), gathered at call t + 1
-        self._previous: torch.Tensor | None = None  # the last call's log-softmax row, (rows, vocab)
-
-    def __call__(self, module: Any, args: Any, kwargs: Any, output: Any) -> None:
-        logits = output.logits if hasattr(output, "logits") else output[0]
-        row = logits[:, -1].float().log_softmax(-1)
-        if self._previous is not None:
-            fed = kwargs.get("input_ids", args[0] if args else None)
-            if fed is None:
-                raise RuntimeError("generate called the model without `input_ids`: the sampled tokens are unknown.")
-            self.token_steps.append(self._gather(fed[:, -1]))
-        self.steps.append(row[:, self.token_id])
-        self._previous = row
-
-    def _gather(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._previous.gather(1, tokens.to(self._previous.device)[:, None]).squeeze(1)
-
-    def finish(self, last_tokens: torch.Tensor, steps: int) -> list[torch.Tensor]:
-        """The log-probs of generated tokens 0 .. steps - 1, the last one read from the last call's row."""
-        values = self.token_steps[:steps]
-        if len(values) < steps:
-            values.append(self._gather(last_tokens))
-        self._previous = None
-        return values
-
-
 def generate_with_self_rewards(
     model: Any,
     tokenizer: Any,
@@ -418,7 +380,7 @@ def _generate_batch(
         mask[r, width - len(prompt_ids[p]) :] = 1
     input_ids, mask = input_ids.to(device), mask.to(device)
 
-    recorder = _ZcRecorder(cfg.self_reward_token_id)
+    recorder = ZcRecorder(cfg.self_reward_token_id)
     handle = model.register_forward_hook(recorder, with_kwargs=True)
     try:
         out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)

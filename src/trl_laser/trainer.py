@@ -191,7 +191,8 @@ class LaSeRGRPOTrainer(GRPOTrainer):
 
     def _generate_single_turn(self, prompt_ids, *args, **kwargs):
         """TRL's generation; with transformers' `generate` (no tools), z_c's log-prob is read along the way."""
-        if self.zc_capture is None or self.use_vllm or self.use_transformers_continuous_batching or self.tools:
+        own_rollouts = self.use_vllm or self.use_transformers_continuous_batching or self.rollout_func is not None
+        if self.zc_capture is None or own_rollouts or self.tools:
             return super()._generate_single_turn(prompt_ids, *args, **kwargs)
         model = self.accelerator.unwrap_model(self.model)
         with self.zc_capture.recording(model.get_base_model() if is_peft_model(model) else model):
@@ -301,11 +302,8 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         )
 
     def _laser_reference(self, output: dict, batch: _GenerationBatch) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Step 1: the generation-time (old policy) z_c log-prob when needed, and c_ref per local row.
-
-        The old log-prob comes from TRL's old log-probs when it computed them, else from one no-grad forward, only
-        when needed (the first batch of "auto", and the mixing phase).
-        """
+        """Step 1: the generation-time (old policy) z_c log-prob when needed (the first batch of "auto", and the mixing
+        phase; `_generation_zc` says where it comes from), and c_ref per local row."""
         train, index, finished_local = batch.mode == "train", batch.index, batch.finished_local
         local_n, device = index.numel(), index.device
         estimate = self.ref_constant.needs_estimate and train
@@ -353,7 +351,7 @@ class LaSeRGRPOTrainer(GRPOTrainer):
             self._laser_generation_zc,
             batch.finished_local,
             forward,
-            (lambda n: gather(torch.tensor([n], device=batch.index.device)).sum().item())
+            (lambda n: int(gather(torch.tensor([n], device=batch.index.device)).max().item()))
             if zero3 or self.is_fsdp_enabled
             else None,
         )

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..models import load_model_and_tokenizer
 from ..scoring import ScoredCompletion, iter_generate_with_self_rewards
-from ..settings import SelfRewardSettings
+from ..settings import SelfRewardSettings, resolve_settings
 from .protocol import grade, grade_paper, paper_conventions
 
 
@@ -116,6 +116,10 @@ def sample_batches(
     is `generate`'s (`max_new_tokens`, `temperature`, `top_p` ...). `answer_agreement` needs all samples of a problem:
     set it afterwards (`add_answer_agreement`).
     """
+    total = len(problems) * num_samples
+    if start >= total:  # a finished run, resumed: nothing left (its total need not be a multiple of batch_size)
+        return
+    settings = resolve_settings(model, tokenizer, settings)  # EOS ids the model's, where they were not saved
     batches = iter_generate_with_self_rewards(
         model,
         tokenizer,
@@ -128,7 +132,6 @@ def sample_batches(
         seed=seed,
         **generation,
     )
-    total = len(problems) * num_samples
     with tqdm(total=total, initial=start, desc=desc, unit="sample", disable=not progress) as bar:
         for batch in batches:
             rows = [graded_record(problems[s.prompt_index], s, protocol, keep_token_ids) for s in batch]
