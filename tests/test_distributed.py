@@ -13,12 +13,16 @@ import torch
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "laser_one_step.py")
 
 
-def run(model_dir, tmp_path, nproc, row_update, zero_stage=0):
+def run(model_dir, tmp_path, nproc, row_update, zero_stage=0, captured=False):
     out = str(tmp_path / f"world{nproc}_zero{zero_stage}.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT]
     result = subprocess.run(
-        [*cmd, model_dir, out, row_update, str(zero_stage)], env=env, capture_output=True, text=True, timeout=300
+        [*cmd, model_dir, out, row_update, str(zero_stage), str(int(captured))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     with open(out) as f:
@@ -37,16 +41,25 @@ def _one_process(model_dir, tmp_path_factory, row_update):
 
 
 @pytest.mark.parametrize(
-    "row_update, zero_stage",
-    [("optimizer", 0), ("least_squares", 0), ("optimizer", 2), ("optimizer", 3)],
-    ids=["ddp", "ddp-least-squares", "zero2", "zero3"],
+    "row_update, zero_stage, captured",
+    [
+        ("optimizer", 0, False),
+        ("least_squares", 0, False),
+        ("optimizer", 2, False),
+        ("optimizer", 3, False),
+        ("optimizer", 0, True),
+        ("optimizer", 3, True),
+    ],
+    ids=["ddp", "ddp-least-squares", "zero2", "zero3", "ddp-generation-time-zc", "zero3-generation-time-zc"],
 )
-def test_two_processes_match_one(tiny_model_dir, tmp_path_factory, row_update, zero_stage):
+def test_two_processes_match_one(tiny_model_dir, tmp_path_factory, row_update, zero_stage, captured):
+    """The last two: rank 0's mix reads z_c's log-prob as `generate` gave it, rank 1's computes it by the forward
+    that, under ZeRO-3, rank 0 must join with padding rows; the 1-process reference computes them all."""
     if zero_stage:
         pytest.importorskip("deepspeed", reason="the test extra installs deepspeed")
     tmp_path = tmp_path_factory.mktemp("one_step")
     one, delta_one = _one_process(tiny_model_dir, tmp_path_factory, row_update)
-    two, delta_two = run(tiny_model_dir, tmp_path, 2, row_update, zero_stage)
+    two, delta_two = run(tiny_model_dir, tmp_path, 2, row_update, zero_stage, captured)
     assert (one["world"], two["world"]) == (1, 2)
 
     def key(row):

@@ -1,10 +1,14 @@
 """One LaSeR step on fixed completions, run under torchrun with 1 or 2 CPU processes (gloo), optionally under ZeRO.
 
-    python -m torch.distributed.run --nproc_per_node N laser_one_step.py MODEL_DIR OUT.json [ROW_UPDATE [ZERO_STAGE]]
+    python -m torch.distributed.run --nproc_per_node N laser_one_step.py MODEL_DIR OUT.json [ROW_UPDATE [ZERO_STAGE
+        [CAPTURED]]]
 
 Writes, from rank 0, every row's advantage, class coefficient and target, the logged metrics, and the parameter update,
 so that a test can check that splitting the generation batch over processes, or sharding it with DeepSpeed ZeRO-2/3,
-changes none of them. ZERO_STAGE 0 (default) is plain DDP.
+changes none of them. ZERO_STAGE 0 (default) is plain DDP. With CAPTURED 1, rank 0's generation hands the trainer
+the z_c log-probs that `generate` would have read (from a plain, unsharded copy of the model), and the other ranks'
+hand none: the mix then takes rank 0's values as read and computes the others' by the forward that every process
+joins, which must change nothing.
 """
 
 import contextlib
@@ -15,7 +19,7 @@ import sys
 import torch
 from accelerate.utils import gather_object
 from datasets import Dataset
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_laser import LaSeRConfig, LaSeRGRPOTrainer
 
@@ -49,7 +53,22 @@ def full_parameters(trainer):
     return contextlib.nullcontext()
 
 
-def main(model_dir: str, out_path: str, row_update: str, zero_stage: int) -> None:
+def generation_time_zc(model_dir: str):
+    """z_c's log-prob after each finished (prompt, completion), as `generate` reads it: a plain forward."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    zc = AutoTokenizer.from_pretrained(model_dir).convert_tokens_to_ids("<gh_stars>")
+
+    def logp(prompt_ids: list[int], completion: list[int]) -> float:
+        if completion[-1] != 2:  # truncated: generate reads nothing
+            return float("nan")
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt_ids + completion])).logits[0, -1]
+        return logits.float().log_softmax(-1)[zc].item()
+
+    return logp
+
+
+def main(model_dir: str, out_path: str, row_update: str, zero_stage: int, captured: bool = False) -> None:
     if zero_stage:  # what `accelerate launch` with recipes/accelerate_configs/zero{2,3}.yaml sets
         from trl_laser.launch import skip_deepspeed_shm_build
 
@@ -58,6 +77,8 @@ def main(model_dir: str, out_path: str, row_update: str, zero_stage: int) -> Non
     dataset = Dataset.from_list(
         [{"prompt": [{"role": "user", "content": f"What is {i} + {i}?"}], "answer": str(2 * i)} for i in range(8)]
     )
+    # Loaded before the config: under ZeRO-3 a model loaded afterwards would be partitioned (its forward collective).
+    logp = generation_time_zc(model_dir) if captured else None
     args = LaSeRConfig(
         output_dir=out_path + ".run",
         per_device_train_batch_size=8 // int(os.environ.get("WORLD_SIZE", "1")),  # one generation batch of 8
@@ -83,6 +104,15 @@ def main(model_dir: str, out_path: str, row_update: str, zero_stage: int) -> Non
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     trainer = LaSeRGRPOTrainer(model=model, reward_funcs=parity_reward, args=args, train_dataset=dataset)
     trainer._generate_single_turn = fixed_generation
+    if captured:
+
+        def generation_with_capture(prompt_ids, *args, **kwargs):
+            completions, logprobs = fixed_generation(prompt_ids)
+            if trainer.accelerator.process_index == 0:
+                trainer._laser_generation_zc = [logp(p, c) for p, c in zip(prompt_ids, completions)]
+            return completions, logprobs
+
+        trainer._generate_single_turn = generation_with_capture
     rows = []
     original = trainer._generate_and_score_completions
 
@@ -120,4 +150,5 @@ if __name__ == "__main__":
         sys.argv[2],
         sys.argv[3] if len(sys.argv) > 3 else "optimizer",
         int(sys.argv[4]) if len(sys.argv) > 4 else 0,
+        len(sys.argv) > 5 and sys.argv[5] == "1",
     )
