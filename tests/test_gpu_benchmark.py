@@ -162,7 +162,9 @@ def test_bundle_covers_what_the_device_lacks():
     # Every requirement of the package (and its extras for the GPU check) is either on the device image or pinned.
     missing = bundle.uncovered(bundle.package_requirements(os.path.join(ROOT, "setup.cfg")))
     assert missing == []
-    for name, version in bundle.PINS.items():  # the pins are what this suite runs with
+    # The GPU check runs the TRL and transformers this suite tests (their pins); transitive pins (pydantic ...) only
+    # need to satisfy the requirements above, whatever a fresh install here resolves them to.
+    for name, version in ((n, v) for n, v in bundle.PINS.items() if n in ("trl", "transformers")):
         try:
             installed = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
