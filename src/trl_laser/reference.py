@@ -21,6 +21,15 @@ class RefConstant:
         self.value: float | None = setting if self.mode == "constant" else None
         self._reference_sums = [0.0, 0.0]  # sum and count of the reference model's log-probs ("model")
 
+    def check_reference_kept(self, beta: float, peft: bool) -> None:
+        """ "model" reads the reference model, which TRL keeps only with `beta > 0` or PEFT (adapters disabled)."""
+        if self.mode == "model" and beta == 0.0 and not peft:
+            raise ValueError(
+                "`self_reward_ref_constant='model'` reads z_c's log-prob from the reference model, which TRL only "
+                "keeps with `beta > 0` or a PEFT model (adapters disabled). Set `beta > 0`, train with PEFT, or use "
+                "`self_reward_ref_constant='auto'` / a number (the paper finds the constant matches the model)."
+            )
+
     @property
     def needs_estimate(self) -> bool:
         """True for "auto" until the first training batch has given its estimate."""

@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
 from trl_laser.answers import completion_text, content_text, is_correct, is_correct_boxed
 from trl_laser.recipe import RecipeError
 
@@ -76,3 +78,14 @@ def get_reward_funcs(names: Sequence[str]) -> list[Callable]:
     if not funcs:
         raise RecipeError("`reward_funcs` is empty: LaSeR needs a 0/1 verifier reward (e.g. math_verify_reward).")
     return funcs
+
+
+def check_verifier_values(values: torch.Tensor, name: str) -> None:
+    """LaSeR's target is the verifier's 0/1 (NaN: no value); anything else is an error naming the function."""
+    bad = ~(torch.isnan(values) | (values == 0) | (values == 1))
+    if bad.any():
+        raise ValueError(
+            f"The verifier reward function {name!r} returned {values[bad][0].item()}, but LaSeR's self-reward target "
+            "must be 0 or 1 (or None to leave a completion out). Set `self_reward_verifier` to the name of a 0/1 "
+            "reward function, or make this one return 0/1."
+        )

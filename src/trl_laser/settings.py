@@ -165,6 +165,17 @@ class SelfRewardSettings:
         return differences
 
 
+def resume_refusal(checkpoint: str, differences: list[tuple[str, Any, Any]]) -> ValueError:
+    """The error that refuses a resume whose self-reward settings differ from the checkpoint's (`differences`:
+    setting, this run's value, the checkpoint's)."""
+    listed = "; ".join(f"{name} is {here} here but {there} in the checkpoint" for name, here, there in differences)
+    return ValueError(
+        f"Resuming from {checkpoint} with self-reward settings other than the ones it was trained with: {listed}. Its "
+        "c_ref and saved settings belong to its own values. Resume with the checkpoint's values, or start a new run "
+        "in a new `output_dir` (load the model from the checkpoint to start from its weights)."
+    )
+
+
 def resolve_settings(
     model: Any,
     tokenizer: Any,

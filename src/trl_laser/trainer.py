@@ -45,9 +45,10 @@ from .core import (
 )
 from .generation_capture import GenerationZcCapture, complete_generation_zc
 from .reference import RefConstant
+from .rewards import check_verifier_values
 from .row_update import ROW_STATE_NAME, LeastSquaresRowUpdate, check_row_update_supported
 from .self_reward_log import SelfRewardLog
-from .settings import SELF_REWARD_CONFIG_NAME, SelfRewardSettings
+from .settings import SELF_REWARD_CONFIG_NAME, SelfRewardSettings, resume_refusal
 from .tokens import resolve_self_reward_token
 
 
@@ -156,12 +157,7 @@ class LaSeRGRPOTrainer(GRPOTrainer):
             )
 
         self.ref_constant = RefConstant(args.self_reward_ref_constant)
-        if self.ref_constant.mode == "model" and self.beta == 0.0 and not is_peft_model(self.model):
-            raise ValueError(
-                "`self_reward_ref_constant='model'` reads z_c's log-prob from the reference model, which TRL only "
-                "keeps with `beta > 0` or a PEFT model (adapters disabled). Set `beta > 0`, train with PEFT, or use "
-                "`self_reward_ref_constant='auto'` / a number (the paper finds the constant matches the model)."
-            )
+        self.ref_constant.check_reference_kept(self.beta, is_peft_model(self.model))
 
         # TRL decides truncation by the last completion id, which is z_c for finished completions: LaSeR applies
         # `mask_truncated_completions` itself, through the loss mask.
@@ -219,14 +215,7 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         ]
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         verifier = rewards_per_func[:, self._verifier_index]
-        bad = ~(torch.isnan(verifier) | (verifier == 0) | (verifier == 1))
-        if bad.any():
-            name = self.reward_func_names[self._verifier_index]
-            raise ValueError(
-                f"The verifier reward function {name!r} returned {verifier[bad][0].item()}, but LaSeR's self-reward "
-                "target must be 0 or 1 (or None to leave a completion out). Set `self_reward_verifier` to the name of "
-                "a 0/1 reward function, or make this one return 0/1."
-            )
+        check_verifier_values(verifier, self.reward_func_names[self._verifier_index])
         if torch.isnan(verifier).all():
             self._verifier_missing(self.reward_func_names[self._verifier_index])
         self._laser_scored_batches += 1
@@ -569,13 +558,5 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         if os.path.isfile(os.path.join(checkpoint, ROW_STATE_NAME)) and row_update != "least_squares":
             differences.append(("`self_reward_row_update`", repr(row_update), "'least_squares'"))
         if differences:
-            listed = "; ".join(
-                f"{name} is {here} here but {there} in the checkpoint" for name, here, there in differences
-            )
-            raise ValueError(
-                f"Resuming from {checkpoint} with self-reward settings other than the ones it was trained with: "
-                f"{listed}. Its c_ref and saved settings belong to its own values. Resume with the checkpoint's "
-                "values, or start a new run in a new `output_dir` (load the model from the checkpoint to start from "
-                "its weights)."
-            )
+            raise resume_refusal(checkpoint, differences)
         return saved
