@@ -196,24 +196,7 @@ def resolve_settings(
     token_override = overrides.get("self_reward_token")
     ref_override = overrides.get("self_reward_ref_constant")
     beta_override = overrides.get("self_reward_beta")
-    complete = token_override is not None and ref_override is not None
-    base = settings if isinstance(settings, SelfRewardSettings) else None
-    source = "" if base is not None else str(settings or getattr(model, "name_or_path", "") or "")
-    # A Hub id is fetched only when some value is not overridden: offline, a fetch can take long to fail.
-    if source and (os.path.isdir(source) or not (complete and beta_override is not None)):
-        try:
-            base = SelfRewardSettings.from_pretrained(source)
-        except FileNotFoundError as err:
-            if not complete:
-                raise FileNotFoundError(
-                    f"{err} At test time give at least `self_reward_token` and `self_reward_ref_constant` "
-                    "(CLI: --self-reward-token, --self-reward-ref-constant)."
-                ) from None
-    elif base is None and not complete:
-        raise FileNotFoundError(
-            f"The model has no path to read {SELF_REWARD_CONFIG_NAME} from: give `settings`, or `self_reward_token` "
-            "and `self_reward_ref_constant` (CLI: --self-reward-token, --self-reward-ref-constant)."
-        )
+    base = _saved_settings(model, settings, overrides)
 
     if base is not None and base.eos_token_ids:
         eos = list(base.eos_token_ids)
@@ -255,6 +238,32 @@ def resolve_settings(
         chat_template_kwargs=base.chat_template_kwargs if base is not None else None,
         prompt=base.prompt if base is not None else None,
     )
+
+
+def _saved_settings(
+    model: Any, settings: SelfRewardSettings | str | os.PathLike | None, overrides: dict[str, Any]
+) -> SelfRewardSettings | None:
+    """The settings given, or read from `settings` / the model's path; None only where the overrides are complete."""
+    complete = overrides.get("self_reward_token") is not None and overrides.get("self_reward_ref_constant") is not None
+    if isinstance(settings, SelfRewardSettings):
+        return settings
+    source = str(settings or getattr(model, "name_or_path", "") or "")
+    # A Hub id is fetched only when some value is not overridden: offline, a fetch can take long to fail.
+    if source and (os.path.isdir(source) or not (complete and overrides.get("self_reward_beta") is not None)):
+        try:
+            return SelfRewardSettings.from_pretrained(source)
+        except FileNotFoundError as err:
+            if not complete:
+                raise FileNotFoundError(
+                    f"{err} At test time give at least `self_reward_token` and `self_reward_ref_constant` "
+                    "(CLI: --self-reward-token, --self-reward-ref-constant)."
+                ) from None
+    elif not complete:
+        raise FileNotFoundError(
+            f"The model has no path to read {SELF_REWARD_CONFIG_NAME} from: give `settings`, or `self_reward_token` "
+            "and `self_reward_ref_constant` (CLI: --self-reward-token, --self-reward-ref-constant)."
+        )
+    return None
 
 
 def _checked_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
