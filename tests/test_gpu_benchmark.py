@@ -12,17 +12,8 @@ import sys
 
 import pytest
 import torch
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the scripts import their shared helpers as siblings
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import ROOT
+from conftest import load_benchmark as load
 
 
 gpu = load("gpu")
