@@ -528,3 +528,26 @@ def test_evaluation_logs_self_reward_metrics(tiny_model_dir, tmp_path):
     trainer.train()
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     assert evals and "eval_self_reward/mse" in evals[0] and "eval_self_reward/frac_truncated" in evals[0]
+
+
+def test_within_problem_auroc_is_logged_for_the_score_and_the_mean_token_logprob():
+    from trl_laser.self_reward_log import SelfRewardLog
+
+    log = SelfRewardLog({"train": 2, "eval": 2})
+    log.generation_batch("train", 6)
+    # Rows 0-5 in groups of 2: (score, target, finished, coef, row, mean token log-prob).
+    rows = [
+        (0.9, 1, 1, 0.5, 0, -0.2),  # group 0: the score ranks right above wrong, the log-prob too
+        (0.1, 0, 1, 0.5, 1, -0.9),
+        (0.2, 1, 1, 0.5, 2, -0.1),  # group 1: the score ranks wrong above right, the log-prob right above wrong
+        (0.8, 0, 1, 0.5, 3, -0.8),
+        (0.7, 1, 1, 0.5, 4, -0.5),  # group 2: one class only, no pair
+        (0.6, 1, 1, 0.5, 5, -0.5),
+    ]
+    log.record("train", 0.0, torch.tensor(rows, dtype=torch.float64), keep_table=False)
+    metrics = log.metrics("train")
+    assert metrics["self_reward/auroc_within_problem"] == pytest.approx(0.5)  # 1 of the 2 same-prompt pairs
+    assert metrics["self_reward/auroc_within_problem_mean_token_logprob"] == pytest.approx(1.0)
+    # Pooled over all rows, pairs across prompts count too: right 0.9, 0.2, 0.7, 0.6 against wrong 0.1 (4 pairs won)
+    # and 0.8 (1 won): 5 of 8.
+    assert metrics["self_reward/auroc"] == pytest.approx(5 / 8)

@@ -10,7 +10,7 @@ from collections import defaultdict
 
 import torch
 
-from .metrics import auroc, self_verification_metrics
+from .metrics import auroc, auroc_within_group, self_verification_metrics
 
 
 # self_verification_metrics key -> logged name (`self_reward/<name>`)
@@ -26,9 +26,14 @@ SCORE, TARGET, FINISHED, COEF, ROW, MEAN_LOGP = range(6)
 
 
 class SelfRewardLog:
-    """Per mode ("train", "eval"): a window of scored rows since the last log, and each row's score by row number."""
+    """Per mode ("train", "eval"): a window of scored rows since the last log, and each row's score by row number.
 
-    def __init__(self):
+    `group_size` gives, per mode, how many consecutive rows answer one prompt (TRL's `num_generations`): the
+    within-problem AUROC compares only answers to the same prompt.
+    """
+
+    def __init__(self, group_size: dict[str, int]):
+        self._group_size = group_size
         self._window = {mode: defaultdict(list) for mode in ("train", "eval")}
         self._rows = {"train": 0, "eval": 0}  # rows numbered so far (all processes)
         self._table: dict[str, dict[int, float]] = {"train": {}, "eval": {}}
@@ -51,6 +56,7 @@ class SelfRewardLog:
         window["score"].extend(packed[keep, SCORE].tolist())
         window["label"].extend(packed[keep, TARGET].tolist())
         window["mean_token_logprob"].extend(packed[keep, MEAN_LOGP].tolist())
+        window["group"].extend((packed[keep, ROW].long() // self._group_size[mode]).tolist())
         if keep_table:
             rows = packed[packed[:, FINISHED] > 0]
             self._table[mode].update(zip(rows[:, ROW].long().tolist(), rows[:, SCORE].tolist()))
@@ -67,9 +73,14 @@ class SelfRewardLog:
             scores, labels = window["score"], [int(v > 0.5) for v in window["label"]]
             sv = self_verification_metrics(scores, labels)
             metrics.update({f"self_reward/{name}": sv[key] for key, name in _SV_NAMES if sv[key] is not None})
-            baseline = auroc(window["mean_token_logprob"], labels)
-            if baseline is not None:
-                metrics["self_reward/auroc_mean_token_logprob"] = baseline
+            mean_logp = window["mean_token_logprob"]
+            ranked = {
+                "auroc_mean_token_logprob": auroc(mean_logp, labels),
+                # only pairs of answers to the same prompt: what choosing among one problem's answers needs
+                "auroc_within_problem": auroc_within_group(scores, labels, window["group"]),
+                "auroc_within_problem_mean_token_logprob": auroc_within_group(mean_logp, labels, window["group"]),
+            }
+            metrics.update({f"self_reward/{name}": value for name, value in ranked.items() if value is not None})
             for label, name in ((1, "score_correct"), (0, "score_incorrect")):
                 values = [s for s, y in zip(scores, labels) if y == label]
                 if values:

@@ -169,7 +169,7 @@ class LaSeRGRPOTrainer(GRPOTrainer):
         self._laser_unscorable: torch.Tensor | None = None
         self._laser_capture = False
         self._laser_captured: torch.Tensor | None = None
-        self._laser_log = SelfRewardLog()
+        self._laser_log = SelfRewardLog({"train": self.num_generations, "eval": self.num_generations_eval})
         # The generating policy's z_c log-prob, read during generation (None: compute it when the mix needs it).
         self.zc_capture: GenerationZcCapture | None = GenerationZcCapture(self.self_reward_token_id)
         self._laser_generation_zc: list[float] | None = None
