@@ -15,6 +15,9 @@ How it rides on `GRPOTrainer` (TRL 1.16), one small seam each:
 - `_compute_loss`: the z_c log-probs are read from TRL's own forward (`_get_per_token_logps_and_entropies`) and
   `alpha * l_MSE` is added, scaled so that the gradient accumulated over a generation batch is exactly the spec's
   when one generation batch makes one optimizer step, and so that alpha weighs l_MSE per optimizer step otherwise.
+
+What a saved model and a checkpoint hold beyond TRL's, and resuming from them, is the mixin
+`checkpointing.SelfRewardCheckpointing`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import textwrap
 from typing import Any
 
@@ -33,6 +35,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from .answers import verification_timeouts
+from .checkpointing import SelfRewardCheckpointing
 from .config import LaSeRConfig, check_zero3_generation
 from .core import (
     Phase,
@@ -46,9 +49,8 @@ from .core import (
 from .generation_capture import GenerationZcCapture, complete_generation_zc
 from .reference import RefConstant
 from .rewards import check_verifier_values
-from .row_update import ROW_STATE_NAME, LeastSquaresRowUpdate, check_row_update_supported
+from .row_update import LeastSquaresRowUpdate, check_row_update_supported
 from .self_reward_log import SelfRewardLog
-from .settings import SELF_REWARD_CONFIG_NAME, SelfRewardSettings, resume_refusal
 from .tokens import resolve_self_reward_token
 
 
@@ -84,7 +86,7 @@ class _GenerationBatch:
     targets: torch.Tensor
 
 
-class LaSeRGRPOTrainer(GRPOTrainer):
+class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
     """[`~trl.GRPOTrainer`] that also trains the policy to score its own answers with one token (LaSeR).
 
     Same constructor as `GRPOTrainer`; `args` must be a [`LaSeRConfig`]. The first reward function (or the one named
@@ -481,82 +483,3 @@ class LaSeRGRPOTrainer(GRPOTrainer):
             column.clear()
             column.extend(self._laser_log.table_column(mode, len(self._logs["prompt"])))
         super().log(logs, start_time)
-
-    # ------------------------------------------------------------------ saving and resuming
-    def self_reward_settings(self) -> SelfRewardSettings | None:
-        """The settings to score with this model later; None while "auto" c_ref is not estimated yet.
-
-        They include what makes test-time scoring compute the training quantity (the fp32 LM head, the chat-template
-        arguments) and, when `trl-laser train` set `prompt_settings`, how the prompts were built.
-        """
-        return None if self.ref_constant.value is None else self._settings(float(self.ref_constant.value))
-
-    def _settings(self, ref_constant: float) -> SelfRewardSettings:
-        return SelfRewardSettings(
-            self_reward_token=self.self_reward_token,
-            self_reward_token_id=self.self_reward_token_id,
-            self_reward_beta=self.args.self_reward_beta,
-            self_reward_ref_constant=ref_constant,
-            self_reward_ref_mode=self.ref_constant.mode,
-            temperature=1.0,
-            eos_token_ids=[int(i) for i in self.eos_token_ids],
-            cast_lm_head_to_fp32=bool(self.args.cast_lm_head_to_fp32),
-            chat_template_kwargs=dict(self.args.chat_template_kwargs) if self.args.chat_template_kwargs else None,
-            prompt=getattr(self, "prompt_settings", None),
-        )
-
-    def create_model_card(
-        self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
-    ):
-        """TRL's card (LaSeR, the paper, its citation) plus the self-reward settings, final metrics and recipe."""
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        if self.is_world_process_zero():
-            from .hub import add_laser_card_section
-
-            add_laser_card_section(self)
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        super().save_model(output_dir, _internal_call)
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        settings = self.self_reward_settings()
-        if self.args.should_save:
-            if settings is not None:
-                settings.save_pretrained(output_dir)
-            else:
-                logger.warning(
-                    "LaSeR: c_ref is not estimated yet ('auto' estimates it on the first training batch), so %s "
-                    "was not written to %s.",
-                    SELF_REWARD_CONFIG_NAME,
-                    output_dir,
-                )
-
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
-        if self.row_update is not None and self.args.should_save:
-            self.row_update.save(output_dir)
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        saved = None if checkpoint is None else self._check_resume_settings(checkpoint)
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        if self.row_update is not None:
-            self.row_update.load(checkpoint, self.accelerator.device)
-        self.ref_constant.resume(saved, checkpoint)
-
-    def _check_resume_settings(self, checkpoint: str) -> SelfRewardSettings | None:
-        """The checkpoint's saved settings (None if it has none); refuses to resume with other self-reward settings:
-        its c_ref, row state and saved settings belong to the values it was trained with, and would silently be
-        attached to the new ones."""
-        differences = []  # (setting, this run's value, the checkpoint's value)
-        saved = None
-        if os.path.isfile(os.path.join(checkpoint, SELF_REWARD_CONFIG_NAME)):
-            saved = SelfRewardSettings.from_pretrained(checkpoint)
-            current = self._settings(float("nan") if self.ref_constant.value is None else self.ref_constant.value)
-            differences = current.resume_differences(saved)
-        row_update = self.args.self_reward_row_update
-        if os.path.isfile(os.path.join(checkpoint, ROW_STATE_NAME)) and row_update != "least_squares":
-            differences.append(("`self_reward_row_update`", repr(row_update), "'least_squares'"))
-        if differences:
-            raise resume_refusal(checkpoint, differences)
-        return saved
