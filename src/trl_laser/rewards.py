@@ -89,3 +89,23 @@ def check_verifier_values(values: torch.Tensor, name: str) -> None:
             "must be 0 or 1 (or None to leave a completion out). Set `self_reward_verifier` to the name of a 0/1 "
             "reward function, or make this one return 0/1."
         )
+
+
+def verifier_index(name: str | None, names: Sequence[str], funcs: Sequence[Any]) -> int:
+    """Which reward function is LaSeR's 0/1 verifier: the one `self_reward_verifier` names, else the first. A reward
+    model is refused, its scores are not a 0/1 target."""
+    if name is None:
+        index = 0
+    elif name in names:
+        index = list(names).index(name)
+    else:
+        raise ValueError(
+            f"`self_reward_verifier={name!r}` is not among the reward functions {list(names)}. Set it to the name of "
+            "the function that returns the 0/1 verifier reward."
+        )
+    if isinstance(funcs[index], torch.nn.Module):
+        raise ValueError(
+            f"The verifier reward {names[index]!r} is a reward model, whose scores are not LaSeR's 0/1 target. Put the "
+            "0/1 verifier function first in `reward_funcs`, or name it with `self_reward_verifier`."
+        )
+    return index

@@ -48,7 +48,7 @@ from .core import (
 )
 from .generation_capture import GenerationZcCapture, complete_generation_zc
 from .reference import RefConstant
-from .rewards import check_verifier_values
+from .rewards import check_verifier_values, verifier_index
 from .row_update import LeastSquaresRowUpdate, check_row_update_supported
 from .self_reward_log import SelfRewardLog
 from .tokens import resolve_self_reward_token
@@ -130,21 +130,7 @@ class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
             self._tokenizer, args.self_reward_token, vocab, self.eos_token_ids
         )
 
-        if args.self_reward_verifier is None:
-            self._verifier_index = 0
-        elif args.self_reward_verifier in self.reward_func_names:
-            self._verifier_index = self.reward_func_names.index(args.self_reward_verifier)
-        else:
-            raise ValueError(
-                f"`self_reward_verifier={args.self_reward_verifier!r}` is not among the reward functions "
-                f"{self.reward_func_names}. Set it to the name of the function that returns the 0/1 verifier reward."
-            )
-        if isinstance(self.reward_funcs[self._verifier_index], torch.nn.Module):
-            raise ValueError(
-                f"The verifier reward {self.reward_func_names[self._verifier_index]!r} is a reward model, whose scores "
-                "are not LaSeR's 0/1 target. Put the 0/1 verifier function first in `reward_funcs`, or name it with "
-                "`self_reward_verifier`."
-            )
+        self._verifier_index = verifier_index(args.self_reward_verifier, self.reward_func_names, self.reward_funcs)
 
         self.row_update: LeastSquaresRowUpdate | None = None  # the opt-in least-squares row update
         if args.self_reward_row_update == "least_squares":
