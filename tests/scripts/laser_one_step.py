@@ -142,6 +142,10 @@ def main(model_dir: str, out_path: str, row_update: str, zero_stage: int, captur
         torch.save(delta.double(), out_path + ".delta.pt")
         with open(out_path, "w") as f:
             json.dump({"rows": all_rows, "metrics": metrics, "world": world}, f)
+    # Every process waits for the main one to have written before any tears the process group down: a gloo rank that
+    # exits while another still works can abort ("terminate called without an active exception"), as `trl-laser
+    # train` saw once.
+    trainer.accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":
