@@ -208,7 +208,8 @@ class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
             self._verifier_missing(self.reward_func_names[self._verifier_index])
         self._laser_scored_batches += 1
         # Verifications past their time bound scored 0 (`answers.verification_timeouts`), all processes.
-        timeouts, self._laser_timeouts = verification_timeouts() - self._laser_timeouts, verification_timeouts()
+        seen, self._laser_timeouts = self._laser_timeouts, verification_timeouts()  # one read: none falls between two
+        timeouts = self._laser_timeouts - seen
         mode = "train" if self.model.training else "eval"
         total = gather(torch.tensor([float(timeouts)], device=self.accelerator.device)).sum().item()
         self._metrics[mode]["self_reward/verification_timeouts"].append(total)
