@@ -45,12 +45,21 @@ def _one_process(model_dir, tmp_path_factory, row_update):
     [
         ("optimizer", 0, False),
         ("least_squares", 0, False),
+        ("least_squares+groups", 0, False),
         ("optimizer", 2, False),
         ("optimizer", 3, False),
         ("optimizer", 0, True),
         ("optimizer", 3, True),
     ],
-    ids=["ddp", "ddp-least-squares", "zero2", "zero3", "ddp-generation-time-zc", "zero3-generation-time-zc"],
+    ids=[
+        "ddp",
+        "ddp-least-squares",
+        "ddp-group-levers",
+        "zero2",
+        "zero3",
+        "ddp-generation-time-zc",
+        "zero3-generation-time-zc",
+    ],
 )
 def test_two_processes_match_one(tiny_model_dir, tmp_path_factory, row_update, zero_stage, captured):
     """The last two: rank 0's mix reads z_c's log-prob as `generate` gave it, rank 1's computes it by the forward
@@ -73,7 +82,10 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path_factory, row_update, z
         assert a["target"] == b["target"]
         assert a["advantage"] == pytest.approx(b["advantage"], abs=1e-5)
     assert any(r["coef"] > 0 for r in rows_one)
-    for name in ("self_reward/mse", "self_reward/w_correct", "self_reward/w_incorrect", "self_reward/mix_groups_used"):
+    names = ["self_reward/mse", "self_reward/w_correct", "self_reward/w_incorrect", "self_reward/mix_groups_used"]
+    if "groups" in row_update:
+        names += ["self_reward/pair_loss", "self_reward/pairs", "self_reward/row_step_norm"]
+    for name in names:
         assert one["metrics"][name] == pytest.approx(two["metrics"][name], rel=1e-5), name
     assert delta_one.abs().max() > 0
     assert torch.allclose(delta_one, delta_two, atol=1e-6, rtol=1e-4)

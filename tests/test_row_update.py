@@ -19,6 +19,11 @@ from trl_laser.row_update import ROW_STATE_NAME
 
 
 LS = dict(self_reward_row_update="least_squares", self_reward_row_ridge=0.5, self_reward_row_forgetting=0.8)
+# the levers that act within a group (tests/test_group_levers.py): they keep the row's state too
+LEVERS = dict(
+    LS, self_reward_row_between_weight=0.0, self_reward_class_weights="group", self_reward_pair_loss_coef=0.5
+)
+SETTINGS = pytest.mark.parametrize("settings", [LS, LEVERS], ids=["pooled", "group-levers"])
 
 
 def test_least_squares_row_step_by_hand():
@@ -170,8 +175,9 @@ def tied_model_dir(tiny_model_dir, tmp_path) -> str:
     return path
 
 
-def test_tied_embeddings_share_the_row_and_reload(tiny_model_dir, tmp_path):
-    trainer = make_trainer(tied_model_dir(tiny_model_dir, tmp_path), tmp_path, max_steps=1, **LS)
+@SETTINGS
+def test_tied_embeddings_share_the_row_and_reload(tiny_model_dir, tmp_path, settings):
+    trainer = make_trainer(tied_model_dir(tiny_model_dir, tmp_path), tmp_path, max_steps=1, **settings)
     force_completions(trainer)
     model = trainer.model
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
@@ -188,8 +194,9 @@ def test_tied_embeddings_share_the_row_and_reload(tiny_model_dir, tmp_path):
         torch.testing.assert_close(tensor, model.state_dict()[name], rtol=0, atol=0)
 
 
-def test_resume_from_checkpoint_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
-    common = dict(LS, lr_scheduler_type="constant")  # the same schedule whatever max_steps
+@SETTINGS
+def test_resume_from_checkpoint_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, settings):
+    common = dict(settings, lr_scheduler_type="constant")  # the same schedule whatever max_steps
     straight = make_trainer(tiny_model_dir, tmp_path / "straight", max_steps=3, **common)
     force_completions(straight)
     straight.train()

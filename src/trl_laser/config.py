@@ -12,6 +12,7 @@ from trl import GRPOConfig
 
 REF_MODES = ("auto", "model")
 ROW_UPDATES = ("optimizer", "least_squares")
+CLASS_WEIGHTS = ("batch", "group")
 
 
 def parse_ref_constant(value: float | int | str, field_name: str = "self_reward_ref_constant") -> float | str:
@@ -172,6 +173,20 @@ class LaSeRConfig(GRPOConfig):
         self_reward_row_forgetting (`float`, *optional*, defaults to `0.9`):
             With `"least_squares"`: weight of the previous steps' second-moment matrix in the running one (1.0 keeps
             every batch, as plain recursive least squares; lower forgets hidden states of an older policy faster).
+        self_reward_row_between_weight (`float`, *optional*, defaults to `1.0`):
+            With `"least_squares"`: weight, in [0, 1], of the part of the row's fit that lies between groups (one
+            prompt's completions), beside the fit of group-centred states to group-centred residuals. `1.0` is the
+            pooled fit; lower values make the row learn what separates answers to the same problem rather than
+            which problems are solved, and the level of the score then comes mostly from the group means.
+        self_reward_class_weights (`str`, *optional*, defaults to `"batch"`):
+            Where the MSE's classes are balanced: `"batch"` (the paper: over the whole generation batch) or `"group"`
+            (within each prompt's group, so that a problem's right and wrong answers weigh the same; a group with one
+            class weighs half a mixed one). Needs `self_reward_balanced=True`.
+        self_reward_pair_loss_coef (`float`, *optional*, defaults to `0.0`):
+            Weight of a pairwise logistic loss inside each group, `mean -log sigmoid(r_s(right) - r_s(wrong))` over
+            the (right, wrong) pairs of every group of the generation batch, beside the MSE (and switched on with it
+            after `reasoning_warmup_steps`). Its gradient is taken at the generating policy's scores (exact with one
+            update per generation batch). `0.0` disables it.
     """
 
     self_reward_token: str | None = field(
@@ -241,6 +256,28 @@ class LaSeRConfig(GRPOConfig):
         metadata={"help": "With least_squares: weight of the past steps' second-moment matrix, in (0, 1]."},
     )
 
+    self_reward_row_between_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "With least_squares: weight in [0, 1] of the row's fit between groups (1: pooled; lower: the row "
+            "learns what separates answers to the same problem)."
+        },
+    )
+    self_reward_class_weights: str = field(
+        default="batch",
+        metadata={
+            "help": "Where the MSE's classes are balanced: 'batch' (the paper) or 'group' (within each prompt's group).",
+            "choices": list(CLASS_WEIGHTS),
+        },
+    )
+    self_reward_pair_loss_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the pairwise logistic loss on r_s(right) - r_s(wrong) over the pairs of each group "
+            "(0 disables it)."
+        },
+    )
+
     def _check_step_counts(self) -> None:
         """Counts that transformers and TRL take silently or fail on obscurely, checked before their own checks:
         `max_steps=-5` trains for `num_train_epochs` instead, `num_generations=0` divides by zero."""
@@ -257,6 +294,31 @@ class LaSeRConfig(GRPOConfig):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+
+    def _check_group_levers(self) -> None:
+        between = self.self_reward_row_between_weight
+        if isinstance(between, bool) or not isinstance(between, (int, float)) or not 0 <= between <= 1:
+            raise ValueError(f"`self_reward_row_between_weight` must be a number in [0, 1], got {between!r}.")
+        if between != 1 and self.self_reward_row_update != "least_squares":
+            raise ValueError(
+                f"`self_reward_row_between_weight: {between}` weighs the least-squares fit of z_c's row, but "
+                f"`self_reward_row_update` is {self.self_reward_row_update!r}. Set `self_reward_row_update: "
+                "least_squares`, or leave `self_reward_row_between_weight` at 1.0."
+            )
+        if self.self_reward_class_weights not in CLASS_WEIGHTS:
+            raise ValueError(
+                f"`self_reward_class_weights` must be one of {list(CLASS_WEIGHTS)}, got "
+                f"{self.self_reward_class_weights!r}."
+            )
+        if self.self_reward_class_weights == "group" and not self.self_reward_balanced:
+            raise ValueError(
+                "`self_reward_class_weights: group` balances the classes within each group, but "
+                "`self_reward_balanced` is False. Set `self_reward_balanced: true`, or `self_reward_class_weights: "
+                "batch`."
+            )
+        pair = self.self_reward_pair_loss_coef
+        if isinstance(pair, bool) or not isinstance(pair, (int, float)) or not 0 <= pair < math.inf:
+            raise ValueError(f"`self_reward_pair_loss_coef` must be a finite number >= 0, got {pair!r}.")
 
     def __post_init__(self):
         self._check_step_counts()
@@ -298,6 +360,7 @@ class LaSeRConfig(GRPOConfig):
             raise ValueError(f"`self_reward_row_ridge` must be a finite number > 0, got {ridge!r}.")
         if isinstance(forgetting, bool) or not isinstance(forgetting, (int, float)) or not 0 < forgetting <= 1:
             raise ValueError(f"`self_reward_row_forgetting` must be a number in (0, 1], got {forgetting!r}.")
+        self._check_group_levers()
         for name in ("reasoning_warmup_steps", "self_reward_warmup_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -98,6 +98,74 @@ def class_weights(
     return coef, {"n_correct": n_c, "n_incorrect": n_i, "w_correct": w_c, "w_incorrect": w_i}
 
 
+def group_class_weights(
+    targets: torch.Tensor, valid: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """`class_weights` within each group (one prompt's completions), so that the MSE weighs right against wrong
+    answers to the same problem rather than easy against hard problems (`self_reward_class_weights='group'`).
+
+    In a group with `n_g` valid rows, `n_c` correct and `n_i` incorrect, a correct row weighs `n_g / (2 n_c)` and an
+    incorrect one `n_g / (2 n_i)`; every coefficient is then divided by the batch's number of valid rows N, so that a
+    batch whose groups all hold both classes has `sum(coef) = 1`, as `class_weights`. A one-class group weighs half a
+    mixed one (`class_weights` of a one-class batch).
+
+    Args:
+        targets: `(N_rows,)` verifier rewards in {0, 1}, groups of `group_size` consecutive rows.
+        valid: `(N_rows,)` bool, True for finished completions with a verifier reward.
+        group_size: rows per group.
+
+    Returns:
+        `coef`, `(N_rows,)`, and the counts of `class_weights`, with `w_correct` / `w_incorrect` the mean weight of a
+        correct / incorrect row (0 for a class with no members).
+    """
+    valid = valid.bool().view(-1, group_size)
+    correct = valid & (targets.view(-1, group_size) > 0.5)
+    incorrect = valid & ~correct
+    n_c, n_i = correct.sum(1, keepdim=True).float(), incorrect.sum(1, keepdim=True).float()
+    w_c = torch.where(n_c > 0, (n_c + n_i) / (2 * n_c.clamp(min=1)), 0.0)
+    w_i = torch.where(n_i > 0, (n_c + n_i) / (2 * n_i.clamp(min=1)), 0.0)
+    weights = torch.where(correct, w_c, 0.0) + torch.where(incorrect, w_i, 0.0)
+    n = int(valid.sum())
+    coef = (weights / max(n, 1)).view(-1).to(torch.float32)
+    total_c, total_i = int(correct.sum()), int(incorrect.sum())
+    stats = {
+        "n_correct": total_c,
+        "n_incorrect": total_i,
+        "w_correct": float(weights[correct].mean()) if total_c else 0.0,
+        "w_incorrect": float(weights[incorrect].mean()) if total_i else 0.0,
+    }
+    return coef, stats
+
+
+def pairwise_logistic_loss(
+    scores: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, int]:
+    """The mean of `-log sigmoid(r_s(right) - r_s(wrong))` over every (right, wrong) pair of valid rows of one group.
+
+    A Bradley-Terry loss inside each group (`self_reward_pair_loss_coef`): it only asks that a problem's right
+    answers score above its wrong ones, which the per-sample MSE can lower instead by predicting the problem's
+    success rate. Rows that are not valid take part in no pair; a batch with no pair gives an exact 0.
+
+    Args:
+        scores: `(N_rows,)` r_s (any value where `valid` is False).
+        targets: `(N_rows,)` verifier rewards in {0, 1}, groups of `group_size` consecutive rows.
+        valid: `(N_rows,)` bool.
+        group_size: rows per group.
+
+    Returns:
+        The loss (a 0-dim tensor, differentiable in `scores`) and the number of pairs.
+    """
+    valid = valid.bool().view(-1, group_size)
+    correct = valid & (targets.view(-1, group_size) > 0.5)
+    incorrect = valid & ~correct
+    pairs = correct[:, :, None] & incorrect[:, None, :]  # (groups, right, wrong)
+    s = torch.where(valid, scores.view(-1, group_size), 0.0)
+    margins = s[:, :, None] - s[:, None, :]
+    n_pairs = int(pairs.sum())
+    losses = torch.where(pairs, torch.nn.functional.softplus(-margins), 0.0)
+    return losses.sum() / max(n_pairs, 1), n_pairs
+
+
 def self_reward_loss(scores: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """`sum_i coef_i * (r_s_i - r_v_i) ** 2` over the rows with `coef_i != 0`.
 
@@ -107,6 +175,22 @@ def self_reward_loss(scores: torch.Tensor, targets: torch.Tensor, coef: torch.Te
     active = coef != 0
     diff = torch.where(active, scores - torch.where(active, targets, torch.zeros_like(targets)), 0.0)
     return (coef.to(scores.dtype) * diff.square()).sum()
+
+
+def pairwise_loss_gradient(
+    scores: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, group_size: int
+) -> tuple[float, torch.Tensor, int]:
+    """`pairwise_logistic_loss` at fixed scores, with its gradient in each score (0 for rows in no pair).
+
+    The trainer adds `sum_i g_i * r_s_i` (with g this gradient) to the loss, so that the micro-batches of a generation
+    batch, split and shuffled over steps and processes, together receive the exact gradient of the whole batch's pair
+    loss at these scores.
+    """
+    leaf = torch.where(valid.bool(), scores.detach().double(), 0.0).requires_grad_()
+    with torch.enable_grad():
+        loss, n_pairs = pairwise_logistic_loss(leaf, targets, valid, group_size)
+        (gradient,) = torch.autograd.grad(loss, leaf)
+    return loss.item(), gradient.to(torch.float32), n_pairs
 
 
 # TRL 1.16's `scale_rewards` (after `GRPOConfig` maps True/False) and `multi_objective_aggregation` values.
@@ -208,3 +292,41 @@ def least_squares_row_step(gram: torch.Tensor, gradient: torch.Tensor, beta: flo
     damping = ridge * torch.trace(gram) / d
     system = gram.double() + damping.double() * torch.eye(d, dtype=torch.float64, device=gram.device)
     return -(torch.linalg.solve(system, gradient.double()) / beta).to(gradient.dtype)
+
+
+def group_centred_system(
+    gradient: torch.Tensor,
+    gram: torch.Tensor,
+    group_sums: torch.Tensor,
+    group_weights: torch.Tensor,
+    group_residuals: torch.Tensor,
+    between_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The least-squares system of z_c's row with the part between groups weighted by `between_weight`.
+
+    With `m_g` the weighted mean of `phi` in group g and `rbar_g` that of the residual, `B = sum_i c_i phi_i phi_i^T`
+    splits into the within-group part `sum_i c_i (phi_i - m_g)(phi_i - m_g)^T` and the between-group part
+    `sum_g C_g m_g m_g^T` (`C_g = sum_{i in g} c_i`), and `u` likewise. Weighting the between part by
+    `between_weight` gives the system of the regression of group-centred residuals on group-centred states (0: the row
+    learns only what separates answers to the same problem) plus that weight times the regression of the group means
+    (1: the pooled system, unchanged).
+
+    Args:
+        gradient, gram: `u` and `B` of `least_squares_row_step`, summed over every row.
+        group_sums: `(G, d)`, `sum_{i in g} c_i phi_i`.
+        group_weights: `(G,)`, `C_g`.
+        group_residuals: `(G,)`, `sum_{i in g} c_i (r_s_i - r_v_i)`.
+        between_weight: in [0, 1].
+
+    Returns:
+        The gradient and the matrix to hand to `least_squares_row_step`.
+    """
+    present = group_weights > 0
+    sums, weights = group_sums[present].double(), group_weights[present].double()
+    between_gram = sums.T @ (sums / weights[:, None])
+    between_gradient = (group_residuals[present].double() / weights) @ sums
+    cut = 1.0 - between_weight
+    return (
+        (gradient.double() - cut * between_gradient).to(gradient.dtype),
+        (gram.double() - cut * between_gram).to(gram.dtype),
+    )

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .core import least_squares_row_step
+from .core import group_centred_system, least_squares_row_step
 
 
 # The running second-moment matrix, saved beside the optimizer state in every checkpoint.
@@ -37,7 +37,9 @@ class LeastSquaresRowUpdate:
     """z_c's row takes the least-squares step of the MSE; the optimizer updates everything else.
 
     `reduce` sums a tensor over processes (so every process takes the same step) and `log_step_norm` receives the
-    norm of each step taken.
+    norm of each step taken. With `between_weight < 1` the part of the fit between groups (one prompt's completions)
+    is weighted down (`core.group_centred_system`): the rows of group k add to slot `k % group_slots` of per-group
+    sums, so `group_slots` must exceed the number of groups one optimizer step can see.
     """
 
     def __init__(
@@ -48,12 +50,17 @@ class LeastSquaresRowUpdate:
         forgetting: float,
         reduce: Callable[[torch.Tensor], torch.Tensor],
         log_step_norm: Callable[[float], None],
+        group_size: int = 1,
+        between_weight: float = 1.0,
+        group_slots: int = 1,
     ):
         self.token_id = token_id
         self.beta, self.ridge, self.forgetting = beta, ridge, forgetting
+        self.group_size, self.between_weight, self.group_slots = group_size, between_weight, group_slots
         self._reduce, self._log_step_norm = reduce, log_step_norm
         self.gram: torch.Tensor | None = None  # the running B
-        self._sums: list[torch.Tensor] | None = None  # u and B of the current optimizer step
+        # u and B of the current optimizer step, then (between_weight < 1) the per-group sums of c phi, c, c r
+        self._sums: list[torch.Tensor] | None = None
         self._hidden: list[torch.Tensor] = []
         self._capturing = False
         self._hooks: tuple = ()
@@ -101,18 +108,28 @@ class LeastSquaresRowUpdate:
         index = inputs["self_reward_index"]
         rows = torch.nonzero(index >= 0).squeeze(1)
         position = inputs["prompt_ids"].size(1) + index[rows] - 1  # the EOS, whose state predicts z_c
-        phi = hidden[rows, position].float() * (1 - logp_zc[rows].detach().float().exp())[:, None]
-        coef = (inputs["self_reward_coef"] * inputs["self_reward_loss_coef"])[rows].float()
-        residual = (scores[rows] - inputs["self_reward_target"][rows]).float()
+        # float64 for the within-group fit, which subtracts the large common part of the states from B
+        dtype = torch.float32 if self.between_weight == 1 else torch.float64
+        phi = hidden[rows, position].to(dtype) * (1 - logp_zc[rows].detach().to(dtype).exp())[:, None]
+        coef = (inputs["self_reward_coef"] * inputs["self_reward_loss_coef"])[rows].to(dtype)
+        residual = (scores[rows] - inputs["self_reward_target"][rows]).to(dtype)
         sums = [(coef * residual) @ phi, (phi * coef[:, None]).T @ phi]
+        if self.between_weight < 1:
+            slot = (inputs["self_reward_row"][rows] // self.group_size) % self.group_slots
+            weighted = [phi * coef[:, None], coef, coef * residual]
+            sums += [torch.zeros((self.group_slots, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in weighted]
+            for total, values in zip(sums[2:], weighted):
+                total.index_add_(0, slot, values)
         self._sums = sums if self._sums is None else [a + b for a, b in zip(self._sums, sums)]
 
     def _step(self, weight: torch.Tensor) -> torch.Tensor:
         """The step of z_c's row from this optimizer step's rows (all processes); 0 when there are none."""
         if self._sums is None:
             return torch.zeros_like(weight[0])
-        gradient, gram = (self._reduce(t) for t in self._sums)
+        gradient, gram, *groups = (self._reduce(t) for t in self._sums)
         self._sums = None
+        if groups:
+            gradient, gram = group_centred_system(gradient, gram, *groups, self.between_weight)
         if not torch.any(gram != 0):
             return torch.zeros_like(weight[0])
         self.gram = gram if self.gram is None else self.forgetting * self.gram.to(gram) + gram

@@ -41,8 +41,10 @@ from .core import (
     Phase,
     append_self_reward_token,
     class_weights,
+    group_class_weights,
     laser_phase,
     mixed_advantages,
+    pairwise_loss_gradient,
     self_reward_loss,
     self_reward_score,
 )
@@ -79,6 +81,7 @@ class _GenerationBatch:
     mode: str
     phase: Phase
     mixing: bool
+    pairing: bool  # the pair loss is on: it needs the generating policy's scores
     process_slice: slice
     finished_local: torch.Tensor
     finished: torch.Tensor
@@ -142,6 +145,12 @@ class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
                 args.self_reward_row_forgetting,
                 reduce=lambda t: self.accelerator.reduce(t, reduction="sum"),
                 log_step_norm=lambda norm: self._metrics["train"]["self_reward/row_step_norm"].append(norm),
+                group_size=self.num_generations,
+                between_weight=args.self_reward_row_between_weight,
+                # an optimizer step sees the groups of at most this many consecutive generation batches
+                group_slots=args.generation_batch_size
+                // self.num_generations
+                * (-(-args.gradient_accumulation_steps // args.steps_per_generation) + 1),
             )
 
         self.ref_constant = RefConstant(args.self_reward_ref_constant)
@@ -255,7 +264,7 @@ class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
         old_zc, ref = self._laser_reference(output, batch)
         if batch.mixing:
             self._laser_mix(output, batch, old_zc, ref)
-        self._laser_attach(output, batch, ref)
+        self._laser_attach(output, batch, ref, old_zc)
         return output
 
     def _laser_batch(self, output: dict) -> _GenerationBatch:
@@ -271,6 +280,7 @@ class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
             mode=mode,
             phase=phase,
             mixing=phase == Phase.MIXED and self.args.self_reward_advantage_coef > 0 and mode == "train",
+            pairing=phase != Phase.REASONING and self.args.self_reward_pair_loss_coef > 0 and mode == "train",
             process_slice=slice(start, start + local_n),
             finished_local=finished_local,
             finished=gather(finished_local),
@@ -285,7 +295,7 @@ class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
         train, index, finished_local = batch.mode == "train", batch.index, batch.finished_local
         local_n, device = index.numel(), index.device
         estimate = self.ref_constant.needs_estimate and train
-        old_zc = self._generation_zc(output, batch) if batch.mixing or estimate else None
+        old_zc = self._generation_zc(output, batch) if batch.mixing or batch.pairing or estimate else None
 
         def sums(values: torch.Tensor) -> list[float]:  # over all processes, of the finished rows
             return (
@@ -370,13 +380,29 @@ class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
         self._logs["advantages"].extend(mixed.tolist())
         self._metrics[batch.mode]["self_reward/mix_groups_used"].append(used.float().mean().item())
 
-    def _laser_attach(self, output: dict, batch: _GenerationBatch, ref: torch.Tensor) -> None:
-        """Step 3: targets, class weights over the whole generation batch (all processes), c_ref and row numbers as
-        per-row columns of the batch, and the batch's metrics."""
+    def _laser_attach(
+        self, output: dict, batch: _GenerationBatch, ref: torch.Tensor, old_zc: torch.Tensor | None
+    ) -> None:
+        """Step 3: targets, class weights over the whole generation batch (all processes) or per group, the pair
+        loss's gradient, c_ref and row numbers as per-row columns of the batch, and the batch's metrics."""
         args, mode, finished, targets = self.args, batch.mode, batch.finished, batch.targets
         local_n, device = batch.index.numel(), batch.index.device
         valid = finished & ~torch.isnan(targets) & ~torch.isnan(gather(ref))
-        coef, counts = class_weights(torch.nan_to_num(targets), valid, balanced=args.self_reward_balanced)
+        if args.self_reward_class_weights == "group":
+            coef, counts = group_class_weights(torch.nan_to_num(targets), valid, self.num_generations)
+        else:
+            coef, counts = class_weights(torch.nan_to_num(targets), valid, balanced=args.self_reward_balanced)
+        pair_grad = torch.zeros(finished.numel(), device=device)
+        if batch.pairing:
+            scores = gather(self_reward_score(old_zc, ref, args.self_reward_beta))
+            pairable = valid & ~torch.isnan(scores)
+            value, gradient, n_pairs = pairwise_loss_gradient(
+                torch.nan_to_num(scores), torch.nan_to_num(targets), pairable, self.num_generations
+            )
+            pair_grad = args.self_reward_pair_loss_coef * gradient.to(device)
+            self._metrics[mode]["self_reward/pair_loss"].append(value)
+            self._metrics[mode]["self_reward/pairs"].append(float(n_pairs))
+        output["self_reward_pair_grad"] = pair_grad[batch.process_slice]
         loss_coef = 0.0 if batch.phase == Phase.REASONING else args.self_reward_loss_coef
         output["self_reward_index"] = batch.index
         output["self_reward_target"] = torch.nan_to_num(targets[batch.process_slice])
@@ -412,7 +438,9 @@ class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
             self.args.steps_per_generation / self.current_gradient_accumulation_steps if self.model.training else 1
         )
         mse_term = self_reward_loss(scores, inputs["self_reward_target"], coef * inputs["self_reward_loss_coef"])
-        loss = loss + self.accelerator.num_processes * per_step * mse_term
+        # the pair loss: zero in value, its gradient in each score the one `_laser_attach` took over the whole batch
+        pair_term = (inputs["self_reward_pair_grad"] * (scores - scores.detach())).sum()
+        loss = loss + self.accelerator.num_processes * per_step * (mse_term + pair_term)
         if self.row_update is not None:
             self.row_update.accumulate(inputs, logp_zc, scores)
         # The free signal a user gets without LaSeR, logged beside the score: the completion's mean token log-prob.

@@ -8,7 +8,8 @@ so that a test can check that splitting the generation batch over processes, or 
 changes none of them. ZERO_STAGE 0 (default) is plain DDP. With CAPTURED 1, rank 0's generation hands the trainer
 the z_c log-probs that `generate` would have read (from a plain, unsharded copy of the model), and the other ranks'
 hand none: the mix then takes rank 0's values as read and computes the others' by the forward that every process
-joins, which must change nothing.
+joins, which must change nothing. ROW_UPDATE `least_squares+groups` also switches on the levers that act within a
+group: the within-group fit of z_c's row, per-group class weights and the pair loss.
 """
 
 import contextlib
@@ -79,6 +80,12 @@ def main(model_dir: str, out_path: str, row_update: str, zero_stage: int, captur
     )
     # Loaded before the config: under ZeRO-3 a model loaded afterwards would be partitioned (its forward collective).
     logp = generation_time_zc(model_dir) if captured else None
+    row_update, _, groups = row_update.partition("+")
+    levers = (
+        dict(self_reward_row_between_weight=0.0, self_reward_class_weights="group", self_reward_pair_loss_coef=0.5)
+        if groups
+        else {}
+    )
     args = LaSeRConfig(
         output_dir=out_path + ".run",
         per_device_train_batch_size=8 // int(os.environ.get("WORLD_SIZE", "1")),  # one generation batch of 8
@@ -99,6 +106,7 @@ def main(model_dir: str, out_path: str, row_update: str, zero_stage: int, captur
         self_reward_advantage_coef=0.3,
         self_reward_std_threshold=0.0,
         self_reward_row_update=row_update,
+        **levers,
     )
     world = args.world_size
     model = AutoModelForCausalLM.from_pretrained(model_dir)

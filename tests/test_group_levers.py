@@ -1,0 +1,262 @@
+"""The levers that act within a group (one prompt's completions): per-group class weights, the pair loss and the
+within-group fit of z_c's row, each against a hand computation, then in the trainer."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import ZC, force_completions
+from test_row_update import LEVERS, LS, Snapshots, capture_batches
+from test_trainer import make_trainer
+from transformers import AutoModelForCausalLM
+
+from trl_laser import LaSeRConfig
+from trl_laser.core import (
+    group_centred_system,
+    group_class_weights,
+    least_squares_row_step,
+    pairwise_logistic_loss,
+    pairwise_loss_gradient,
+)
+
+
+# Rows of the conftest's fixed completions under `parity_reward`: group 0 holds rows 0-3, group 1 rows 4-7.
+# Valid (finished) rows: 0 (wrong), 1 (right), 2 (right); 4 (right), 5 (wrong), 7 (wrong).
+EXPECTED_GROUP_COEF = [1.5 / 6, 0.75 / 6, 0.75 / 6, 0.0, 1.5 / 6, 0.75 / 6, 0.0, 0.75 / 6]
+
+
+def test_group_class_weights_by_hand():
+    targets = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 9.0, 1.0, 1.0, 1.0, 1.0])
+    valid = torch.tensor([True] * 7 + [False] + [True, True, True, False])
+    coef, stats = group_class_weights(targets, valid, group_size=4)
+    # group 0: 1 right, 3 wrong -> 4/2 = 2 and 4/6; group 1 (3 valid): 2 right, 1 wrong -> 3/4 and 3/2;
+    # group 2: right only -> 3/6 = 1/2 each. N = 10 valid rows.
+    expected = [2, 2 / 3, 2 / 3, 2 / 3, 3 / 4, 3 / 4, 3 / 2, 0, 1 / 2, 1 / 2, 1 / 2, 0]
+    torch.testing.assert_close(coef, torch.tensor(expected) / 10)
+    assert (stats["n_correct"], stats["n_incorrect"]) == (6, 4)
+    assert stats["w_correct"] == pytest.approx((2 + 3 / 4 + 3 / 4 + 3 * 0.5) / 6)
+    assert stats["w_incorrect"] == pytest.approx((3 * 2 / 3 + 3 / 2) / 4)
+
+
+def test_group_class_weights_equal_the_batch_weights_for_one_group():
+    from trl_laser.core import class_weights
+
+    targets = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0])
+    valid = torch.tensor([True, True, True, False, True])
+    torch.testing.assert_close(group_class_weights(targets, valid, 5)[0], class_weights(targets, valid)[0])
+
+
+def test_pair_loss_value_and_gradient_by_hand():
+    scores = torch.tensor([0.9, 0.2, 0.5, 0.0, 0.3, 0.7, 0.1, 0.6], requires_grad=True)
+    targets = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+    valid = torch.tensor([True, True, True, False, True, True, True, True])
+    loss, n_pairs = pairwise_logistic_loss(scores, targets, valid, group_size=4)
+    # group 0: right {0} vs wrong {1, 2} (row 3 is not valid); group 1: right {4, 5} vs wrong {6, 7}
+    pairs = [(0, 1), (0, 2), (4, 6), (4, 7), (5, 6), (5, 7)]
+    s = scores.detach().tolist()
+    expected = sum(math.log(1 + math.exp(-(s[i] - s[j]))) for i, j in pairs) / 6
+    assert n_pairs == 6
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    gradient = [0.0] * 8
+    for i, j in pairs:  # d softplus(-(s_i - s_j)) / d s_i = -sigmoid(-(s_i - s_j))
+        g = 1 / (1 + math.exp(s[i] - s[j])) / 6
+        gradient[i] -= g
+        gradient[j] += g
+    torch.testing.assert_close(scores.grad, torch.tensor(gradient))
+    value, fixed_gradient, n = pairwise_loss_gradient(scores.detach(), targets, valid, 4)
+    assert value == pytest.approx(expected, rel=1e-6) and n == 6
+    torch.testing.assert_close(fixed_gradient, torch.tensor(gradient))
+
+
+def test_pair_loss_without_pairs_is_an_exact_zero():
+    scores = torch.tensor([0.3, float("nan"), 0.1, 0.2])
+    targets = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    valid = torch.tensor([True, False, True, True])
+    value, gradient, n_pairs = pairwise_loss_gradient(torch.nan_to_num(scores), targets, valid, 2)
+    assert (value, n_pairs) == (0.0, 0)
+    assert torch.equal(gradient, torch.zeros(4))
+
+
+def test_group_centred_system_solves_the_centred_regression():
+    """between_weight 0: the step is the weighted regression of group-centred residuals on group-centred states."""
+    rng = np.random.default_rng(0)
+    d, group_size, groups = 3, 5, 4
+    phi = (
+        rng.normal(size=(groups * group_size, d))
+        + rng.normal(size=(groups, 1, d)).repeat(group_size, 0).reshape(-1, d) * 3
+    )
+    coef = rng.uniform(0.5, 2.0, size=groups * group_size)
+    residual = rng.normal(size=groups * group_size)
+    slot = np.repeat(np.arange(groups), group_size)
+
+    def system(between_weight):
+        t = torch.tensor
+        sums = torch.zeros(groups, d, dtype=torch.float64).index_add_(0, t(slot), t(phi * coef[:, None]))
+        weights = torch.zeros(groups, dtype=torch.float64).index_add_(0, t(slot), t(coef))
+        residuals = torch.zeros(groups, dtype=torch.float64).index_add_(0, t(slot), t(coef * residual))
+        return group_centred_system(
+            t((coef * residual) @ phi), t((phi * coef[:, None]).T @ phi), sums, weights, residuals, between_weight
+        )
+
+    means = np.stack([np.average(phi[slot == g], axis=0, weights=coef[slot == g]) for g in range(groups)])
+    mean_residual = np.array([np.average(residual[slot == g], weights=coef[slot == g]) for g in range(groups)])
+    x, r = phi - means[slot], residual - mean_residual[slot]
+    beta = 0.25
+    gradient, gram = system(0.0)
+    step = least_squares_row_step(gram, gradient, beta, ridge=1e-12).numpy()
+    # the step w moves the score by beta * phi . w: it must cancel the centred residual in the weighted least squares
+    root = np.sqrt(coef)[:, None]
+    solution = np.linalg.lstsq(x * root, -r * root[:, 0], rcond=None)[0]
+    np.testing.assert_allclose(beta * step, solution, rtol=1e-6, atol=1e-9)
+    # between_weight 1: the pooled system, unchanged
+    gradient, gram = system(1.0)
+    np.testing.assert_allclose(gram.numpy(), (phi * coef[:, None]).T @ phi, rtol=1e-12)
+    np.testing.assert_allclose(gradient.numpy(), (coef * residual) @ phi, rtol=1e-12)
+    # in between: within-group part plus the weighted part between the group means
+    gradient, gram = system(0.3)
+    group_weight = np.array([coef[slot == g].sum() for g in range(groups)])
+    between = (means * group_weight[:, None]).T @ means
+    within = (x * coef[:, None]).T @ x
+    np.testing.assert_allclose(gram.numpy(), within + 0.3 * between, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("self_reward_row_between_weight", 1.5),
+        ("self_reward_row_between_weight", 0.5),  # without the least-squares row update
+        ("self_reward_class_weights", "problem"),
+        ("self_reward_pair_loss_coef", -1.0),
+        ("self_reward_pair_loss_coef", float("inf")),
+    ],
+)
+def test_bad_setting_names_the_field(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        LaSeRConfig(output_dir=str(tmp_path), self_reward_token="<gh_stars>", bf16=False, **{field: value})
+
+
+def test_group_weights_need_the_balanced_mse(tmp_path):
+    with pytest.raises(ValueError, match="self_reward_balanced"):
+        LaSeRConfig(
+            output_dir=str(tmp_path),
+            self_reward_token="<gh_stars>",
+            bf16=False,
+            self_reward_balanced=False,
+            self_reward_class_weights="group",
+        )
+
+
+def test_trainer_attaches_per_group_class_weights(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, max_steps=1, self_reward_class_weights="group")
+    force_completions(trainer)
+    batches = capture_batches(trainer)
+    trainer.train()
+    torch.testing.assert_close(batches[0]["self_reward_coef"], torch.tensor(EXPECTED_GROUP_COEF))
+
+
+def test_pair_loss_moves_the_row_by_its_gradient(tiny_model_dir, tmp_path):
+    """With SGD, the pair loss adds `-lr * coef * sum_i g_i * beta * (1 - p_i) h_i` to z_c's output row, with g the
+    gradient of the pair loss at the scores of a plain forward (checked by hand); every other setting equal."""
+    lr, coef, beta, ref = 0.05, 0.5, 0.1, -10.0
+    common = dict(max_steps=1, learning_rate=lr, optim="sgd", max_grad_norm=0.0, self_reward_advantage_coef=0.0)
+    rows, metrics = {}, {}
+    for pair in (0.0, coef):
+        trainer = make_trainer(tiny_model_dir, tmp_path / str(pair), self_reward_pair_loss_coef=pair, **common)
+        force_completions(trainer)
+        snapshots = Snapshots()
+        trainer.add_callback(snapshots)
+        batches = capture_batches(trainer)
+        trainer.train()
+        rows[pair] = trainer.model.lm_head.weight[ZC].detach().double() - snapshots.states[0]["lm_head.weight"][ZC]
+        metrics[pair] = trainer.state.log_history[0]
+    state, batch = snapshots.states[0], batches[0]
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.load_state_dict(state)
+    scores, features = [], []
+    for row in range(8):
+        index = batch["self_reward_index"][row].item()
+        if index < 0:
+            scores.append(0.0)
+            features.append(torch.zeros(model.config.hidden_size, dtype=torch.float64))
+            continue
+        prompt = batch["prompt_ids"][row][batch["prompt_mask"][row].bool()]
+        ids = torch.cat([prompt, batch["completion_ids"][row, :index]])[None]
+        with torch.no_grad():
+            h = model.model(input_ids=ids).last_hidden_state[0, -1].double()
+            logp = torch.log_softmax(model.lm_head(h.float()).double(), -1)[ZC]
+        scores.append(beta * (logp.item() - ref))
+        features.append((1 - logp.exp()) * h)
+    pairs = [(1, 0), (2, 0), (4, 5), (4, 7)]  # (right, wrong) within each group
+    gradient = torch.zeros(8, dtype=torch.float64)
+    for i, j in pairs:
+        g = 1 / (1 + math.exp(scores[i] - scores[j])) / len(pairs)
+        gradient[i] -= g
+        gradient[j] += g
+    expected = -lr * coef * beta * (gradient[:, None] * torch.stack(features)).sum(0)
+    torch.testing.assert_close(rows[coef] - rows[0.0], expected, rtol=1e-3, atol=1e-8)
+    assert expected.norm() > 1e-5
+    loss = sum(math.log(1 + math.exp(-(scores[i] - scores[j]))) for i, j in pairs) / len(pairs)
+    assert metrics[coef]["self_reward/pair_loss"] == pytest.approx(loss, rel=1e-4)
+    assert metrics[coef]["self_reward/pairs"] == 4
+    # the pair term adds nothing to the logged loss: only its gradient acts
+    assert metrics[coef]["loss"] == pytest.approx(metrics[0.0]["loss"], rel=1e-6)
+
+
+def test_within_group_row_step_by_hand(tiny_model_dir, tmp_path):
+    """between_weight 0: z_c's row takes the damped step of the group-centred system, from plain forwards."""
+    trainer = make_trainer(tiny_model_dir, tmp_path, max_steps=1, **dict(LS, self_reward_row_between_weight=0.0))
+    force_completions(trainer)
+    snapshots = Snapshots()
+    trainer.add_callback(snapshots)
+    batches = capture_batches(trainer)
+    trainer.train()
+    state, batch = snapshots.states[0], batches[0]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.load_state_dict(state)
+    beta = 0.1
+    members = {0: [], 1: []}
+    for row in range(8):
+        index = batch["self_reward_index"][row].item()
+        if index < 0:
+            continue
+        prompt = batch["prompt_ids"][row][batch["prompt_mask"][row].bool()]
+        ids = torch.cat([prompt, batch["completion_ids"][row, :index]])[None]
+        with torch.no_grad():
+            h = model.model(input_ids=ids).last_hidden_state[0, -1].double()
+            logp = torch.log_softmax(model.lm_head(h.float()).double(), -1)[ZC]
+        c = batch["self_reward_coef"][row].double() * 0.1
+        residual = beta * (logp - batch["self_reward_ref"][row].double()) - batch["self_reward_target"][row].double()
+        members[row // 4].append((c, residual, (1 - logp.exp()) * h))
+    d = model.config.hidden_size
+    u, gram = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+    for group in members.values():
+        total = sum(c for c, _, _ in group)
+        mean_phi = sum(c * phi for c, _, phi in group) / total
+        mean_residual = sum(c * r for c, r, _ in group) / total
+        for c, r, phi in group:
+            u += c * (r - mean_residual) * (phi - mean_phi)
+            gram += c * torch.outer(phi - mean_phi, phi - mean_phi)
+    ridge = LS["self_reward_row_ridge"]
+    expected = -torch.linalg.solve(gram + ridge * torch.trace(gram) / d * torch.eye(d, dtype=gram.dtype), u) / beta
+    row = trainer.model.lm_head.weight[ZC].detach().double() - state["lm_head.weight"][ZC].double()
+    torch.testing.assert_close(row, expected, rtol=1e-4, atol=1e-6)
+    assert expected.norm() > 1e-3
+
+
+def test_levers_train_and_move_the_scores(tiny_model_dir, tmp_path):
+    """All three levers together: the run trains, the row and the rest move, and the scores change."""
+    trainer = make_trainer(tiny_model_dir, tmp_path, max_steps=2, **LEVERS)
+    force_completions(trainer)
+    before = copy.deepcopy(trainer.model.state_dict())
+    trainer.train()
+    after = trainer.model.state_dict()
+    assert (after["lm_head.weight"][ZC] - before["lm_head.weight"][ZC]).norm() > 1e-3
+    assert (after["model.layers.0.mlp.up_proj.weight"] - before["model.layers.0.mlp.up_proj.weight"]).abs().max() > 0
+    logged = [h for h in trainer.state.log_history if "self_reward/pair_loss" in h]
+    assert len(logged) == 2 and logged[0]["self_reward/score_correct"] != logged[1]["self_reward/score_correct"]
