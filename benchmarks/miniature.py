@@ -40,14 +40,35 @@ TOKEN = "<gh_stars>"
 RECIPES = {
     "grpo": os.path.join(ROOT, "recipes", "SmolLM2-135M-Instruct", "grpo", "config_arithmetic.yaml"),
     "laser": os.path.join(ROOT, "recipes", "SmolLM2-135M-Instruct", "laser", "config_arithmetic.yaml"),
-    # the ablation arm (--ablation): LaSeR with the paper's settings only, no row learning rate
+    "laser_groups": os.path.join(ROOT, "recipes", "SmolLM2-135M-Instruct", "laser", "config_arithmetic_groups.yaml"),
+    # LaSeR with the paper's settings only, no row learning rate
     "laser_paper": os.path.join(ROOT, "recipes", "SmolLM2-135M-Instruct", "laser", "config_arithmetic_paper.yaml"),
 }
+# Every arm: its recipe and the command-line overrides that make it an ablation of that recipe.
+ARMS = {
+    "grpo": ("grpo", []),
+    "laser": ("laser", []),
+    "laser_groups": ("laser_groups", []),
+    "laser_paper": ("laser_paper", []),
+    # the levers of laser_groups one at a time, on top of the least-squares row
+    "laser_group_weights": ("laser", ["--self_reward_class_weights", "group"]),
+    "laser_pair": ("laser", ["--self_reward_pair_loss_coef", "0.1"]),
+    "laser_row_within": ("laser", ["--self_reward_row_between_weight", "0.25"]),
+    # does the advantage mix let the policy game its score?
+    "laser_groups_no_mix": ("laser_groups", ["--self_reward_advantage_coef", "0"]),
+}
+DEFAULT_ARMS = ("grpo", "laser", "laser_groups")
+GOAL_ARM = "laser_groups"  # the arm the goals of docs/miniature.md are about
 BASELINES = ("mean_token_logprob", "min_token_logprob", "answer_agreement")
 ARM_STYLE = {
     "grpo": ("tab:blue", "GRPO"),
     "laser": ("tab:red", "LaSeR (least-squares row)"),
+    "laser_groups": ("tab:green", "LaSeR (within-group levers)"),
     "laser_paper": ("tab:orange", "LaSeR (paper settings)"),
+    "laser_group_weights": ("tab:purple", "LaSeR (+ per-group class weights)"),
+    "laser_pair": ("tab:brown", "LaSeR (+ pair loss)"),
+    "laser_row_within": ("tab:pink", "LaSeR (+ within-group row fit)"),
+    "laser_groups_no_mix": ("tab:olive", "LaSeR (within-group levers, no mix)"),
 }
 SUMMARY_KEYS = (
     "accuracy",
@@ -78,7 +99,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--jobs", type=int, default=2, help="Stages run side by side (threads: cores / jobs).")
     parser.add_argument("--max-steps", type=int, default=None, help="Override the recipes' max_steps (both arms).")
-    parser.add_argument("--eval-samples", type=int, default=4, help="Samples per held-out problem (N).")
+    parser.add_argument("--eval-samples", type=int, default=8, help="Samples per held-out problem (N).")
     parser.add_argument("--eval-problems", type=int, default=None, help="Evaluate the first K problems only.")
     parser.add_argument("--max-new-tokens", type=int, default=40, help="Completion length limit at evaluation.")
     parser.add_argument("--ref-samples", type=int, default=64, help="Completions measured by estimate-ref-constant.")
@@ -86,14 +107,22 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-train", action="store_true", help="Use the models already in --output-dir.")
     parser.add_argument("--skip-eval", action="store_true", help="Use the evaluations already in --output-dir.")
     parser.add_argument(
-        "--ablation", action="store_true", help="Also train and evaluate `laser_paper` (the paper's settings only)."
+        "--arms",
+        default=",".join(DEFAULT_ARMS),
+        help=f"Comma-separated trained arms, of {', '.join(ARMS)}. GRPO and {GOAL_ARM} are needed for the goals.",
     )
+    parser.add_argument("--ablation", action="store_true", help="Train and evaluate every arm.")
+    parser.add_argument("--skip-initial", action="store_true", help="Do not evaluate the initial model.")
     return parser
 
 
 def arms(args: argparse.Namespace) -> list[str]:
-    """The evaluated arms: the initial model, GRPO, LaSeR, and with --ablation LaSeR with the paper's settings."""
-    return ["initial", "grpo", "laser", *(["laser_paper"] if args.ablation else [])]
+    """The evaluated arms: the initial model (unless --skip-initial), then the trained ones."""
+    trained = list(ARMS) if args.ablation else [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in trained if a not in ARMS]
+    if unknown:
+        sys.exit(f"[miniature] --arms: unknown arm(s) {unknown}; choose from {list(ARMS)}.")
+    return [*([] if args.skip_initial else ["initial"]), *trained]
 
 
 def run_parallel(commands: dict[str, list[str]], jobs: int, log_dir: str) -> dict[str, float]:
@@ -153,8 +182,11 @@ def estimate_c_ref(args: argparse.Namespace, out: str) -> dict[str, Any]:
 
 def train_commands(args: argparse.Namespace, out: str, c_ref: float) -> dict[str, list[str]]:
     commands = {}
-    for arm in arms(args)[1:]:
-        command = cli("train", "--config", RECIPES[arm], "--output_dir", os.path.join(out, arm))
+    for arm in arms(args):
+        if arm == "initial":
+            continue
+        recipe, overrides = ARMS[arm]
+        command = cli("train", "--config", RECIPES[recipe], "--output_dir", os.path.join(out, arm), *overrides)
         command += ["--overwrite_output_dir", "true"]  # a rerun retrains: it replaces the earlier run's model
         command += ["--self_reward_ref_constant", f"{c_ref:.4f}"]
         if args.max_steps is not None:
@@ -284,6 +316,7 @@ def summarize(args: argparse.Namespace, out: str, c_ref: dict, seconds: dict[str
         entry["auroc_by_band"] = {band: v["auroc"] for band, v in entry["by_band"].items()}
         entry["auroc_within_problem"] = summary["auroc_within_problem"]
         entry["baselines"] = summary["baselines"]
+        entry["scaling"] = summary["scaling"]
         entry["filtered"] = {key: summary["filtered"][key] for key in SUMMARY_KEYS}
         entry["verifier_agreement"] = verifier_agreement(records)
         entry["eval_seconds"] = seconds.get(f"eval_{arm}")
@@ -297,7 +330,8 @@ def summarize(args: argparse.Namespace, out: str, c_ref: dict, seconds: dict[str
             recipe = _recipe(arm)
             batch = recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]
             entry["train"] = {
-                "recipe": os.path.relpath(RECIPES[arm], ROOT),
+                "recipe": os.path.relpath(RECIPES[ARMS[arm][0]], ROOT),
+                "overrides": ARMS[arm][1],
                 "steps": state["global_step"],
                 "prompts_per_step": batch // recipe["num_generations"],
                 "completions_per_prompt": recipe["num_generations"],
@@ -313,19 +347,9 @@ def summarize(args: argparse.Namespace, out: str, c_ref: dict, seconds: dict[str
             shutil.copy(
                 os.path.join(out, f"eval_{arm}", f"{name}.png"), os.path.join(args.figures_dir, f"{name}_{arm}.png")
             )
-    laser, grpo = results["arms"]["laser"], results["arms"]["grpo"]
-    bands = laser["auroc_by_band"]
-    results["goals"] = {
-        "laser_auroc_ge_0.80": _ge(laser["auroc"], 0.80),
-        "laser_auroc_easy_ge_0.75": _ge(bands.get("easy"), 0.75),
-        "laser_auroc_medium_ge_0.75": _ge(bands.get("medium"), 0.75),
-        "laser_f1_paper_ge_0.70": _ge(laser["sv_f1_paper"], 0.70),
-        "laser_auroc_ge_mean_token_logprob_plus_0.03": _ge(
-            laser["auroc"], (laser["baselines"]["mean_token_logprob"]["auroc"] or 1.0) + 0.03
-        ),
-        "laser_weighted_ge_majority": _ge(laser["weighted_at_n"], laser["majority_at_n"]),
-        "laser_accuracy_ge_grpo_minus_0.02": _ge(laser["accuracy"], grpo["accuracy"] - 0.02),
-    }
+    if GOAL_ARM in results["arms"] and "grpo" in results["arms"]:
+        results["goal_arm"] = GOAL_ARM
+        results["goals"] = goals(results["arms"][GOAL_ARM], results["arms"]["grpo"])
     results["c_ref"] = c_ref
     results["command"] = shlex.join(["python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
     results["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jobs": args.jobs}
@@ -333,10 +357,31 @@ def summarize(args: argparse.Namespace, out: str, c_ref: dict, seconds: dict[str
     return results
 
 
+def goals(laser: dict[str, Any], grpo: dict[str, Any]) -> dict[str, bool]:
+    """The goals of issue 17 for one LaSeR arm: rank within a problem, win the votes, and keep GRPO's accuracy."""
+    bands, free = laser["auroc_by_band"], laser["baselines"]
+    within_free = free["mean_token_logprob"]["auroc_within_problem"]
+    best_free = max((free[b]["auroc"] for b in BASELINES if free[b]["auroc"] is not None), default=1.0)
+    return {
+        "auroc_within_problem_ge_0.75": _ge(laser["auroc_within_problem"], 0.75),
+        "auroc_within_problem_ge_mean_token_logprob_plus_0.03": _ge(
+            laser["auroc_within_problem"], (1.0 if within_free is None else within_free) + 0.03
+        ),
+        "weighted_ge_majority_plus_0.02": _ge(laser["weighted_at_n"], laser["majority_at_n"] + 0.02),
+        "best_of_n_ge_majority": _ge(laser["best_of_n"], laser["majority_at_n"]),
+        "auroc_ge_0.85": _ge(laser["auroc"], 0.85),
+        "auroc_ge_every_free_signal_plus_0.03": _ge(laser["auroc"], best_free + 0.03),
+        "f1_paper_ge_0.72": _ge(laser["sv_f1_paper"], 0.72),
+        "auroc_easy_ge_0.75": _ge(bands.get("easy"), 0.75),
+        "auroc_medium_ge_0.75": _ge(bands.get("medium"), 0.75),
+        "accuracy_ge_grpo_minus_0.02": _ge(laser["accuracy"], grpo["accuracy"] - 0.02),
+    }
+
+
 def _recipe(arm: str) -> dict:
     import yaml
 
-    with open(RECIPES[arm], encoding="utf-8") as f:
+    with open(RECIPES[ARMS[arm][0]], encoding="utf-8") as f:
         return yaml.safe_load(f)
 
 
@@ -347,7 +392,7 @@ def _ge(value: float | None, bound: float) -> bool:
 def format_table(results: dict[str, Any]) -> str:
     """The results as a Markdown table (the one in docs/miniature.md): each arm's score beside its free baselines."""
     columns = ("accuracy", "sv_f1_paper", "auroc", "ece", "majority_at_n", "weighted_at_n", "best_of_n")
-    bands = list(results["arms"]["initial"]["auroc_by_band"])
+    bands = list(next(iter(results["arms"].values()))["auroc_by_band"])
     header = ["arm", *columns, *(f"auroc {b}" for b in bands), "auroc within problem"]
     header += [f"baseline auroc: {b}" for b in BASELINES] + ["baseline weighted_at_n: mean_token_logprob"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -386,7 +431,7 @@ def main(args: argparse.Namespace) -> None:
         json.dump(results, f, indent=2)
         f.write("\n")
     print(format_table(results))
-    print(json.dumps(results["goals"], indent=2))
+    print(json.dumps(results.get("goals"), indent=2))
     print(f"[miniature] wrote {args.results} and the figures in {args.figures_dir}")
 
 

@@ -80,6 +80,39 @@ def test_results_table_puts_each_arm_beside_its_free_baselines():
     assert table[-1].endswith("| 0.600 | n/a | 0.550 | 0.710 | 0.620 | n/a | 0.420 |")
 
 
+def test_goals_of_the_ranking_arm():
+    free = {
+        "mean_token_logprob": {"auroc": 0.80, "auroc_within_problem": 0.70},
+        "min_token_logprob": {"auroc": 0.83, "auroc_within_problem": 0.68},
+        "answer_agreement": {"auroc": None, "auroc_within_problem": None},
+    }
+    laser = {
+        "auroc": 0.86,  # >= 0.85, and >= the best free signal (0.83) + 0.03
+        "auroc_within_problem": 0.76,  # >= 0.75 and >= 0.70 + 0.03
+        "weighted_at_n": 0.61,
+        "majority_at_n": 0.60,  # weighted is only 1 point above majority: missed
+        "best_of_n": 0.60,  # ties majority: met
+        "sv_f1_paper": 0.719,
+        "auroc_by_band": {"easy": 0.75, "medium": 0.74, "hard": None},
+        "accuracy": 0.50,
+        "baselines": free,
+    }
+    goals = miniature.goals(laser, {"accuracy": 0.52})
+    assert goals == {
+        "auroc_within_problem_ge_0.75": True,
+        "auroc_within_problem_ge_mean_token_logprob_plus_0.03": True,
+        "weighted_ge_majority_plus_0.02": False,
+        "best_of_n_ge_majority": True,
+        "auroc_ge_0.85": True,
+        "auroc_ge_every_free_signal_plus_0.03": True,
+        "f1_paper_ge_0.72": False,
+        "auroc_easy_ge_0.75": True,
+        "auroc_medium_ge_0.75": False,
+        "accuracy_ge_grpo_minus_0.02": True,
+    }
+    assert not miniature.goals(dict(laser, auroc=0.859), {"accuracy": 0.52})["auroc_ge_every_free_signal_plus_0.03"]
+
+
 def _run(seconds: list[float], rss_kib: int, batches: list | None = None, num_iterations: int = 1) -> dict:
     return {
         "num_iterations": num_iterations,

@@ -267,6 +267,37 @@ def test_scaling_curves_average_random_subsets():
     assert (summary["majority_at_n"], summary["weighted_at_n"], summary["best_of_n"]) == (0.0, 1.0, 1.0)
 
 
+def test_scaling_curves_vote_with_the_mean_token_logprob_too():
+    # The free signal prefers the wrong answer "2" (mean token log-prob -0.1 against -2.0): with both samples its
+    # weighted vote (e^-0.1 > e^-2) and its best-of-N pick "2", where r_s picks "1"; at k = N they equal the summary.
+    rows = [
+        {
+            "problem_index": 0,
+            "sample_index": 0,
+            "pred": "2",
+            "correct": False,
+            "self_reward": 0.2,
+            "finished": True,
+            "mean_token_logprob": -0.1,
+        },
+        {
+            "problem_index": 0,
+            "sample_index": 1,
+            "pred": "1",
+            "correct": True,
+            "self_reward": 0.9,
+            "finished": True,
+            "mean_token_logprob": -2.0,
+        },
+    ]
+    curves = scaling_curves(rows, 2, num_subsets=4000, seed=0)
+    assert (curves["weighted_mean_token_logprob"][1], curves["best_of_n_mean_token_logprob"][1]) == (0.0, 0.0)
+    assert curves["weighted_mean_token_logprob"][0] == pytest.approx(0.5, abs=0.03)
+    assert (curves["weighted"][1], curves["best_of_n"][1]) == (1.0, 1.0)
+    baseline = summarize(rows, 1)["baselines"]["mean_token_logprob"]
+    assert (baseline["weighted_at_n"], baseline["best_of_n"]) == (0.0, 0.0)
+
+
 # ------------------------------------------------------------------------------------------ errors
 def error_of(capsys, *argv) -> str:
     with pytest.raises(SystemExit) as exit_info:

@@ -33,6 +33,13 @@ def check_row_update_supported(peft: bool, deepspeed: bool, fsdp: bool) -> None:
         )
 
 
+def group_slots(args: Any, group_size: int) -> int:
+    """Slots for the per-group sums: the groups of as many consecutive generation batches as one optimizer step can
+    see (`steps_per_generation` may be smaller than `gradient_accumulation_steps`)."""
+    batches = -(-args.gradient_accumulation_steps // args.steps_per_generation) + 1
+    return args.generation_batch_size // group_size * batches
+
+
 class LeastSquaresRowUpdate:
     """z_c's row takes the least-squares step of the MSE; the optimizer updates everything else.
 

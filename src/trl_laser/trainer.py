@@ -51,7 +51,7 @@ from .core import (
 from .generation_capture import GenerationZcCapture, complete_generation_zc
 from .reference import RefConstant
 from .rewards import check_verifier_values, verifier_index
-from .row_update import LeastSquaresRowUpdate, check_row_update_supported
+from .row_update import LeastSquaresRowUpdate, check_row_update_supported, group_slots
 from .self_reward_log import SelfRewardLog
 from .tokens import resolve_self_reward_token
 
@@ -147,10 +147,7 @@ class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
                 log_step_norm=lambda norm: self._metrics["train"]["self_reward/row_step_norm"].append(norm),
                 group_size=self.num_generations,
                 between_weight=args.self_reward_row_between_weight,
-                # an optimizer step sees the groups of at most this many consecutive generation batches
-                group_slots=args.generation_batch_size
-                // self.num_generations
-                * (-(-args.gradient_accumulation_steps // args.steps_per_generation) + 1),
+                group_slots=group_slots(args, self.num_generations),
             )
 
         self.ref_constant = RefConstant(args.self_reward_ref_constant)
@@ -388,10 +385,11 @@ class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
         args, mode, finished, targets = self.args, batch.mode, batch.finished, batch.targets
         local_n, device = batch.index.numel(), batch.index.device
         valid = finished & ~torch.isnan(targets) & ~torch.isnan(gather(ref))
-        if args.self_reward_class_weights == "group":
-            coef, counts = group_class_weights(torch.nan_to_num(targets), valid, self.num_generations)
-        else:
-            coef, counts = class_weights(torch.nan_to_num(targets), valid, balanced=args.self_reward_balanced)
+        coef, counts = (
+            group_class_weights(torch.nan_to_num(targets), valid, self.num_generations)
+            if args.self_reward_class_weights == "group"
+            else class_weights(torch.nan_to_num(targets), valid, balanced=args.self_reward_balanced)
+        )
         pair_grad = torch.zeros(finished.numel(), device=device)
         if batch.pairing:
             scores = gather(self_reward_score(old_zc, ref, args.self_reward_beta))

@@ -53,9 +53,16 @@ def plot_scaling(curves: dict[str, list[float | None]], path: str | os.PathLike)
     """Accuracy of majority, weighted and best-of-N against the number of samples (inference-time scaling)."""
     fig = Figure(figsize=(5.5, 4))
     ax = fig.subplots()
-    labels = {"majority": "majority vote", "weighted": "self-reward weighted vote", "best_of_n": "best-of-N (r_s)"}
-    for key, label in labels.items():
-        ax.plot(curves["k"], [math.nan if v is None else v for v in curves[key]], "o-", label=label)
+    labels = {
+        "majority": ("majority vote", "o-", "tab:blue"),
+        "weighted": ("weighted vote (r_s)", "o-", "tab:red"),
+        "best_of_n": ("best-of-N (r_s)", "o-", "tab:green"),
+        "weighted_mean_token_logprob": ("weighted vote (mean token log-prob)", "s:", "tab:red"),
+        "best_of_n_mean_token_logprob": ("best-of-N (mean token log-prob)", "s:", "tab:green"),
+    }
+    for key, (label, style, color) in labels.items():
+        if key in curves:  # curves of older evaluations lack the log-prob votes
+            ax.plot(curves["k"], [math.nan if v is None else v for v in curves[key]], style, color=color, label=label)
     ax.plot(curves["k"], [math.nan if v is None else v for v in curves["sample_accuracy"]], "--", color="gray")
     ax.plot([], [], "--", color="gray", label="single-sample accuracy")
     ax.set_xlabel("samples per problem (k)")

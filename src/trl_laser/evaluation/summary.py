@@ -17,6 +17,8 @@ from ..voting import accuracy, answer_agreement, group_answers, vote_correctness
 
 
 VOTE_KEYS = ("majority", "weighted", "best_of_n")
+# The same votes with exp(mean token log-prob) in place of r_s, in the scaling curves beside LaSeR's.
+LOGPROB_VOTE_KEYS = {"weighted": "weighted_mean_token_logprob", "best_of_n": "best_of_n_mean_token_logprob"}
 _VOTE_SUMMARY_KEYS = {"majority": "majority_at_n", "weighted": "weighted_at_n", "best_of_n": "best_of_n"}
 SUMMARY_KEYS = (
     "n_problems",
@@ -175,6 +177,7 @@ def scaling_curves(
 
     Answers are grouped once over all N samples of a problem, so each subset's vote only counts (no re-verifying).
     `sample_accuracy` is the plain per-sample accuracy, the same for every k (the expected accuracy of one sample).
+    `weighted_mean_token_logprob` and `best_of_n_mean_token_logprob` vote on the same subsets with the free signal.
     """
     rng = random.Random(seed)
     problems = []
@@ -184,9 +187,10 @@ def scaling_curves(
             for i in group:
                 canonical[i] = rows[group[0]]["pred"]
         problems.append([dict(r, pred=a) for r, a in zip(rows, canonical)])
-    curves: dict[str, list[float | None]] = {"k": list(range(1, num_samples + 1)), **{k: [] for k in VOTE_KEYS}}
+    keys = (*VOTE_KEYS, *LOGPROB_VOTE_KEYS.values())
+    curves: dict[str, list[float | None]] = {"k": list(range(1, num_samples + 1)), **{k: [] for k in keys}}
     for k in curves["k"]:
-        totals = dict.fromkeys(VOTE_KEYS, 0.0)
+        totals = dict.fromkeys(keys, 0.0)
         count = 0
         for _ in range(num_subsets if k < num_samples else 1):
             for rows in problems:
@@ -195,8 +199,11 @@ def scaling_curves(
                 subset = rows if k >= len(rows) else [rows[i] for i in rng.sample(range(len(rows)), k)]
                 for key, ok in _votes(subset).items():
                     totals[key] += ok
+                for key, ok in _vote_confidence(subset).items():
+                    if key in LOGPROB_VOTE_KEYS:
+                        totals[LOGPROB_VOTE_KEYS[key]] += ok
                 count += 1
-        for key in VOTE_KEYS:
+        for key in keys:
             curves[key].append(totals[key] / count if count else None)
     curves["sample_accuracy"] = [accuracy([r["correct"] for r in records])] * num_samples
     return curves
