@@ -360,3 +360,30 @@ def test_verdict_line(auroc, free, expected):
 
     summary = {"auroc": auroc, "n_scored": 10, "baselines": {"mean_token_logprob": {"auroc": free}}}
     assert expected in verdict(summary)
+
+
+def test_verdict_says_whether_the_score_chooses_within_a_problem():
+    from trl_laser.evaluation import verdict
+
+    summary = {
+        "auroc": 0.85,
+        "n_scored": 10,
+        "auroc_within_problem": 0.72,
+        "weighted_at_n": 0.55,
+        "majority_at_n": 0.56,
+        "best_of_n": 0.5,
+        "baselines": {"mean_token_logprob": {"auroc": 0.7, "auroc_within_problem": 0.8}},
+    }
+    lines = verdict(summary).splitlines()
+    assert lines[1] == (
+        "Within a problem (what best-of-N and weighted voting need): LaSeR AUROC 0.720 does not beat the free mean "
+        "token log-prob (0.800, -0.080)."
+    )
+    assert (
+        lines[2]
+        == "Voting: weighted by the score 0.550 does not beat majority 0.560 (-0.010); best-of-N by the score 0.500."
+    )
+    summary.update(auroc_within_problem=0.9, weighted_at_n=0.6)
+    lines = verdict(summary).splitlines()
+    assert "0.900 beats the free mean token log-prob (0.800, +0.100)" in lines[1]
+    assert "0.600 beats majority 0.560 (+0.040)" in lines[2]

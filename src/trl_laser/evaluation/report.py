@@ -99,15 +99,31 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 def verdict(summary: dict[str, Any]) -> str:
-    """One line: does the LaSeR score rank right answers above wrong ones, and better than the free signal?"""
-    laser, free = summary.get("auroc"), summary.get("baselines", {}).get("mean_token_logprob", {}).get("auroc")
+    """Three lines: does the LaSeR score rank right answers above wrong ones (over all samples, and among the answers
+    to one problem), better than the free signal, and does a vote weighted by it beat majority voting?"""
+    free = summary.get("baselines", {}).get("mean_token_logprob", {})
+    laser = summary.get("auroc")
     if laser is None:
         return "Self-verification: no AUROC (the scored samples are all right or all wrong)."
-    line = f"Self-verification on {summary['n_scored']} scored samples: LaSeR AUROC {laser:.3f}"
-    if free is None:
-        return line + "."
+    lines = [f"Self-verification on {summary['n_scored']} scored samples: LaSeR AUROC {laser:.3f}"]
+    lines[0] += "." if free.get("auroc") is None else f" {_versus(laser, free['auroc'])}."
+    within, free_within = summary.get("auroc_within_problem"), free.get("auroc_within_problem")
+    if within is not None:
+        versus = "" if free_within is None else f" {_versus(within, free_within)}"
+        lines.append(f"Within a problem (what best-of-N and weighted voting need): LaSeR AUROC {within:.3f}{versus}.")
+    weighted, majority = summary.get("weighted_at_n"), summary.get("majority_at_n")
+    if None not in (weighted, majority):
+        better = "beats" if weighted > majority else "does not beat"
+        lines.append(
+            f"Voting: weighted by the score {weighted:.3f} {better} majority {majority:.3f} ({weighted - majority:+.3f});"
+            f" best-of-N by the score {summary.get('best_of_n', 0.0):.3f}."
+        )
+    return "\n".join(lines)
+
+
+def _versus(laser: float, free: float) -> str:
     better = "beats" if laser > free else "does not beat"
-    return f"{line} {better} the free mean token log-prob ({free:.3f}, {laser - free:+.3f})."
+    return f"{better} the free mean token log-prob ({free:.3f}, {laser - free:+.3f})"
 
 
 def signal_table(signals: dict[str, dict[str, Any]], extra: Sequence[str] = ()) -> str:
