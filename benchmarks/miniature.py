@@ -54,6 +54,8 @@ ARMS = {
     "laser_group_weights": ("laser", ["--self_reward_class_weights", "group"]),
     "laser_pair": ("laser", ["--self_reward_pair_loss_coef", "0.1"]),
     "laser_row_within": ("laser", ["--self_reward_row_between_weight", "0.25"]),
+    # the MSE trains z_c's row only (least squares); the rest of the model follows GRPO's loss and the mix
+    "laser_row_only": ("laser", ["--self_reward_row_only", "true"]),
     # does the advantage mix let the policy game its score?
     "laser_groups_no_mix": ("laser_groups", ["--self_reward_advantage_coef", "0"]),
 }
@@ -69,6 +71,7 @@ ARM_STYLE = {
     "laser_pair": ("tab:brown", "LaSeR (+ pair loss)"),
     "laser_row_within": ("tab:pink", "LaSeR (+ within-group row fit)"),
     "laser_groups_no_mix": ("tab:olive", "LaSeR (within-group levers, no mix)"),
+    "laser_row_only": ("tab:cyan", "LaSeR (row only)"),
 }
 SUMMARY_KEYS = (
     "accuracy",

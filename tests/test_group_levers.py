@@ -76,8 +76,8 @@ def test_pair_loss_value_and_gradient_by_hand():
 def test_pair_loss_without_pairs_is_an_exact_zero():
     scores = torch.tensor([0.3, float("nan"), 0.1, 0.2])
     targets = torch.tensor([1.0, 0.0, 1.0, 1.0])
-    valid = torch.tensor([True, False, True, True])
-    value, gradient, n_pairs = pairwise_loss_gradient(torch.nan_to_num(scores), targets, valid, 2)
+    valid = torch.tensor([True, True, True, True])  # the NaN score (no score) takes part in no pair
+    value, gradient, n_pairs = pairwise_loss_gradient(scores, targets, valid, 2)
     assert (value, n_pairs) == (0.0, 0)
     assert torch.equal(gradient, torch.zeros(4))
 
@@ -260,3 +260,43 @@ def test_levers_train_and_move_the_scores(tiny_model_dir, tmp_path):
     assert (after["model.layers.0.mlp.up_proj.weight"] - before["model.layers.0.mlp.up_proj.weight"]).abs().max() > 0
     logged = [h for h in trainer.state.log_history if "self_reward/pair_loss" in h]
     assert len(logged) == 2 and logged[0]["self_reward/score_correct"] != logged[1]["self_reward/score_correct"]
+
+
+def test_row_only_leaves_the_rest_of_the_model_to_grpo(tiny_model_dir, tmp_path):
+    """`self_reward_row_only`: every parameter but z_c's row moves exactly as with no MSE at all, and the row takes
+    the same least-squares step as with the MSE flowing into the model (the step reads only the states)."""
+    common = dict(LS, max_steps=1, self_reward_advantage_coef=0.0)
+    runs = {}
+    for name, extra in {
+        "row_only": dict(self_reward_row_only=True),
+        "no_mse": dict(self_reward_loss_coef=0.0),
+        "full": {},
+    }.items():
+        trainer = make_trainer(tiny_model_dir, tmp_path / name, **common, **extra)
+        force_completions(trainer)
+        before = copy.deepcopy(trainer.model.state_dict())
+        trainer.train()
+        runs[name] = (before, trainer.model.state_dict(), trainer.state.log_history[0])
+    before, row_only, logged = runs["row_only"]
+    others = torch.arange(row_only["lm_head.weight"].size(0)) != ZC
+    for name, tensor in row_only.items():
+        expected = runs["no_mse"][1][name]
+        if name == "lm_head.weight":
+            tensor, expected = tensor[others], expected[others]
+        torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-7, msg=name)
+    torch.testing.assert_close(row_only["lm_head.weight"][ZC], runs["full"][1]["lm_head.weight"][ZC])
+    assert (row_only["lm_head.weight"][ZC] - before["lm_head.weight"][ZC]).norm() > 1e-3
+    assert logged["self_reward/mse"] == pytest.approx(runs["full"][2]["self_reward/mse"])
+
+
+def test_row_only_needs_the_least_squares_row_and_no_pair_loss(tmp_path):
+    with pytest.raises(ValueError, match="self_reward_row_only"):
+        LaSeRConfig(output_dir=str(tmp_path), self_reward_token="<gh_stars>", bf16=False, self_reward_row_only=True)
+    with pytest.raises(ValueError, match="self_reward_pair_loss_coef"):
+        LaSeRConfig(
+            output_dir=str(tmp_path),
+            self_reward_token="<gh_stars>",
+            bf16=False,
+            self_reward_pair_loss_coef=0.1,
+            **dict(LS, self_reward_row_only=True),
+        )

@@ -187,6 +187,12 @@ class LaSeRConfig(GRPOConfig):
             the (right, wrong) pairs of every group of the generation batch, beside the MSE (and switched on with it
             after `reasoning_warmup_steps`). Its gradient is taken at the generating policy's scores (exact with one
             update per generation batch). `0.0` disables it.
+        self_reward_row_only (`bool`, *optional*, defaults to `False`):
+            With `"least_squares"`: the MSE trains z_c's output row only, through the least-squares update, and no
+            self-reward gradient reaches the rest of the model, which follows GRPO's loss (and the advantage mix)
+            alone. The score is then an online linear read-out of the policy's own final hidden state: the MSE
+            cannot lower itself by moving whole problems' states, which is what it does first through the shared
+            layers. Not with `self_reward_pair_loss_coef` (which acts through the model).
     """
 
     self_reward_token: str | None = field(
@@ -278,6 +284,14 @@ class LaSeRConfig(GRPOConfig):
         },
     )
 
+    self_reward_row_only: bool = field(
+        default=False,
+        metadata={
+            "help": "With least_squares: the MSE trains z_c's row only (the least-squares update); no self-reward "
+            "gradient reaches the rest of the model."
+        },
+    )
+
     def _check_step_counts(self) -> None:
         """Counts that transformers and TRL take silently or fail on obscurely, checked before their own checks:
         `max_steps=-5` trains for `num_train_epochs` instead, `num_generations=0` divides by zero."""
@@ -316,9 +330,20 @@ class LaSeRConfig(GRPOConfig):
                 "`self_reward_balanced` is False. Set `self_reward_balanced: true`, or `self_reward_class_weights: "
                 "batch`."
             )
+        if self.self_reward_row_only and self.self_reward_row_update != "least_squares":
+            raise ValueError(
+                "`self_reward_row_only: true` trains z_c's row through the least-squares update only, but "
+                f"`self_reward_row_update` is {self.self_reward_row_update!r}. Set `self_reward_row_update: "
+                "least_squares`, or `self_reward_row_only: false`."
+            )
         pair = self.self_reward_pair_loss_coef
         if isinstance(pair, bool) or not isinstance(pair, (int, float)) or not 0 <= pair < math.inf:
             raise ValueError(f"`self_reward_pair_loss_coef` must be a finite number >= 0, got {pair!r}.")
+        if pair > 0 and self.self_reward_row_only:
+            raise ValueError(
+                f"`self_reward_pair_loss_coef: {pair}` trains the score through the model, which "
+                "`self_reward_row_only: true` cuts off. Set one of them to its default (0 / false)."
+            )
 
     def __post_init__(self):
         self._check_step_counts()

@@ -184,9 +184,10 @@ def pairwise_loss_gradient(
 
     The trainer adds `sum_i g_i * r_s_i` (with g this gradient) to the loss, so that the micro-batches of a generation
     batch, split and shuffled over steps and processes, together receive the exact gradient of the whole batch's pair
-    loss at these scores.
+    loss at these scores. A NaN score (no score) takes part in no pair.
     """
-    leaf = torch.where(valid.bool(), scores.detach().double(), 0.0).requires_grad_()
+    valid = valid.bool() & ~torch.isnan(scores)
+    leaf = torch.where(valid, scores.detach().double(), 0.0).requires_grad_()
     with torch.enable_grad():
         loss, n_pairs = pairwise_logistic_loss(leaf, targets, valid, group_size)
         (gradient,) = torch.autograd.grad(loss, leaf)

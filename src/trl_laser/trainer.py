@@ -150,6 +150,7 @@ class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
                 group_slots=group_slots(args, self.num_generations),
             )
 
+        self.row_only = args.self_reward_row_only
         self.ref_constant = RefConstant(args.self_reward_ref_constant)
         self.ref_constant.check_reference_kept(self.beta, is_peft_model(self.model))
 
@@ -392,10 +393,9 @@ class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
         )
         pair_grad = torch.zeros(finished.numel(), device=device)
         if batch.pairing:
-            scores = gather(self_reward_score(old_zc, ref, args.self_reward_beta))
-            pairable = valid & ~torch.isnan(scores)
+            scores = gather(self_reward_score(old_zc, ref, args.self_reward_beta))  # NaN where not finished
             value, gradient, n_pairs = pairwise_loss_gradient(
-                torch.nan_to_num(scores), torch.nan_to_num(targets), pairable, self.num_generations
+                scores, torch.nan_to_num(targets), valid, self.num_generations
             )
             pair_grad = args.self_reward_pair_loss_coef * gradient.to(device)
             self._metrics[mode]["self_reward/pair_loss"].append(value)
@@ -436,9 +436,10 @@ class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
             self.args.steps_per_generation / self.current_gradient_accumulation_steps if self.model.training else 1
         )
         mse_term = self_reward_loss(scores, inputs["self_reward_target"], coef * inputs["self_reward_loss_coef"])
-        # the pair loss: zero in value, its gradient in each score the one `_laser_attach` took over the whole batch
-        pair_term = (inputs["self_reward_pair_grad"] * (scores - scores.detach())).sum()
-        loss = loss + self.accelerator.num_processes * per_step * (mse_term + pair_term)
+        # + the pair loss: zero in value, its gradient in each score the one `_laser_attach` took over the whole batch
+        terms = mse_term + (inputs["self_reward_pair_grad"] * (scores - scores.detach())).sum()
+        # `self_reward_row_only`: the least-squares update alone fits the MSE, through z_c's row; no gradient flows
+        loss = loss + self.accelerator.num_processes * per_step * (terms.detach() if self.row_only else terms)
         if self.row_update is not None:
             self.row_update.accumulate(inputs, logp_zc, scores)
         # The free signal a user gets without LaSeR, logged beside the score: the completion's mean token log-prob.
