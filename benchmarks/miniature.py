@@ -407,6 +407,27 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def ablation_table(results: dict[str, Any]) -> str:
+    """The arms side by side on what choosing among one problem's answers needs (the table of docs/miniature.md):
+    the score's ranking within a problem and its votes, each beside the same with the mean token log-prob."""
+    header = ["arm", "accuracy", "AUROC", "within problem", "within (mean lp)", "majority@N", "weighted@N"]
+    header += ["weighted@N (mean lp)", "best-of-N", "best-of-N (mean lp)", "paper F1", "AUROC easy", "AUROC medium"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm, e in results["arms"].items():
+        free = e["baselines"]["mean_token_logprob"]
+        cells = [
+            e["accuracy"],
+            e["auroc"],
+            e["auroc_within_problem"],
+            free["auroc_within_problem"],
+            e["majority_at_n"],
+        ]
+        cells += [e["weighted_at_n"], free["weighted_at_n"], e["best_of_n"], free["best_of_n"], e["sv_f1_paper"]]
+        cells += [e["auroc_by_band"].get("easy"), e["auroc_by_band"].get("medium")]
+        lines.append("| " + " | ".join([arm, *("n/a" if v is None else f"{v:.3f}" for v in cells)]) + " |")
+    return "\n".join(lines)
+
+
 def main(args: argparse.Namespace) -> None:
     out = os.path.abspath(args.output_dir)
     os.makedirs(out, exist_ok=True)
@@ -434,6 +455,7 @@ def main(args: argparse.Namespace) -> None:
         json.dump(results, f, indent=2)
         f.write("\n")
     print(format_table(results))
+    print(ablation_table(results))
     print(json.dumps(results.get("goals"), indent=2))
     print(f"[miniature] wrote {args.results} and the figures in {args.figures_dir}")
 

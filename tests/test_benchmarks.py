@@ -80,6 +80,26 @@ def test_results_table_puts_each_arm_beside_its_free_baselines():
     assert table[-1].endswith("| 0.600 | n/a | 0.550 | 0.710 | 0.620 | n/a | 0.420 |")
 
 
+def test_ablation_table_sets_each_vote_beside_the_free_signal():
+    free = {"auroc_within_problem": 0.7, "weighted_at_n": 0.61, "best_of_n": 0.6}
+    entry = {
+        "accuracy": 0.5,
+        "auroc": 0.8,
+        "auroc_within_problem": 0.36,
+        "majority_at_n": 0.62,
+        "weighted_at_n": 0.6,
+        "best_of_n": 0.49,
+        "sv_f1_paper": 0.7,
+        "auroc_by_band": {"easy": 0.66, "medium": None},
+        "baselines": {"mean_token_logprob": free},
+    }
+    table = miniature.ablation_table({"arms": {"laser": entry}}).splitlines()
+    assert table[0].startswith("| arm | accuracy | AUROC | within problem | within (mean lp) | majority@N |")
+    assert table[2] == (
+        "| laser | 0.500 | 0.800 | 0.360 | 0.700 | 0.620 | 0.600 | 0.610 | 0.490 | 0.600 | 0.700 | 0.660 | n/a |"
+    )
+
+
 def test_goals_of_the_ranking_arm():
     free = {
         "mean_token_logprob": {"auroc": 0.80, "auroc_within_problem": 0.70},
