@@ -225,3 +225,103 @@ def test_eval_backend_vllm_end_to_end(smollm2_dir, tmp_path):
             assert summary["baselines"][key]["auroc"] == pytest.approx(auroc([s[key] for s in scored], labels))
     else:
         assert summary["auroc"] is None or math.isnan(summary["auroc"])
+
+
+# ------------------------------------------------------------------------------------------ training (colocate)
+def hand_mix(batch: dict, config: dict, num_generations: int = 4) -> list[float]:
+    """The mixed advantage written out: TRL's group-normalised verifier advantage A_v, the clipped score of the
+    generating policy (from a plain forward; 0 when truncated), its group-normalised advantage A_s (A_v where a group's
+    scores do not spread beyond the threshold), and (1 - tau) A_v + tau A_s."""
+    tau, beta = config["self_reward_advantage_coef"], config["self_reward_beta"]
+    c_ref, threshold = config["self_reward_ref_constant"], config["self_reward_std_threshold"]
+    mixed = []
+    for g in range(0, len(batch["rewards"]), num_generations):
+        rewards = batch["rewards"][g : g + num_generations]
+        mean = sum(rewards) / num_generations
+        std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (num_generations - 1))
+        a_v = [(r - mean) / (std + 1e-4) for r in rewards]
+        scores = [
+            min(max(beta * (logp - c_ref), 0.0), 1.0) if done else 0.0
+            for logp, done in zip(
+                batch["plain_zc_logp"][g : g + num_generations], batch["finished"][g : g + num_generations]
+            )
+        ]
+        s_mean = sum(scores) / num_generations
+        s_std = math.sqrt(sum((s - s_mean) ** 2 for s in scores) / (num_generations - 1))
+        for k in range(num_generations):
+            a_s = (scores[k] - s_mean) / s_std if s_std > threshold else a_v[k]
+            mixed.append((1 - tau) * a_v[k] + tau * a_s)
+    return mixed
+
+
+@pytest.fixture(scope="module")
+def colocate(smollm2_dir, tmp_path_factory) -> dict:
+    """tests/scripts/vllm_colocate_train.py's measurements (its own process: one engine, TRL's)."""
+    out = tmp_path_factory.mktemp("colocate")
+    script = os.path.join(ROOT, "tests", "scripts", "vllm_colocate_train.py")
+    done = subprocess.run(
+        [sys.executable, script, smollm2_dir, str(out)], env=ENV, capture_output=True, text=True, timeout=1200
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(out / "result.json", encoding="utf-8") as f:
+        result = json.load(f)
+    print(f"TRL's own weight sync on this build: {result['trl_sync_error']}; vLLM dtype {result['vllm_dtype']}")
+    return result
+
+
+def test_colocate_trains_on_completions_that_finish(colocate):
+    batches = colocate["train"]["batches"]
+    steps = [h for h in colocate["train"]["log_history"] if "loss" in h]
+    assert len(batches) == len(steps) == 3 and all(math.isfinite(h["loss"]) for h in steps)
+    for batch in batches + [colocate["mix_is_on"], colocate["mix_is_off"]]:
+        assert any(batch["finished"]), "no completion ended with EOS: z_c would never be read"
+        for ids, done in zip(batch["completion_ids"], batch["finished"]):
+            assert (ids[-1] == 2) == done  # EOS id 2 (<|im_end|>) ends exactly the finished rows
+            assert done or len(ids) == 24
+
+
+def test_colocate_zc_from_the_training_forward_equals_a_plain_forward(colocate):
+    """The completions table's score is the training forward's (`_compute_loss`), its advantage the trainer's; the
+    mix's generation-time z_c is TRL's old log-prob: each against a plain transformers forward of x, y, EOS."""
+    beta, c_ref = colocate["config"]["self_reward_beta"], colocate["config"]["self_reward_ref_constant"]
+    worst = 0.0
+    for table, batch in zip(colocate["train"]["tables"], colocate["train"]["batches"]):
+        assert len(table["self_reward"]) == len(batch["finished"])
+        for logged, plain, done in zip(table["self_reward"], batch["plain_zc_logp"], batch["finished"]):
+            assert (logged is None) == (not done)
+            if done:
+                worst = max(worst, abs(logged - beta * (plain - c_ref)) / beta)
+        assert table["advantage"] == pytest.approx(batch["advantages"], abs=1e-6)
+        assert table["step"] == [table["step"][0]] * len(batch["finished"])
+        for old, plain in zip(batch["old_zc_logp"], batch["plain_zc_logp"]):
+            assert (old is None) == (plain is None)
+            if old is not None:
+                assert old == pytest.approx(plain, abs=LOGP_TOLERANCE)
+    print(f"max |log pi(z_c)| difference, training forward vs plain forward: {worst:.2e} nats")
+    assert worst < LOGP_TOLERANCE
+
+
+def test_colocate_mix_with_and_without_importance_sampling_correction(colocate):
+    config = colocate["config"]
+    on, off = colocate["mix_is_on"], colocate["mix_is_off"]
+    # On: TRL computed old log-probs for the correction; the mix reads z_c there, with no forward of its own.
+    assert on["has_old_per_token_logps"] and on["laser_forwards"] == 0
+    assert all(v == 0 for v in on["zc_forward_rows"])
+    # Off: no old log-probs (steps aligned); LaSeR forwards the finished rows once (vLLM cannot read z_c).
+    assert not off["has_old_per_token_logps"] and off["laser_forwards"] == 1
+    assert off["zc_forward_rows"] == [pytest.approx(sum(off["finished"]) / len(off["finished"]))]
+    for batch in (on, off, *colocate["train"]["batches"]):
+        assert batch["advantages"] == pytest.approx(hand_mix(batch, config), abs=1e-4)
+        assert any(0 < sum(batch["rewards"][g : g + 4]) < 4 for g in (0, 4))  # A_v is not zero everywhere
+
+
+def test_colocate_weights_reach_vllm(colocate):
+    """After each update the reloaded vLLM samples as the current policy does (to vLLM's bfloat16), far closer than
+    to the initial policy: without the sync, vLLM would still sample the initial one."""
+    batches = colocate["train"]["batches"] + [colocate["mix_is_on"], colocate["mix_is_off"]]
+    current = [b["sampling_vs_current"] for b in batches]
+    initial = [b["sampling_vs_initial"] for b in batches]
+    print(f"mean |vLLM - policy| token log-prob: current {current}, initial {initial}")
+    assert current[0] == pytest.approx(initial[0])  # before the first update they are one policy
+    assert all(c < 0.15 for c in current)
+    assert all(i > 5 * c for c, i in zip(current[1:], initial[1:]))

@@ -5,16 +5,19 @@ tests/test_vllm.py checks, taken in a process of their own (one engine, released
 
 TRL's weight sync calls the vLLM model's `load_weights`, which vLLM's CPU model lacks; here, and only here, it is
 replaced by the model runner's `reload_weights` of the trainer's current weights, then `reset_prefix_cache()`. The
-rest is TRL's and the package's own. Writes OUTPUT_DIR/result.json with, in this order:
+rest is TRL's and the package's own: TRL's colocate engine (vLLM's automatic dtype: bfloat16 for this float32 model),
+the trainer in float32. The verifier is the parity of the completion's length, so that every group holds both classes
+(SmolLM2-135M rarely gets arithmetic right). Writes OUTPUT_DIR/result.json with, in this order:
 
-1. `trl_sync_error`: what TRL's own sync raised on this build (None if it worked).
-2. `mix_is_on` / `mix_is_off`: one generation batch each, with vLLM's importance-sampling correction on (TRL computes
-   old log-probs) and off; per row the completion ids, finished, the verifier reward recomputed by hand, the advantage
-   the trainer computed, z_c's log-prob from TRL's old log-probs (on) and from a plain transformers forward, and
-   whether LaSeR ran its own forward (`laser_forwards`, `zc_forward_rows`).
-3. `train`: `max_steps` optimizer steps with `log_completions`; per generation batch the plain-forward z_c log-prob
-   and advantage of each row, and how far vLLM's sampling log-probs are from the current policy (synced) and from the
-   initial one (what a missing sync would leave); the completions tables; the log history.
+1. `config` (the settings a hand computation of the mix needs), `vllm_dtype`, and `trl_sync_error`: what TRL's own
+   sync raised on this build (None if it worked).
+2. `train`: `max_steps` optimizer steps with `log_completions`; per generation batch (`describe`) the completion ids,
+   finished, the verifier reward recomputed by hand, the advantage the trainer computed, z_c's log-prob from TRL's old
+   log-probs and from a plain transformers forward, and how far vLLM's sampling log-probs are from the current policy
+   (synced) and from the initial one (what a missing sync would leave); the completions tables; the log history.
+3. `mix_is_on` / `mix_is_off`: one more generation batch each, with vLLM's importance-sampling correction on (TRL
+   computes old log-probs) and off, described the same way, with the number of LaSeR's own no-grad forwards
+   (`laser_forwards`) and its logged `self_reward/zc_forward_rows`.
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_laser import LaSeRConfig, LaSeRGRPOTrainer
 from trl_laser.data import make_conversation
-from trl_laser.rewards import math_verify_reward
 
 
 TOKEN = "<gh_stars>"
-C_REF = -15.6
+# The LaSeR settings that a hand computation of the mix needs (tests/test_vllm.py reads them from result.json).
+MIX = {"self_reward_beta": 0.1, "self_reward_ref_constant": -15.6, "self_reward_advantage_coef": 0.5}
+MIX["self_reward_std_threshold"] = 0.0
 PROBLEMS = [("What is 2 + 3?", "5"), ("What is 7 - 4?", "3"), ("What is 6 + 1?", "7"), ("What is 9 - 5?", "4")]
 INSTRUCTION = "Answer with just the number."
 
@@ -52,6 +56,11 @@ def generation_inputs(first: int) -> list[dict]:
     """Two prompts x 4 completions, as TRL's sampler repeats them."""
     rows = [PROBLEMS[(first + i // 4) % len(PROBLEMS)] for i in range(8)]
     return [{"prompt": make_conversation(p, instruction=INSTRUCTION), "answer": a} for p, a in rows]
+
+
+def parity_reward(completion_ids, **kwargs) -> list[float]:
+    """A 0/1 verifier that every group splits on (SmolLM2-135M rarely gets arithmetic right): an even length is right."""
+    return [float(len(ids) % 2 == 0) for ids in completion_ids]
 
 
 def reload_sync(trainer: LaSeRGRPOTrainer) -> None:
@@ -90,18 +99,15 @@ def token_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     return logits.log_softmax(-1).gather(-1, completion_ids[..., None]).squeeze(-1)
 
 
-def describe(trainer, batch, tokenizer, inputs, initial=None) -> dict:
+def describe(trainer, batch, tokenizer, initial) -> dict:
     """One generation batch: what the trainer computed, and the same by hand from a plain forward."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     index = batch["self_reward_index"]
     finished = (index >= 0).tolist()
     ends = [int(i) - 1 for i in index.tolist()]  # the EOS column: z_c follows it
-    ids = [batch["completion_ids"][r, : ends[r] + 1].tolist() if finished[r] else None for r in range(index.numel())]
-    truncated_ids = [
-        batch["completion_ids"][r][batch["completion_mask"][r].bool()].tolist() for r in range(index.numel())
-    ]
-    texts = [tokenizer.decode(i if i is not None else t, skip_special_tokens=True) for i, t in zip(ids, truncated_ids)]
-    rewards = math_verify_reward([[{"role": "assistant", "content": t}] for t in texts], [x["answer"] for x in inputs])
+    # The generated ids: up to the EOS (z_c follows it), or all of a truncated row's.
+    lengths = [ends[r] + 1 if finished[r] else int(batch["completion_mask"][r].sum()) for r in range(index.numel())]
+    generated = [batch["completion_ids"][r, : lengths[r]].tolist() for r in range(index.numel())]
     zc = tokenizer.convert_tokens_to_ids(TOKEN)
     plain = plain_zc_logps(
         model, zc, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], finished, ends
@@ -109,8 +115,8 @@ def describe(trainer, batch, tokenizer, inputs, initial=None) -> dict:
     old = batch.get("old_per_token_logps")
     out = {
         "finished": finished,
-        "completion_ids": truncated_ids,
-        "rewards": rewards,
+        "completion_ids": generated,
+        "rewards": parity_reward(generated),
         "advantages": batch["advantages"].tolist(),
         "plain_zc_logp": plain,
         "old_zc_logp": None
@@ -120,16 +126,12 @@ def describe(trainer, batch, tokenizer, inputs, initial=None) -> dict:
     }
     sampling = batch.get("sampling_per_token_logps")
     if sampling is not None:
-        mask = batch["completion_mask"] * batch["tool_mask"]  # the sampled tokens (z_c excluded)
-        current = token_logps(
-            model, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"]
-        )
-        out["sampling_vs_current"] = ((current - sampling).abs() * mask).sum().item() / mask.sum().item()
-        if initial is not None:
-            before = token_logps(
-                initial, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"]
+        mask = (batch["completion_mask"] * batch["tool_mask"]).bool()  # the sampled tokens (not z_c: vLLM gave NaN)
+        for key, policy in (("sampling_vs_current", model), ("sampling_vs_initial", initial)):
+            logps = token_logps(
+                policy, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"]
             )
-            out["sampling_vs_initial"] = ((before - sampling).abs() * mask).sum().item() / mask.sum().item()
+            out[key] = (logps - sampling).abs()[mask].mean().item()
     return out
 
 
@@ -158,12 +160,10 @@ def main(model_dir: str, output_dir: str) -> None:
         vllm_max_model_length=128,
         vllm_importance_sampling_correction=True,
         self_reward_token=TOKEN,
-        self_reward_ref_constant=C_REF,
-        self_reward_advantage_coef=0.5,
-        self_reward_std_threshold=0.0,
+        **MIX,
     )
-    trainer = LaSeRGRPOTrainer(model=model, reward_funcs=[math_verify_reward], args=args, train_dataset=dataset())
-    result: dict = {"vllm_dtype": str(trainer.vllm_generation.llm.llm_engine.model_config.dtype)}
+    trainer = LaSeRGRPOTrainer(model=model, reward_funcs=[parity_reward], args=args, train_dataset=dataset())
+    result: dict = {"config": MIX, "vllm_dtype": str(trainer.vllm_generation.llm.llm_engine.model_config.dtype)}
     try:
         trainer.vllm_generation.sync_weights()
         result["trl_sync_error"] = None
@@ -171,19 +171,12 @@ def main(model_dir: str, output_dir: str) -> None:
         result["trl_sync_error"] = f"{type(err).__name__}: {err}"
     trainer.vllm_generation.sync_weights = lambda: reload_sync(trainer)
 
-    # Counting LaSeR's own no-grad forwards (the mix's generation-time z_c when TRL has no old log-probs).
-    laser_forwards = []
-    original_logps = trainer._laser_logps
-    trainer._laser_logps = lambda batch, reference=False: (
-        laser_forwards.append(reference) or original_logps(batch, reference)
-    )
-
     batches = []
     original_generate = trainer._generate_and_score_completions
 
     def recording(inputs):
         batch = original_generate(inputs)
-        batches.append(describe(trainer, batch, tokenizer, inputs, initial))
+        batches.append(describe(trainer, batch, tokenizer, initial))
         return batch
 
     trainer._generate_and_score_completions = recording
@@ -212,7 +205,7 @@ def main(model_dir: str, output_dir: str) -> None:
         trainer._metrics["train"].clear()
         inputs = generation_inputs(first)
         batch = trainer._generate_and_score_completions(inputs)
-        result[name] = describe(trainer, batch, tokenizer, inputs, initial)
+        result[name] = describe(trainer, batch, tokenizer, initial)
         result[name]["laser_forwards"] = len(laser_forwards)
         result[name]["zc_forward_rows"] = list(trainer._metrics["train"].get("self_reward/zc_forward_rows", []))
     with open(os.path.join(output_dir, "result.json"), "w", encoding="utf-8") as f:
