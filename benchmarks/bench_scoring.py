@@ -110,7 +110,10 @@ def vllm_benchmark(args, prompts: list, overrides: dict) -> dict:
         for i in range(len(rows))
     ]
     official = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
-    llm.generate([{"prompt_token_ids": rows[0]}], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+    # Warm-up, not timed: sampling, a one-token score on a cached prefix, and a prompt_logprobs request.
+    warm = llm.generate([{"prompt_token_ids": rows[0]}], SamplingParams(max_tokens=8), use_tqdm=False)
+    next_token_logprobs(llm, [rows[0] + list(warm[0].outputs[0].token_ids)], zc)
+    llm.generate([{"prompt_token_ids": rows[0]}], official, use_tqdm=False)
     times: dict[str, list[float]] = {
         k: [] for k in ("generate", "one_token_score", "one_token_score_uncached", "prompt_logprobs_rescoring")
     }

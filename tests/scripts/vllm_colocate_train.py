@@ -59,7 +59,7 @@ def generation_inputs(first: int) -> list[dict]:
 
 
 def parity_reward(completion_ids, **kwargs) -> list[float]:
-    """A 0/1 verifier that every group splits on (SmolLM2-135M rarely gets arithmetic right): an even length is right."""
+    """A 0/1 verifier that groups split on (SmolLM2-135M rarely gets arithmetic right): an even length is right."""
     return [float(len(ids) % 2 == 0) for ids in completion_ids]
 
 
