@@ -199,6 +199,7 @@ def test_eval_backend_vllm_end_to_end(smollm2_dir, tmp_path):
         "32",
     ]
     command += ["--batch-size", "12", "--instruction", "Answer with just the number.", "--output-dir", str(out)]
+    command += ["--vllm-kwargs", json.dumps({"max_model_len": 200})]  # over the computed context length
     command += ["--self-reward-token", TOKEN, "--self-reward-ref-constant", str(C_REF)]
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

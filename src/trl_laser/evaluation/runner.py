@@ -284,13 +284,9 @@ def _load(plan: EvalPlan, device: str | None) -> tuple[Any, SelfRewardSettings]:
     """The model on `device` (default: cuda if available), and the settings checked against it (its output size, its
     generation config's EOS ids); a model trained with a float32 LM head gets it back. With the vLLM backend: a vLLM
     engine of the model, its context just long enough for the longest prompt, the new tokens and the score's token."""
-    if plan.backend == "vllm":
-        engine = load_vllm(
-            plan.model_path,
-            max_model_len=_vllm_max_model_len(plan),
-            seed=plan.sampling.seed,
-            **(plan.vllm_kwargs or {}),
-        )
+    if plan.backend == "vllm":  # `vllm_kwargs` may set `max_model_len` and `seed` too
+        kwargs = {"max_model_len": _vllm_max_model_len(plan), "seed": plan.sampling.seed, **(plan.vllm_kwargs or {})}
+        engine = load_vllm(plan.model_path, **kwargs)
         return engine, resolve_settings(engine, plan.tokenizer, plan.settings)
     model = load_model(plan.model_path)  # the tokenizer and the resolved path of the plan
     model.to(default_device(device))
