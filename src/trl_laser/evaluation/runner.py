@@ -1,5 +1,6 @@
 """`trl-laser eval` as a function: plan (every input checked before the model loads), open the output folder
-(resume, or refuse another run's), load the model, evaluate each benchmark, write the paper's table."""
+(resume, or refuse another run's), load the model (transformers, or a vLLM engine), evaluate each benchmark, write the
+paper's table."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..models import load_lm_head_fp32, load_model, resolve_model_path
+from ..scoring import tokenize_prompt
 from ..settings import SelfRewardSettings, resolve_settings
+from ..vllm_scoring import is_vllm_available, load_vllm
 from .output import append_batches, prepare_output, read_records, replace_records, write_json
 from .prompts import Prompt, resolve_prompt, saved_settings
 from .protocol import (
@@ -48,6 +51,12 @@ class EvalPlan:
     run: dict[str, Any]  # the record of the arguments (`eval_run.json`) that a resumed run must match
     dirs: dict[str, str]
     totals: dict[str, int]
+    backend: str = "transformers"  # what samples and scores: transformers' `generate`, or vLLM
+    vllm_kwargs: dict[str, Any] | None = None  # `vllm.LLM` arguments beyond `vllm_scoring.load_vllm`'s
+
+
+# What `run_evaluation` can sample with (`backend`, --backend).
+BACKENDS = ("transformers", "vllm")
 
 
 def _print_now(message: str) -> None:
@@ -71,6 +80,8 @@ def run_evaluation(
     num_subsets: int = 16,
     overwrite: bool = False,
     device: str | None = None,
+    backend: str = "transformers",
+    vllm_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = _print_now,
 ) -> dict[str, Any]:
@@ -85,9 +96,15 @@ def run_evaluation(
     another run's samples is refused unless `overwrite`. Unset prompt settings (`prompt`) are those saved with the
     model by `trl-laser train`; unset sampling settings are the protocol's. Returns the summary (of the one dataset,
     or the aggregate).
+
+    `backend="vllm"` samples and scores with a vLLM engine (`vllm_scoring`: each finished completion scored with one
+    cached token), built with `vllm_kwargs` (e.g. `tensor_parallel_size`, `gpu_memory_utilization`); vLLM chooses its
+    device, so `device` is not taken. Its run record names the backend: a folder sampled by one backend is not
+    resumed by the other.
     """
     sampling, prompt, self_reward = sampling or Sampling(), prompt or Prompt(), self_reward or SelfRewardOverrides()
     _check_options(protocol, sampling, num_subsets, max_problems)
+    _check_backend(backend, device, vllm_kwargs)
     items = _benchmarks(dataset, benchmarks, split, problem_column, answer_column, protocol, sampling.num_samples)
     plan = plan_evaluation(
         model_name_or_path,
@@ -99,6 +116,8 @@ def run_evaluation(
         sampling=sampling,
         prompt=prompt,
         self_reward=self_reward,
+        backend=backend,
+        vllm_kwargs=vllm_kwargs,
     )
     done = open_output(plan, overwrite, log)
     model, settings = _load(plan, device)
@@ -148,6 +167,25 @@ def _check_options(protocol: str, sampling: Sampling, num_subsets: int, max_prob
         raise ValueError(f"`top_p` (--top-p) must be in (0, 1], got {sampling.top_p}.")
 
 
+def _check_backend(backend: str, device: str | None, vllm_kwargs: dict[str, Any] | None) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` (--backend) must be one of {list(BACKENDS)}, got {backend!r}.")
+    if backend != "vllm":
+        if vllm_kwargs:
+            raise ValueError("`vllm_kwargs` (--vllm-kwargs) are for `backend='vllm'` (--backend vllm).")
+        return
+    if device is not None:
+        raise ValueError(
+            "`device` (--device) is for the transformers backend: vLLM runs on the device of its build (pass "
+            "`tensor_parallel_size` and the like in `vllm_kwargs`, --vllm-kwargs)."
+        )
+    if not is_vllm_available():
+        raise ValueError(
+            "`backend='vllm'` (--backend vllm) needs vLLM: `pip install trl-laser[vllm]` on a GPU machine, or the CPU "
+            "build of .ci/install_vllm_cpu.sh (docs/vllm.md)."
+        )
+
+
 def _benchmarks(
     dataset: str | None,
     benchmarks: Sequence[str | Benchmark],
@@ -189,6 +227,8 @@ def plan_evaluation(
     sampling: Sampling,
     prompt: Prompt,
     self_reward: SelfRewardOverrides,
+    backend: str = "transformers",
+    vllm_kwargs: dict[str, Any] | None = None,
 ) -> EvalPlan:
     """Everything but the weights: the tokenizer and the model's saved settings (a bad token or c_ref costs no loading
     time), the prompt, the problems, and the record of the run that a resumed run must match."""
@@ -219,11 +259,13 @@ def plan_evaluation(
             k: checked.to_dict()[k] for k in ("self_reward_token_id", "self_reward_beta", "self_reward_ref_constant")
         },
     }
+    if backend != "transformers":  # named only when not the default, so that earlier runs' records still match
+        run["backend"] = backend
     dirs = {b.name: output_dir if flat else os.path.join(output_dir, b.name) for b in items}
     totals = {b.name: len(problems[b.name]) * b.num_samples for b in items}
     return EvalPlan(
         model_path, tokenizer, saved, checked, output_dir, items, flat, protocol, sampling, generation, prompt, origins,
-        problems, run, dirs, totals,
+        problems, run, dirs, totals, backend, vllm_kwargs,
     )  # fmt: skip
 
 
@@ -240,13 +282,32 @@ def open_output(plan: EvalPlan, overwrite: bool, log: Callable[[str], None] = _p
 
 def _load(plan: EvalPlan, device: str | None) -> tuple[Any, SelfRewardSettings]:
     """The model on `device` (default: cuda if available), and the settings checked against it (its output size, its
-    generation config's EOS ids); a model trained with a float32 LM head gets it back."""
+    generation config's EOS ids); a model trained with a float32 LM head gets it back. With the vLLM backend: a vLLM
+    engine of the model, its context just long enough for the longest prompt, the new tokens and the score's token."""
+    if plan.backend == "vllm":  # `vllm_kwargs` may set `max_model_len` and `seed` too
+        kwargs = {"max_model_len": _vllm_max_model_len(plan), "seed": plan.sampling.seed, **(plan.vllm_kwargs or {})}
+        engine = load_vllm(plan.model_path, **kwargs)
+        return engine, resolve_settings(engine, plan.tokenizer, plan.settings)
     model = load_model(plan.model_path)  # the tokenizer and the resolved path of the plan
     model.to(default_device(device))
     settings = resolve_settings(model, plan.tokenizer, plan.settings)  # EOS ids and output size: the loaded model's
     if settings.cast_lm_head_to_fp32:
         load_lm_head_fp32(model, plan.model_path)
     return model, settings
+
+
+def _vllm_max_model_len(plan: EvalPlan) -> int:
+    """The longest prompt of the run, plus the new tokens, plus one: the score request generates one token after the
+    longest completion."""
+    template_kwargs = plan.prompt.chat_template_kwargs
+    if template_kwargs is None:
+        template_kwargs = plan.settings.chat_template_kwargs
+    longest = max(
+        len(tokenize_prompt(plan.tokenizer, plan.prompt.conversation(p["problem"], b.source), template_kwargs))
+        for b in plan.benchmarks
+        for p in plan.problems[b.name]
+    )
+    return longest + plan.generation["max_new_tokens"] + 1
 
 
 def evaluate_benchmark(

@@ -1,5 +1,6 @@
 """The one sampler of `trl-laser eval`, `trl-laser probe` and the benchmarks: generate, score and grade N solutions per
-problem, one batch of graded records at a time, from any batch on (so that an interrupted run can resume).
+problem, one batch of graded records at a time, from any batch on (so that an interrupted run can resume). It samples
+with transformers' `generate` (`scoring`), or with vLLM when given a `vllm_scoring.VLLMModel`.
 
 Also what a sampling run is asked (`Sampling`, `SelfRewardOverrides`, checked by `check_counts`) and where it runs
 (`default_device`, `load_for_sampling`).
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 from ..models import load_model_and_tokenizer
 from ..scoring import ScoredCompletion, iter_generate_with_self_rewards
 from ..settings import SelfRewardSettings, resolve_settings
+from ..vllm_scoring import VLLMModel, iter_generate_with_vllm
 from .protocol import grade, grade_paper, paper_conventions
 
 
@@ -107,7 +109,8 @@ def sample_batches(
     **generation: Any,
 ) -> Iterator[list[dict]]:
     """Sample `num_samples` solutions of each `{"problem", "answer"}` (prompted as `conversations`), score and grade
-    them: yields each generate call's records (`graded_record`) as soon as it is done.
+    them: yields each generate call's records (`graded_record`) as soon as it is done. `model` is a transformers model,
+    or a vLLM engine (`vllm_scoring.VLLMModel`: the same records, sampled and scored by vLLM).
 
     The samples are the (problem, sample) pairs in order, `batch_size` a call, from sample `start` on (a multiple of
     `batch_size`: where an interrupted run stopped). With `seed`, each call is seeded from `seed` and its position, so a
@@ -120,7 +123,8 @@ def sample_batches(
     if start >= total:  # a finished run, resumed: nothing left (its total need not be a multiple of batch_size)
         return
     settings = resolve_settings(model, tokenizer, settings)  # EOS ids the model's, where they were not saved
-    batches = iter_generate_with_self_rewards(
+    sampler = iter_generate_with_vllm if isinstance(model, VLLMModel) else iter_generate_with_self_rewards
+    batches = sampler(
         model,
         tokenizer,
         conversations,

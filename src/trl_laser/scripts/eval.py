@@ -80,6 +80,20 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
     parser.add_argument(
         "--overwrite", action="store_true", help="Replace the results of another run in --output-dir (else refused)."
     )
+    parser.add_argument(
+        "--backend",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="What samples and scores: transformers' generate (default), or vLLM (each finished completion scored "
+        "with one cached token; docs/vllm.md).",
+    )
+    parser.add_argument(
+        "--vllm-kwargs",
+        type=_json_object,
+        default=None,
+        help="JSON object of vllm.LLM arguments with --backend vllm, e.g. "
+        '\'{"tensor_parallel_size": 2, "gpu_memory_utilization": 0.8}\'.',
+    )
     add_self_reward_arguments(
         parser,
         "self-reward overrides (default: the model's self_reward_config.json)",
@@ -121,6 +135,8 @@ def main(args: argparse.Namespace) -> int:
             num_subsets=args.num_subsets,
             overwrite=args.overwrite,
             device=args.device,
+            backend=args.backend,
+            vllm_kwargs=args.vllm_kwargs,
         )
 
     interrupted = (
