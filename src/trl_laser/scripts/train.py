@@ -184,17 +184,17 @@ def eval_command(script_args: LaSeRScriptArguments, training_args: LaSeRConfig) 
     return shlex.join(command)
 
 
-def report_failure(err: BaseException, output_dir: str | None) -> int:
+def report_failure(err: BaseException, output_dir: str | None, launched: bool = False) -> int:
     """Report an error raised while training (or an interrupt) in one line, the trace only with
     `TRL_LASER_TRACEBACK=1`; return the exit status (1, or 130 for an interrupt, which the launcher of a launched
-    process reports)."""
+    process reports: `launched` is true only in the processes that `accelerate launch` started)."""
     if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
         traceback.print_exception(err)
         hint = ""
     else:
         hint = f" (run with {TRACEBACK_ENV}=1 for the full traceback)"
     if isinstance(err, KeyboardInterrupt):
-        if launched_by_launcher():  # the `trl-laser train` launcher says it, once
+        if launched and launched_by_launcher():  # the `trl-laser train` launcher says it, once
             return 130
         done = [c for c in checkpoints(output_dir) if is_complete(c)] if output_dir else []
         resume = (
@@ -254,7 +254,7 @@ def run(argv: Sequence[str], launched: bool = False) -> int:
         print(f"trl-laser train: error: {err}", file=sys.stderr, flush=True)
         return err.returncode
     except (Exception, KeyboardInterrupt) as err:  # raised while training: one line, the trace when asked
-        return report_failure(err, parsed.training_args.output_dir if parsed else None)
+        return report_failure(err, parsed.training_args.output_dir if parsed else None, launched)
     return 0
 
 
