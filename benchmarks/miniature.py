@@ -56,6 +56,12 @@ ARMS = {
     "laser_row_within": ("laser", ["--self_reward_row_between_weight", "0.25"]),
     # the MSE trains z_c's row only (least squares); the rest of the model follows GRPO's loss and the mix
     "laser_row_only": ("laser", ["--self_reward_row_only", "true"]),
+    # ... with the two within-group levers that act on the row alone
+    "laser_row_only_groups": (
+        "laser",
+        ["--self_reward_row_only", "true", "--self_reward_class_weights", "group"]
+        + ["--self_reward_row_between_weight", "0.25"],
+    ),
     # does the advantage mix let the policy game its score?
     "laser_groups_no_mix": ("laser_groups", ["--self_reward_advantage_coef", "0"]),
 }
@@ -72,6 +78,7 @@ ARM_STYLE = {
     "laser_row_within": ("tab:pink", "LaSeR (+ within-group row fit)"),
     "laser_groups_no_mix": ("tab:olive", "LaSeR (within-group levers, no mix)"),
     "laser_row_only": ("tab:cyan", "LaSeR (row only)"),
+    "laser_row_only_groups": ("tab:gray", "LaSeR (row only, within-group row fit)"),
 }
 SUMMARY_KEYS = (
     "accuracy",
