@@ -195,13 +195,35 @@ def score_completions(
     chat-template arguments default to the saved ones (training's), and a model trained with `cast_lm_head_to_fp32`
     is scored with a float32 head, as in training.
     """
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    cfg = resolve_settings(model, tokenizer, settings, overrides)
+    sequences, rows = finished_sequences(model, tokenizer, prompts, completions, cfg, chat_template_kwargs)
+    scores: list[float | None] = [None] * len(completions)
+    if sequences:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else cfg.eos_token_ids[0]
+        with _inference(model), lm_head_in_fp32(model, cfg.cast_lm_head_to_fp32):
+            logps, _ = last_position(model, sequences, cfg.self_reward_token_id, pad_id, batch_size)
+        for i, logp in zip(rows, logps):
+            scores[i] = score_of(logp, cfg)
+    return scores
+
+
+def finished_sequences(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    cfg: SelfRewardSettings,
+    chat_template_kwargs: dict | None = None,
+) -> tuple[list[list[int]], list[int]]:
+    """The ids `prompt + completion` of each completion that ends with EOS, and their row numbers: what a scorer
+    scores (checked: one prompt per completion, ids in the vocabulary; the chat-template arguments default to the
+    saved ones)."""
     _check_batch("prompts", prompts)
     _check_batch("completions", completions)
     if len(prompts) != len(completions):
         raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions: give one prompt each.")
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-    cfg = resolve_settings(model, tokenizer, settings, overrides)
     eos = set(cfg.eos_token_ids)
     template_kwargs = chat_template_kwargs if chat_template_kwargs is not None else cfg.chat_template_kwargs
     sequences, rows = [], []
@@ -213,17 +235,11 @@ def score_completions(
             _check_ids(f"prompts[{i}]", prompt_ids, model)
             sequences.append(prompt_ids + ids)
             rows.append(i)
-    scores: list[float | None] = [None] * len(completions)
-    if sequences:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else cfg.eos_token_ids[0]
-        with _inference(model), lm_head_in_fp32(model, cfg.cast_lm_head_to_fp32):
-            logps, _ = last_position(model, sequences, cfg.self_reward_token_id, pad_id, batch_size)
-        for i, logp in zip(rows, logps):
-            scores[i] = _score(logp, cfg)
-    return scores
+    return sequences, rows
 
 
-def _score(logp: float, cfg: SelfRewardSettings) -> float:
+def score_of(logp: float, cfg: SelfRewardSettings) -> float:
+    """r_s from log pi(z_c | x, y, EOS), in float64."""
     return float(
         self_reward_score(torch.tensor(logp, dtype=torch.float64), cfg.self_reward_ref_constant, cfg.self_reward_beta)
     )
@@ -419,7 +435,7 @@ def _generate_batch(
                 text=tokenizer.decode(ids, skip_special_tokens=True),
                 token_ids=ids,
                 finished=end is not None,
-                self_reward=None if logp is None else _score(logp, cfg),
+                self_reward=None if logp is None else score_of(logp, cfg),
                 self_reward_logprob=logp,
                 mean_token_logprob=sum(own) / len(own),
                 min_token_logprob=min(own),

@@ -21,10 +21,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
-import torch
-
-from .core import self_reward_score
-from .scoring import ScoredCompletion, _check_batch, _check_ids, batch_seed, tokenize_completion, tokenize_prompt
+from .scoring import (
+    ScoredCompletion,
+    _check_batch,
+    _check_ids,
+    batch_seed,
+    finished_sequences,
+    score_of,
+    tokenize_prompt,
+)
 from .settings import OVERRIDABLE, SelfRewardSettings, resolve_settings
 
 
@@ -126,32 +131,12 @@ def score_completions_vllm(
     Same inputs and conventions (prompts and completions as ids, texts or conversations; settings as in
     `resolve_settings`); one request of one token per finished completion.
     """
-    _check_batch("prompts", prompts)
-    _check_batch("completions", completions)
-    if len(prompts) != len(completions):
-        raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions: give one prompt each.")
     cfg = resolve_settings(model, tokenizer, settings, overrides)
-    eos = set(cfg.eos_token_ids)
-    template_kwargs = chat_template_kwargs if chat_template_kwargs is not None else cfg.chat_template_kwargs
-    sequences, rows = [], []
-    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-        ids = tokenize_completion(tokenizer, completion)
-        _check_ids(f"completions[{i}]", ids, model)
-        if ids and ids[-1] in eos:
-            prompt_ids = tokenize_prompt(tokenizer, prompt, template_kwargs)
-            _check_ids(f"prompts[{i}]", prompt_ids, model)
-            sequences.append(prompt_ids + ids)
-            rows.append(i)
+    sequences, rows = finished_sequences(model, tokenizer, prompts, completions, cfg, chat_template_kwargs)
     scores: list[float | None] = [None] * len(completions)
     for i, logp in zip(rows, next_token_logprobs(model.llm, sequences, cfg.self_reward_token_id)[0]):
-        scores[i] = _score(logp, cfg)
+        scores[i] = score_of(logp, cfg)
     return scores
-
-
-def _score(logp: float, cfg: SelfRewardSettings) -> float:
-    return float(
-        self_reward_score(torch.tensor(logp, dtype=torch.float64), cfg.self_reward_ref_constant, cfg.self_reward_beta)
-    )
 
 
 def iter_generate_with_vllm(
@@ -239,7 +224,7 @@ def iter_generate_with_vllm(
                 text=tokenizer.decode(ids, skip_special_tokens=True),
                 token_ids=ids,
                 finished=finished[r],
-                self_reward=_score(logps[r], cfg) if r in logps else None,
+                self_reward=score_of(logps[r], cfg) if r in logps else None,
                 self_reward_logprob=logps.get(r),
                 mean_token_logprob=sum(own) / len(own),
                 min_token_logprob=min(own),
