@@ -29,6 +29,7 @@ import importlib.util
 import json
 import os
 import shlex
+import signal
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -407,6 +408,10 @@ def relaunch(
         raise LaunchedRunFailed(failure.exitcode, rank) from None
     except SignalException:  # torch.distributed stopped the processes on SIGINT / SIGTERM
         raise KeyboardInterrupt from None
+    except SystemExit as exit_:  # accelerate >= 1.16 stops them itself, then exits with 128 + the signal
+        if exit_.code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+            raise KeyboardInterrupt from None
+        raise
     except KeyboardInterrupt:  # one launched process, which accelerate leaves running
         stop_children(INTERRUPT_GRACE_S)
         raise
