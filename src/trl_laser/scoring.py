@@ -326,18 +326,7 @@ def iter_generate_with_self_rewards(
     the same completions whichever batches ran before it: a run resumed at a batch boundary equals an uninterrupted
     one. Without it, sampling continues the global random state.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"`num_samples` must be an integer >= 1, got {num_samples!r}.")
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-    if start < 0 or start % batch_size:
-        raise ValueError(f"`start` must be a multiple of `batch_size` ({batch_size}) and >= 0, got {start}.")
-    misplaced = [k for k in OVERRIDABLE if k in generate_kwargs]
-    if misplaced:
-        raise TypeError(
-            f"{misplaced} are self-reward settings, not `generate` arguments: pass them as "
-            f"`overrides={{{misplaced[0]!r}: ...}}`."
-        )
+    check_sampling_job_arguments(num_samples, batch_size, start, generate_kwargs, "`generate` arguments")
     bad = [k for k in _GENERATE_UNSUPPORTED if k in generate_kwargs and generate_kwargs[k] not in (None, 1)]
     if bad:
         raise ValueError(
@@ -350,12 +339,7 @@ def iter_generate_with_self_rewards(
     kwargs.update(generate_kwargs)
     kwargs.update(eos_token_id=cfg.eos_token_ids, pad_token_id=pad_id, return_dict_in_generate=True, use_cache=True)
 
-    template_kwargs = chat_template_kwargs if chat_template_kwargs is not None else cfg.chat_template_kwargs
-    _check_batch("prompts", prompts)
-    prompt_ids = [tokenize_prompt(tokenizer, p, template_kwargs) for p in prompts]
-    for p, ids in enumerate(prompt_ids):
-        _check_ids(f"prompts[{p}]", ids, model)
-    jobs = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
+    prompt_ids, jobs = prompt_jobs(model, tokenizer, prompts, num_samples, cfg, chat_template_kwargs)
     for first in range(start, len(jobs), batch_size):
         if seed is not None:
             from transformers import set_seed
@@ -368,6 +352,42 @@ def iter_generate_with_self_rewards(
                 model, tokenizer, prompt_ids, jobs[first : first + batch_size], cfg, pad_id, kwargs
             )
         yield batch
+
+
+def check_sampling_job_arguments(
+    num_samples: Any, batch_size: int, start: int, sampling: Mapping[str, Any], what: str
+) -> None:
+    """The counts of a sampler of (prompt, sample) jobs, and no self-reward setting among its `sampling` arguments
+    (`what` names them in the error)."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"`num_samples` must be an integer >= 1, got {num_samples!r}.")
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    if start < 0 or start % batch_size:
+        raise ValueError(f"`start` must be a multiple of `batch_size` ({batch_size}) and >= 0, got {start}.")
+    misplaced = [k for k in OVERRIDABLE if k in sampling]
+    if misplaced:
+        raise TypeError(
+            f"{misplaced} are self-reward settings, not {what}: pass them as `overrides={{{misplaced[0]!r}: ...}}`."
+        )
+
+
+def prompt_jobs(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    num_samples: int,
+    cfg: SelfRewardSettings,
+    chat_template_kwargs: dict | None = None,
+) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """Each prompt's ids (checked; the chat-template arguments default to the saved ones) and the (prompt, sample)
+    jobs of a sampler, in order."""
+    template_kwargs = chat_template_kwargs if chat_template_kwargs is not None else cfg.chat_template_kwargs
+    _check_batch("prompts", prompts)
+    prompt_ids = [tokenize_prompt(tokenizer, p, template_kwargs) for p in prompts]
+    for p, ids in enumerate(prompt_ids):
+        _check_ids(f"prompts[{p}]", ids, model)
+    return prompt_ids, [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
 
 
 def batch_seed(seed: int, first_job: int) -> int:

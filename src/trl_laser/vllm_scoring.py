@@ -23,14 +23,13 @@ from typing import Any
 
 from .scoring import (
     ScoredCompletion,
-    _check_batch,
-    _check_ids,
     batch_seed,
+    check_sampling_job_arguments,
     finished_sequences,
+    prompt_jobs,
     score_of,
-    tokenize_prompt,
 )
-from .settings import OVERRIDABLE, SelfRewardSettings, resolve_settings
+from .settings import SelfRewardSettings, resolve_settings
 
 
 # `generate`'s sampling arguments that the vLLM sampler takes, and their vLLM names.
@@ -164,29 +163,13 @@ def iter_generate_with_vllm(
     """
     from vllm import SamplingParams
 
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"`num_samples` must be an integer >= 1, got {num_samples!r}.")
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-    if start < 0 or start % batch_size:
-        raise ValueError(f"`start` must be a multiple of `batch_size` ({batch_size}) and >= 0, got {start}.")
-    misplaced = [k for k in OVERRIDABLE if k in generation]
-    if misplaced:
-        raise TypeError(
-            f"{misplaced} are self-reward settings, not sampling arguments: pass them as "
-            f"`overrides={{{misplaced[0]!r}: ...}}`."
-        )
+    check_sampling_job_arguments(num_samples, batch_size, start, generation, "sampling arguments")
     unknown = sorted(set(generation) - set(_SAMPLING_NAMES))
     if unknown:
         raise ValueError(f"The vLLM sampler takes the sampling arguments {list(_SAMPLING_NAMES)}, got {unknown}.")
     cfg = resolve_settings(model, tokenizer, settings, overrides)
     sampling = {_SAMPLING_NAMES[k]: v for k, v in generation.items() if v is not None}
-    template_kwargs = chat_template_kwargs if chat_template_kwargs is not None else cfg.chat_template_kwargs
-    _check_batch("prompts", prompts)
-    prompt_ids = [tokenize_prompt(tokenizer, p, template_kwargs) for p in prompts]
-    for p, ids in enumerate(prompt_ids):
-        _check_ids(f"prompts[{p}]", ids, model)
-    jobs = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
+    prompt_ids, jobs = prompt_jobs(model, tokenizer, prompts, num_samples, cfg, chat_template_kwargs)
     eos = set(cfg.eos_token_ids)
     for first in range(start, len(jobs), batch_size):
         batch = jobs[first : first + batch_size]
