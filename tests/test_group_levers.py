@@ -159,6 +159,15 @@ def test_trainer_attaches_per_group_class_weights(tiny_model_dir, tmp_path):
     torch.testing.assert_close(batches[0]["self_reward_coef"], torch.tensor(EXPECTED_GROUP_COEF))
 
 
+def eos_state(model, batch, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final hidden state at a finished row's EOS and log pi(z_c) there, from a plain unpadded forward."""
+    prompt = batch["prompt_ids"][row][batch["prompt_mask"][row].bool()]
+    ids = torch.cat([prompt, batch["completion_ids"][row, : batch["self_reward_index"][row]]])[None]
+    with torch.no_grad():
+        h = model.model(input_ids=ids).last_hidden_state[0, -1].double()
+        return h, torch.log_softmax(model.lm_head(h.float()).double(), -1)[ZC]
+
+
 def test_pair_loss_moves_the_row_by_its_gradient(tiny_model_dir, tmp_path):
     """With SGD, the pair loss adds `-lr * coef * sum_i g_i * beta * (1 - p_i) h_i` to z_c's output row, with g the
     gradient of the pair loss at the scores of a plain forward (checked by hand); every other setting equal."""
@@ -185,11 +194,7 @@ def test_pair_loss_moves_the_row_by_its_gradient(tiny_model_dir, tmp_path):
             scores.append(0.0)
             features.append(torch.zeros(model.config.hidden_size, dtype=torch.float64))
             continue
-        prompt = batch["prompt_ids"][row][batch["prompt_mask"][row].bool()]
-        ids = torch.cat([prompt, batch["completion_ids"][row, :index]])[None]
-        with torch.no_grad():
-            h = model.model(input_ids=ids).last_hidden_state[0, -1].double()
-            logp = torch.log_softmax(model.lm_head(h.float()).double(), -1)[ZC]
+        h, logp = eos_state(model, batch, row)
         scores.append(beta * (logp.item() - ref))
         features.append((1 - logp.exp()) * h)
     pairs = [(1, 0), (2, 0), (4, 5), (4, 7)]  # (right, wrong) within each group
@@ -225,11 +230,7 @@ def test_within_group_row_step_by_hand(tiny_model_dir, tmp_path):
         index = batch["self_reward_index"][row].item()
         if index < 0:
             continue
-        prompt = batch["prompt_ids"][row][batch["prompt_mask"][row].bool()]
-        ids = torch.cat([prompt, batch["completion_ids"][row, :index]])[None]
-        with torch.no_grad():
-            h = model.model(input_ids=ids).last_hidden_state[0, -1].double()
-            logp = torch.log_softmax(model.lm_head(h.float()).double(), -1)[ZC]
+        h, logp = eos_state(model, batch, row)
         c = batch["self_reward_coef"][row].double() * 0.1
         residual = beta * (logp - batch["self_reward_ref"][row].double()) - batch["self_reward_target"][row].double()
         members[row // 4].append((c, residual, (1 - logp.exp()) * h))
