@@ -290,14 +290,32 @@ def test_row_only_leaves_the_rest_of_the_model_to_grpo(tiny_model_dir, tmp_path)
     assert logged["self_reward/mse"] == pytest.approx(runs["full"][2]["self_reward/mse"])
 
 
-def test_row_only_needs_the_least_squares_row_and_no_pair_loss(tmp_path):
+def test_row_only_needs_the_least_squares_row(tmp_path):
     with pytest.raises(ValueError, match="self_reward_row_only"):
         LaSeRConfig(output_dir=str(tmp_path), self_reward_token="<gh_stars>", bf16=False, self_reward_row_only=True)
-    with pytest.raises(ValueError, match="self_reward_pair_loss_coef"):
-        LaSeRConfig(
-            output_dir=str(tmp_path),
-            self_reward_token="<gh_stars>",
-            bf16=False,
-            self_reward_pair_loss_coef=0.1,
-            **dict(LS, self_reward_row_only=True),
-        )
+
+
+def test_row_only_keeps_the_pair_loss_in_the_model(tiny_model_dir, tmp_path):
+    """With `self_reward_row_only`, the pair loss still trains the model: under SGD it moves every parameter but z_c's
+    row by exactly what it adds when the MSE flows into the model too (the updates are linear in the gradients)."""
+    common = dict(LS, max_steps=1, optim="sgd", learning_rate=0.05, max_grad_norm=0.0, self_reward_advantage_coef=0.0)
+    after = {}
+    for row_only in (True, False):
+        for pair in (0.0, 0.5):
+            name = f"{row_only}-{pair}"
+            extra = dict(self_reward_row_only=row_only, self_reward_pair_loss_coef=pair)
+            trainer = make_trainer(tiny_model_dir, tmp_path / name, **common, **extra)
+            force_completions(trainer)
+            trainer.train()
+            after[row_only, pair] = trainer.model.state_dict()
+    moved = 0.0
+    for name, tensor in after[True, 0.5].items():
+        by_pair = tensor.double() - after[True, 0.0][name].double()
+        expected = after[False, 0.5][name].double() - after[False, 0.0][name].double()
+        if name == "lm_head.weight":
+            others = torch.arange(tensor.size(0)) != ZC
+            by_pair, expected = by_pair[others], expected[others]
+        # two float32 roundings of parameters near 1 (layer norms): 2.4e-7
+        torch.testing.assert_close(by_pair, expected, rtol=0, atol=2.5e-7, msg=name)
+        moved = max(moved, by_pair.abs().max().item())
+    assert moved > 1e-5

@@ -188,11 +188,11 @@ class LaSeRConfig(GRPOConfig):
             after `reasoning_warmup_steps`). Its gradient is taken at the generating policy's scores (exact with one
             update per generation batch). `0.0` disables it.
         self_reward_row_only (`bool`, *optional*, defaults to `False`):
-            With `"least_squares"`: the MSE trains z_c's output row only, through the least-squares update, and no
-            self-reward gradient reaches the rest of the model, which follows GRPO's loss (and the advantage mix)
-            alone. The score is then an online linear read-out of the policy's own final hidden state: the MSE
+            With `"least_squares"`: the MSE trains z_c's output row only, through the least-squares update, and the
+            MSE's gradient does not reach the rest of the model, which follows GRPO's loss (and the advantage mix). The score is then an online linear read-out of the policy's own final hidden state: the MSE
             cannot lower itself by moving whole problems' states, which is what it does first through the shared
-            layers. Not with `self_reward_pair_loss_coef` (which acts through the model).
+            layers. A pair loss (`self_reward_pair_loss_coef`) still trains the model: it only ranks the answers of
+            one group, so the model learns what separates them while the row fits the level.
     """
 
     self_reward_token: str | None = field(
@@ -287,8 +287,8 @@ class LaSeRConfig(GRPOConfig):
     self_reward_row_only: bool = field(
         default=False,
         metadata={
-            "help": "With least_squares: the MSE trains z_c's row only (the least-squares update); no self-reward "
-            "gradient reaches the rest of the model."
+            "help": "With least_squares: the MSE trains z_c's row only (the least-squares update); of the "
+            "self-reward losses only the pair loss reaches the rest of the model."
         },
     )
 
@@ -339,11 +339,6 @@ class LaSeRConfig(GRPOConfig):
         pair = self.self_reward_pair_loss_coef
         if isinstance(pair, bool) or not isinstance(pair, (int, float)) or not 0 <= pair < math.inf:
             raise ValueError(f"`self_reward_pair_loss_coef` must be a finite number >= 0, got {pair!r}.")
-        if pair > 0 and self.self_reward_row_only:
-            raise ValueError(
-                f"`self_reward_pair_loss_coef: {pair}` trains the score through the model, which "
-                "`self_reward_row_only: true` cuts off. Set one of them to its default (0 / false)."
-            )
 
     def __post_init__(self):
         self._check_step_counts()

@@ -435,11 +435,12 @@ class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
         per_step = (
             self.args.steps_per_generation / self.current_gradient_accumulation_steps if self.model.training else 1
         )
-        mse_term = self_reward_loss(scores, inputs["self_reward_target"], coef * inputs["self_reward_loss_coef"])
+        # `self_reward_row_only`: the MSE reaches z_c's row only (least squares); the pair loss still trains the model
+        mse_scores = scores.detach() if self.row_only else scores
+        mse_term = self_reward_loss(mse_scores, inputs["self_reward_target"], coef * inputs["self_reward_loss_coef"])
         # + the pair loss: zero in value, its gradient in each score the one `_laser_attach` took over the whole batch
         terms = mse_term + (inputs["self_reward_pair_grad"] * (scores - scores.detach())).sum()
-        # `self_reward_row_only`: the least-squares update alone fits the MSE, through z_c's row; no gradient flows
-        loss = loss + self.accelerator.num_processes * per_step * (terms.detach() if self.row_only else terms)
+        loss = loss + self.accelerator.num_processes * per_step * terms
         if self.row_update is not None:
             self.row_update.accumulate(inputs, logp_zc, scores)
         # The free signal a user gets without LaSeR, logged beside the score: the completion's mean token log-prob.
