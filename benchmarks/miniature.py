@@ -64,6 +64,13 @@ ARMS = {
     ),
     # does the advantage mix let the policy game its score?
     "laser_groups_no_mix": ("laser_groups", ["--self_reward_advantage_coef", "0"]),
+    # row only without the mix: the rest of the model follows GRPO's loss alone, the row reads its EOS state
+    "laser_row_only_no_mix": ("laser", ["--self_reward_row_only", "true", "--self_reward_advantage_coef", "0"]),
+    "laser_row_only_groups_no_mix": (
+        "laser",
+        ["--self_reward_row_only", "true", "--self_reward_advantage_coef", "0", "--self_reward_class_weights", "group"]
+        + ["--self_reward_row_between_weight", "0.25"],
+    ),
 }
 DEFAULT_ARMS = ("grpo", "laser", "laser_groups")
 GOAL_ARM = "laser_groups"  # the arm the goals of docs/miniature.md are about
@@ -79,6 +86,8 @@ ARM_STYLE = {
     "laser_groups_no_mix": ("tab:olive", "LaSeR (within-group levers, no mix)"),
     "laser_row_only": ("tab:cyan", "LaSeR (row only)"),
     "laser_row_only_groups": ("tab:gray", "LaSeR (row only, within-group row fit)"),
+    "laser_row_only_no_mix": ("tab:cyan", "LaSeR (row only, no mix)"),
+    "laser_row_only_groups_no_mix": ("tab:gray", "LaSeR (row only, within-group row fit, no mix)"),
 }
 SUMMARY_KEYS = (
     "accuracy",
