@@ -71,6 +71,16 @@ ARMS = {
         ["--self_reward_row_only", "true", "--self_reward_advantage_coef", "0", "--self_reward_class_weights", "group"]
         + ["--self_reward_row_between_weight", "0.25"],
     ),
+    # ... and a pair loss that trains the rest of the model to rank one problem's answers (the MSE still fits the row)
+    "laser_row_only_pair_no_mix": (
+        "laser",
+        ["--self_reward_row_only", "true", "--self_reward_advantage_coef", "0", "--self_reward_pair_loss_coef", "1"],
+    ),
+    "laser_row_only_groups_pair_no_mix": (
+        "laser",
+        ["--self_reward_row_only", "true", "--self_reward_advantage_coef", "0", "--self_reward_class_weights", "group"]
+        + ["--self_reward_row_between_weight", "0.25", "--self_reward_pair_loss_coef", "1"],
+    ),
 }
 DEFAULT_ARMS = ("grpo", "laser", "laser_groups")
 GOAL_ARM = "laser_groups"  # the arm the goals of docs/miniature.md are about
@@ -88,6 +98,8 @@ ARM_STYLE = {
     "laser_row_only_groups": ("tab:gray", "LaSeR (row only, within-group row fit)"),
     "laser_row_only_no_mix": ("tab:cyan", "LaSeR (row only, no mix)"),
     "laser_row_only_groups_no_mix": ("tab:gray", "LaSeR (row only, within-group row fit, no mix)"),
+    "laser_row_only_pair_no_mix": ("tab:green", "LaSeR (row only, pair loss in the model, no mix)"),
+    "laser_row_only_groups_pair_no_mix": ("tab:olive", "LaSeR (row only, within-group row fit, pair loss, no mix)"),
 }
 SUMMARY_KEYS = (
     "accuracy",
