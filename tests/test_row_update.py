@@ -23,7 +23,9 @@ LS = dict(self_reward_row_update="least_squares", self_reward_row_ridge=0.5, sel
 LEVERS = dict(
     LS, self_reward_row_between_weight=0.0, self_reward_class_weights="group", self_reward_pair_loss_coef=0.5
 )
-SETTINGS = pytest.mark.parametrize("settings", [LS, LEVERS], ids=["pooled", "group-levers"])
+# the end-of-training refit keeps the last steps' micro-batches: in the checkpoint, one file per process
+REFIT = dict(LS, self_reward_row_refit_steps=2)
+SETTINGS = pytest.mark.parametrize("settings", [LS, LEVERS, REFIT], ids=["pooled", "group-levers", "refit"])
 
 
 def test_least_squares_row_step_by_hand():
@@ -217,6 +219,35 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(tiny_model_dir, tmp_
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
 
 
+class FinalState(TrainerCallback):
+    """The model's state after the last optimizer step, before `on_train_end` (where the refit acts)."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.state = copy.deepcopy(model.state_dict())
+
+
+@pytest.mark.parametrize("refit_steps", [1, 2])
+def test_refit_solves_the_final_models_least_squares_by_hand(tiny_model_dir, tmp_path, refit_steps):
+    """`self_reward_row_refit_steps`: after the last step, z_c's row moves by `-(B + lambda I)^-1 u / beta`, with u and
+    B from plain forwards of the *final* model over the last steps' completions alone (no running matrix)."""
+    trainer = make_trainer(tiny_model_dir, tmp_path, max_steps=2, **LS, self_reward_row_refit_steps=refit_steps)
+    force_completions(trainer)
+    final = FinalState()
+    trainer.add_callback(final)
+    batches = capture_batches(trainer)
+    trainer.train()
+    beta, ridge = 0.1, LS["self_reward_row_ridge"]
+    sums = [by_hand(tiny_model_dir, final.state, batch, beta, 0.1) for batch in batches[-refit_steps:]]
+    u, gram = sum(u for u, _ in sums), sum(g for _, g in sums)
+    d = gram.size(0)
+    expected = -torch.linalg.solve(gram + ridge * torch.trace(gram) / d * torch.eye(d, dtype=gram.dtype), u) / beta
+    moved = trainer.model.lm_head.weight[ZC].detach().double() - final.state["lm_head.weight"][ZC].double()
+    torch.testing.assert_close(moved, expected, rtol=1e-4, atol=1e-6)
+    assert expected.norm() > 1e-3
+    others = torch.arange(trainer.model.lm_head.weight.size(0)) != ZC
+    assert torch.equal(trainer.model.lm_head.weight[others], final.state["lm_head.weight"][others])
+
+
 def test_resume_without_the_row_state_fails_clearly(tiny_model_dir, tmp_path):
     first = make_trainer(tiny_model_dir, tmp_path, max_steps=1, save_strategy="steps", save_steps=1, **LS)
     force_completions(first)
@@ -247,11 +278,18 @@ def test_refused_with_peft(tiny_model_dir, tmp_path):
         ("self_reward_row_forgetting", 0.0),
         ("self_reward_row_forgetting", 1.5),
         ("self_reward_row_forgetting", math.nan),
+        ("self_reward_row_refit_steps", -1),
+        ("self_reward_row_refit_steps", 1.5),
     ],
 )
 def test_bad_setting_names_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         LaSeRConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, **{field: value})
+
+
+def test_refit_needs_the_least_squares_row(tmp_path):
+    with pytest.raises(ValueError, match="self_reward_row_refit_steps"):
+        LaSeRConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, self_reward_row_refit_steps=4)
 
 
 def test_no_hooks_by_default(tiny_model_dir, tmp_path):

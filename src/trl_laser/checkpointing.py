@@ -71,8 +71,8 @@ class SelfRewardCheckpointing:
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        if self.row_update is not None and self.args.should_save:
-            self.row_update.save(output_dir)
+        if self.row_update is not None:
+            self.row_update.save(output_dir, self.args.process_index, self.args.should_save)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         saved = None if checkpoint is None else self._check_resume_settings(checkpoint)
@@ -80,7 +80,7 @@ class SelfRewardCheckpointing:
         if checkpoint is None:
             return
         if self.row_update is not None:
-            self.row_update.load(checkpoint, self.accelerator.device)
+            self.row_update.load(checkpoint, self.accelerator.device, self.args.process_index)
         self.ref_constant.resume(saved, checkpoint)
 
     def _check_resume_settings(self, checkpoint: str) -> SelfRewardSettings | None:

@@ -178,6 +178,12 @@ class LaSeRConfig(GRPOConfig):
             prompt's completions), beside the fit of group-centred states to group-centred residuals. `1.0` is the
             pooled fit; lower values make the row learn what separates answers to the same problem rather than
             which problems are solved, and the level of the score then comes mostly from the group means.
+        self_reward_row_refit_steps (`int`, *optional*, defaults to `0`):
+            With `"least_squares"`: at the end of training, z_c's row takes one more least-squares step, from a
+            second-moment matrix built afresh on the *final* model's EOS states of the completions of the last this
+            many optimizer steps (kept, then read again with one forward each). The running fit reads each state once,
+            from the policy of its own step, so its row lags behind a model that keeps changing; the refit reads the
+            model that is saved. `0` disables it.
         self_reward_class_weights (`str`, *optional*, defaults to `"batch"`):
             Where the MSE's classes are balanced: `"batch"` (the paper: over the whole generation batch) or `"group"`
             (within each prompt's group, so that a problem's right and wrong answers weigh the same; a group with one
@@ -269,6 +275,13 @@ class LaSeRConfig(GRPOConfig):
             "learns what separates answers to the same problem)."
         },
     )
+    self_reward_row_refit_steps: int = field(
+        default=0,
+        metadata={
+            "help": "With least_squares: at the end of training, refit z_c's row on the final model's EOS states of "
+            "the last this many steps' completions (0: off)."
+        },
+    )
     self_reward_class_weights: str = field(
         default="batch",
         metadata={
@@ -318,6 +331,15 @@ class LaSeRConfig(GRPOConfig):
                 f"`self_reward_row_between_weight: {between}` weighs the least-squares fit of z_c's row, but "
                 f"`self_reward_row_update` is {self.self_reward_row_update!r}. Set `self_reward_row_update: "
                 "least_squares`, or leave `self_reward_row_between_weight` at 1.0."
+            )
+        refit = self.self_reward_row_refit_steps
+        if isinstance(refit, bool) or not isinstance(refit, int) or refit < 0:
+            raise ValueError(f"`self_reward_row_refit_steps` must be an integer >= 0, got {refit!r}.")
+        if refit and self.self_reward_row_update != "least_squares":
+            raise ValueError(
+                f"`self_reward_row_refit_steps: {refit}` refits the least-squares row, but `self_reward_row_update` "
+                f"is {self.self_reward_row_update!r}. Set `self_reward_row_update: least_squares`, or "
+                "`self_reward_row_refit_steps: 0`."
             )
         if self.self_reward_class_weights not in CLASS_WEIGHTS:
             raise ValueError(

@@ -14,12 +14,29 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from accelerate.utils import is_peft_model
+from transformers import TrainerCallback
 
-from .core import group_centred_system, least_squares_row_step
+from .core import group_centred_system, least_squares_row_step, self_reward_score
 
 
 # The running second-moment matrix, saved beside the optimizer state in every checkpoint.
 ROW_STATE_NAME = "self_reward_row_state.pt"
+# With `self_reward_row_refit_steps`: each process's kept micro-batches, one file per process.
+REFIT_STATE_NAME = "self_reward_row_refit_{}.pt"
+# What the refit reads again of a micro-batch: the sequences, and the columns `accumulate` reads.
+REFIT_KEYS = (
+    "prompt_ids",
+    "prompt_mask",
+    "completion_ids",
+    "completion_mask",
+    "self_reward_index",
+    "self_reward_ref",
+    "self_reward_target",
+    "self_reward_coef",
+    "self_reward_loss_coef",
+    "self_reward_row",
+)
 
 
 def check_row_update_supported(peft: bool, deepspeed: bool, fsdp: bool) -> None:
@@ -31,6 +48,30 @@ def check_row_update_supported(peft: bool, deepspeed: bool, fsdp: bool) -> None:
             f"step, which {unsupported[0]} does not allow (the row is frozen, or the optimizer updates its own "
             f"partitioned copy). Set `self_reward_row_update: optimizer`, or train without {unsupported[0]}."
         )
+
+
+def row_update_for(trainer: Any) -> LeastSquaresRowUpdate | None:
+    """The trainer's least-squares row update (None with `self_reward_row_update='optimizer'`), its metric and
+    cross-process sum wired to the trainer, and the end-of-training refit's callback when one is asked for."""
+    args = trainer.args
+    if args.self_reward_row_update != "least_squares":
+        return None
+    check_row_update_supported(is_peft_model(trainer.model), trainer.is_deepspeed_enabled, trainer.is_fsdp_enabled)
+    row_update = LeastSquaresRowUpdate(
+        trainer.self_reward_token_id,
+        args.self_reward_beta,
+        args.self_reward_row_ridge,
+        args.self_reward_row_forgetting,
+        reduce=lambda t: trainer.accelerator.reduce(t, reduction="sum"),
+        log_step_norm=lambda norm: trainer._metrics["train"]["self_reward/row_step_norm"].append(norm),
+        group_size=trainer.num_generations,
+        between_weight=args.self_reward_row_between_weight,
+        group_slots=group_slots(args, trainer.num_generations),
+        refit_steps=args.self_reward_row_refit_steps,
+    )
+    if args.self_reward_row_refit_steps:
+        trainer.add_callback(RowRefit(trainer))
+    return row_update
 
 
 def group_slots(args: Any, group_size: int) -> int:
@@ -60,6 +101,7 @@ class LeastSquaresRowUpdate:
         group_size: int = 1,
         between_weight: float = 1.0,
         group_slots: int = 1,
+        refit_steps: int = 0,
     ):
         self.token_id = token_id
         self.beta, self.ridge, self.forgetting = beta, ridge, forgetting
@@ -71,6 +113,11 @@ class LeastSquaresRowUpdate:
         self._hidden: list[torch.Tensor] = []
         self._capturing = False
         self._hooks: tuple = ()
+        # `refit_steps`: the micro-batches of the last optimizer steps (CPU copies), and those of the current one
+        self.refit_steps = refit_steps
+        self._kept: list[list[dict[str, torch.Tensor]]] = []
+        self._current: list[dict[str, torch.Tensor]] = []
+        self._refitting = False
 
     @property
     def attached(self) -> bool:
@@ -111,6 +158,8 @@ class LeastSquaresRowUpdate:
         """Add this micro-batch's rows to u and B (`core.least_squares_row_step`), from the captured states."""
         if not self._hidden:
             return
+        if self.refit_steps and not self._refitting:
+            self._current.append({key: inputs[key].detach().cpu() for key in REFIT_KEYS})
         hidden, self._hidden = torch.cat(self._hidden), []
         index = inputs["self_reward_index"]
         rows = torch.nonzero(index >= 0).squeeze(1)
@@ -129,8 +178,12 @@ class LeastSquaresRowUpdate:
                 total.index_add_(0, slot, values)
         self._sums = sums if self._sums is None else [a + b for a, b in zip(self._sums, sums)]
 
-    def _step(self, weight: torch.Tensor) -> torch.Tensor:
-        """The step of z_c's row from this optimizer step's rows (all processes); 0 when there are none."""
+    def _step(self, weight: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+        """The step of z_c's row from this optimizer step's rows (all processes); 0 when there are none. `fresh`:
+        solve with this step's matrix alone, leaving the running one as it is (the refit)."""
+        if self.refit_steps and not fresh:
+            self._kept = [*self._kept, self._current][-self.refit_steps :]
+            self._current = []
         if self._sums is None:
             return torch.zeros_like(weight[0])
         gradient, gram, *groups = (self._reduce(t) for t in self._sums)
@@ -139,22 +192,70 @@ class LeastSquaresRowUpdate:
             gradient, gram = group_centred_system(gradient, gram, *groups, self.between_weight)
         if not torch.any(gram != 0):
             return torch.zeros_like(weight[0])
-        self.gram = gram if self.gram is None else self.forgetting * self.gram.to(gram) + gram
-        step = least_squares_row_step(self.gram, gradient, self.beta, self.ridge)
+        if not fresh:
+            self.gram = gram if self.gram is None else self.forgetting * self.gram.to(gram) + gram
+        step = least_squares_row_step(gram if fresh else self.gram, gradient, self.beta, self.ridge)
         self._log_step_norm(step.norm().item())
         return step.to(weight.dtype)
 
-    def save(self, output_dir: str) -> None:
-        torch.save({"gram": None if self.gram is None else self.gram.cpu()}, os.path.join(output_dir, ROW_STATE_NAME))
+    def refit(self, weight: torch.Tensor, forward: Callable[[dict], torch.Tensor]) -> None:
+        """One least-squares step of z_c's row on the kept micro-batches, read again by `forward` (their log pi(z_c)
+        under the current model, its final hidden states captured on the way), with a matrix built from them alone."""
+        batches = [{k: v.to(weight.device) for k, v in b.items()} for step in self._kept for b in step]
+        self._kept, self._sums, self._refitting = [], None, True
+        try:
+            with torch.no_grad():
+                for inputs in batches:
+                    with self.capturing(True):
+                        logp_zc = forward(inputs)
+                    scores = self_reward_score(logp_zc.float(), inputs["self_reward_ref"], self.beta)
+                    self.accumulate(inputs, logp_zc, scores)
+                weight[self.token_id] += self._step(weight, fresh=True)
+        finally:
+            self._refitting = False
 
-    def load(self, checkpoint: str, device: torch.device) -> None:
-        """Restore the running matrix; a checkpoint without it cannot continue the same update."""
-        path = os.path.join(checkpoint, ROW_STATE_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"Resuming with `self_reward_row_update='least_squares'` needs the row update's state saved in "
-                f"{path}, which is missing (the checkpoint was written without it). Resume with "
-                "`self_reward_row_update: optimizer`, or start the run afresh."
-            )
-        gram = torch.load(path, map_location="cpu", weights_only=True)["gram"]
+    def save(self, output_dir: str, process_index: int = 0, should_save: bool = True) -> None:
+        """The running matrix (the saving process), and each process's kept micro-batches (`refit_steps`)."""
+        if should_save:
+            gram = None if self.gram is None else self.gram.cpu()
+            torch.save({"gram": gram}, os.path.join(output_dir, ROW_STATE_NAME))
+        if self.refit_steps:
+            torch.save(self._kept, os.path.join(output_dir, REFIT_STATE_NAME.format(process_index)))
+
+    def load(self, checkpoint: str, device: torch.device, process_index: int = 0) -> None:
+        """Restore the running matrix (and the kept micro-batches); a checkpoint without them cannot continue the
+        same update."""
+        paths = [os.path.join(checkpoint, ROW_STATE_NAME)]
+        if self.refit_steps:
+            paths.append(os.path.join(checkpoint, REFIT_STATE_NAME.format(process_index)))
+        for path in paths:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"Resuming with `self_reward_row_update='least_squares'` needs the row update's state saved in "
+                    f"{path}, which is missing (the checkpoint was written without it). Resume with the settings "
+                    "it was trained with (`self_reward_row_update`, `self_reward_row_refit_steps`), or start the run "
+                    "afresh."
+                )
+        gram = torch.load(paths[0], map_location="cpu", weights_only=True)["gram"]
         self.gram = None if gram is None else gram.to(device)
+        if self.refit_steps:
+            self._kept = torch.load(paths[1], map_location="cpu", weights_only=True)
+
+
+class RowRefit(TrainerCallback):
+    """`self_reward_row_refit_steps`: at the end of training, the row update's refit, through the trainer's own
+    policy forward (`_get_per_token_logps_and_entropies`), so that the refit reads log pi(z_c) as training does."""
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        trainer = self.trainer
+
+        def forward(inputs: dict) -> torch.Tensor:
+            ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+            mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+            logps = trainer._get_per_token_logps_and_entropies(model, ids, mask, inputs["completion_ids"].size(1))[0]
+            return trainer._at(logps, inputs["self_reward_index"], fill=0.0)
+
+        trainer.row_update.refit(model.get_output_embeddings().weight, forward)

@@ -51,7 +51,7 @@ from .core import (
 from .generation_capture import GenerationZcCapture, complete_generation_zc
 from .reference import RefConstant
 from .rewards import check_verifier_values, verifier_index
-from .row_update import LeastSquaresRowUpdate, check_row_update_supported, group_slots
+from .row_update import row_update_for
 from .self_reward_log import SelfRewardLog
 from .tokens import resolve_self_reward_token
 
@@ -135,20 +135,7 @@ class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
 
         self._verifier_index = verifier_index(args.self_reward_verifier, self.reward_func_names, self.reward_funcs)
 
-        self.row_update: LeastSquaresRowUpdate | None = None  # the opt-in least-squares row update
-        if args.self_reward_row_update == "least_squares":
-            check_row_update_supported(is_peft_model(self.model), self.is_deepspeed_enabled, self.is_fsdp_enabled)
-            self.row_update = LeastSquaresRowUpdate(
-                self.self_reward_token_id,
-                args.self_reward_beta,
-                args.self_reward_row_ridge,
-                args.self_reward_row_forgetting,
-                reduce=lambda t: self.accelerator.reduce(t, reduction="sum"),
-                log_step_norm=lambda norm: self._metrics["train"]["self_reward/row_step_norm"].append(norm),
-                group_size=self.num_generations,
-                between_weight=args.self_reward_row_between_weight,
-                group_slots=group_slots(args, self.num_generations),
-            )
+        self.row_update = row_update_for(self)  # the opt-in least-squares row update, or None
 
         self.row_only = args.self_reward_row_only
         self.ref_constant = RefConstant(args.self_reward_ref_constant)
@@ -244,8 +231,8 @@ class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         # the policy forward of a training `_compute_loss`: also keep the final hidden states for the row's step
-        rows = self.row_update.capturing(self._laser_capture and self.model.training) if self.row_update else None
-        with rows or contextlib.nullcontext():
+        capture = self.row_update is not None and self._laser_capture and self.model.training
+        with self.row_update.capturing(True) if capture else contextlib.nullcontext():
             result = super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
             )
