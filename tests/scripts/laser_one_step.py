@@ -9,7 +9,8 @@ changes none of them. ZERO_STAGE 0 (default) is plain DDP. With CAPTURED 1, rank
 the z_c log-probs that `generate` would have read (from a plain, unsharded copy of the model), and the other ranks'
 hand none: the mix then takes rank 0's values as read and computes the others' by the forward that every process
 joins, which must change nothing. ROW_UPDATE `least_squares+groups` also switches on the levers that act within a
-group: the within-group fit of z_c's row, per-group class weights and the pair loss.
+group: the within-group fit of z_c's row, per-group class weights and the pair loss; `least_squares+refit` the
+end-of-training refit of the row (each process re-reads its own micro-batches, the sums are reduced).
 """
 
 import contextlib
@@ -80,12 +81,14 @@ def main(model_dir: str, out_path: str, row_update: str, zero_stage: int, captur
     )
     # Loaded before the config: under ZeRO-3 a model loaded afterwards would be partitioned (its forward collective).
     logp = generation_time_zc(model_dir) if captured else None
-    row_update, _, groups = row_update.partition("+")
+    row_update, *extras = row_update.split("+")
     levers = (
         dict(self_reward_row_between_weight=0.0, self_reward_class_weights="group", self_reward_pair_loss_coef=0.5)
-        if groups
+        if "groups" in extras
         else {}
     )
+    if "refit" in extras:
+        levers["self_reward_row_refit_steps"] = 1
     args = LaSeRConfig(
         output_dir=out_path + ".run",
         per_device_train_batch_size=8 // int(os.environ.get("WORLD_SIZE", "1")),  # one generation batch of 8
