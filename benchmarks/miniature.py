@@ -81,6 +81,11 @@ ARMS = {
         ["--self_reward_row_only", "true", "--self_reward_advantage_coef", "0", "--self_reward_class_weights", "group"]
         + ["--self_reward_row_between_weight", "0.25", "--self_reward_pair_loss_coef", "1"],
     ),
+    # ... and the row refitted at the end on the final model's states of the last 32 steps' completions
+    "laser_row_only_refit_no_mix": (
+        "laser",
+        ["--self_reward_row_only", "true", "--self_reward_advantage_coef", "0", "--self_reward_row_refit_steps", "32"],
+    ),
 }
 DEFAULT_ARMS = ("grpo", "laser", "laser_groups")
 GOAL_ARM = "laser_groups"  # the arm the goals of docs/miniature.md are about
@@ -100,6 +105,7 @@ ARM_STYLE = {
     "laser_row_only_groups_no_mix": ("tab:gray", "LaSeR (row only, within-group row fit, no mix)"),
     "laser_row_only_pair_no_mix": ("tab:green", "LaSeR (row only, pair loss in the model, no mix)"),
     "laser_row_only_groups_pair_no_mix": ("tab:olive", "LaSeR (row only, within-group row fit, pair loss, no mix)"),
+    "laser_row_only_refit_no_mix": ("tab:red", "LaSeR (row only, refitted row, no mix)"),
 }
 SUMMARY_KEYS = (
     "accuracy",
