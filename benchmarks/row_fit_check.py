@@ -20,6 +20,7 @@ import json
 import torch
 
 from trl_laser import probe
+from trl_laser.core import least_squares_row_step
 from trl_laser.data import make_arithmetic_dataset
 from trl_laser.evaluation.prompts import Prompt, resolve_prompt, saved_settings
 from trl_laser.evaluation.sampling import Sampling, SelfRewardOverrides
@@ -69,11 +70,11 @@ def eos_states(model_dir: str, problems: list[dict], seed: int) -> tuple[torch.T
 
 
 def least_squares_fit(x: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
-    """The class-balanced least-squares row of `core.least_squares_row_step`, solved from zero."""
+    """The class-balanced least-squares row: the row update's damped step (`core.least_squares_row_step`) taken from
+    a zero row, whose residuals are then `-y` (beta 1: the fit predicts y itself)."""
     coef = torch.where(y > 0.5, 0.5 / y.sum().clamp(min=1), 0.5 / (1 - y).sum().clamp(min=1))
     gram = (x * coef[:, None]).T @ x
-    damping = ridge * torch.trace(gram) / x.size(1) * torch.eye(x.size(1), dtype=x.dtype)
-    return torch.linalg.solve(gram + damping, (coef * y) @ x)
+    return least_squares_row_step(gram, -(coef * y) @ x, 1.0, ridge)
 
 
 def main(args: argparse.Namespace) -> dict:
