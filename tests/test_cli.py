@@ -40,7 +40,7 @@ def run_train_cli(argv, capsys) -> tuple[int, str]:
 def test_help_lists_the_commands(capsys):
     assert cli_main([]) == 0
     out = capsys.readouterr().out
-    for command in ("train", "estimate-ref-constant", "eval", "probe"):
+    for command in ("train", "estimate-ref-constant", "eval", "probe", "fit-row"):
         assert command in out
 
 

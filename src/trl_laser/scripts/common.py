@@ -27,6 +27,7 @@ def add_sampling_arguments(
     output_dir: str,
     max_new_tokens: int | None = 1024,
     dataset_required: bool = True,
+    split: str = "test",
 ) -> None:
     """The model, problem-set and sampling arguments that `eval` and `probe` share.
 
@@ -41,7 +42,7 @@ def add_sampling_arguments(
         default=None,
         help="Hub dataset, local JSON/JSONL/parquet/CSV file, or builtin:arithmetic.",
     )
-    parser.add_argument("--split", default="test", help="Dataset split (default: test).")
+    parser.add_argument("--split", default=split, help=f"Dataset split (default: {split}).")
     parser.add_argument("--problem-column", default="problem", help="Column with the problem text.")
     parser.add_argument("--answer-column", default="answer", help="Column with the gold answer (LaTeX or a number).")
     samples_default = "4; --protocol paper: the paper's n per benchmark" if num_samples is None else num_samples

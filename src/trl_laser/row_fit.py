@@ -1,0 +1,294 @@
+"""After training: fit z_c's output row to the final model's own answers, so that its one-token score ranks them.
+
+During training z_c's row chases a moving model: it is fitted to EOS states of policies up to many steps old, with
+forgetting, and one damped step at a time. On a trained model the row then ranks the answers to one problem worse
+than a fit of that same model's states does (docs/miniature.md, "Third round"). `fit_row` samples the final model
+on training problems, reads each finished completion's EOS state and log pi(z_c) (the probe's forward), and solves
+LaSeR's class-balanced MSE for the row in closed form: one Gauss-Newton step from the current row
+(`core.least_squares_row_step`), optionally with the part between problems down-weighted
+(`core.group_centred_system`). The ridge and that weight are chosen by cross-validation grouped by problem, on those
+training samples only.
+
+Nothing else changes: the score stays `beta_v * (log pi(z_c | x, y, EOS) - c_ref)` read from the saved model, with
+the same c_ref and beta_v, for one extra token. The math is in pure tensor functions (`row_fit_step`,
+`refitted_logps`, `cross_validate_row_fit`); `fit_row` only wires sampling, the fit and saving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import torch
+
+from .core import class_weights, group_centred_system, least_squares_row_step, self_reward_score
+from .evaluation.prompts import Prompt, resolve_prompt, saved_settings
+from .evaluation.protocol import Benchmark, load_benchmark
+from .evaluation.sampling import Sampling, SelfRewardOverrides, default_device, load_for_sampling
+from .evaluation.summary import BASELINES, ranking
+from .probe import _check_options, _eos_states, _probe_sampling, _sample, finished_records
+from .readout import grouped_folds
+from .settings import resolve_settings
+
+
+ROW_FIT_FILE = "row_fit.json"
+# Ridges relative to trace(B) / d (as the training-time row update); on SmolLM2-135M's arithmetic miniature the
+# cross-validated choice was 0.01 (docs/miniature.md).
+DEFAULT_RIDGES = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+# Weights of the part of the fit between problems: 1 is the pooled MSE, lower weights fit more of what separates
+# answers to the same problem (0 alone would leave the level across problems unfitted, so it is not a default).
+DEFAULT_BETWEEN_WEIGHTS = (1.0, 0.5, 0.25)
+
+
+def row_fit_step(
+    states: torch.Tensor,
+    logps: torch.Tensor,
+    labels: torch.Tensor,
+    groups: torch.Tensor,
+    beta: float,
+    ref: float,
+    ridge: float,
+    between_weight: float = 1.0,
+) -> torch.Tensor:
+    """The change of z_c's row that solves LaSeR's class-balanced MSE on these samples (damped by `ridge`).
+
+    Args:
+        states: `(N, d)` final hidden states at each completion's EOS (the state that predicts z_c).
+        logps: `(N,)` log pi(z_c | x, y, EOS) under the current row.
+        labels: `(N,)` verifier rewards in {0, 1}.
+        groups: `(N,)` integer problem ids.
+        beta, ref: beta_v and c_ref of the score.
+        ridge: damping relative to trace(B) / d (`core.least_squares_row_step`).
+        between_weight: weight of the part of the system between problems (`core.group_centred_system`).
+
+    Returns:
+        `(d,)` the step, in float64.
+    """
+    states, logps, labels = states.double(), logps.double(), labels.double()
+    coef = class_weights(labels, torch.ones_like(labels, dtype=torch.bool))[0].double()
+    phi = (1 - logps.exp())[:, None] * states
+    residual = self_reward_score(logps, ref, beta) - labels
+    gram = (phi * coef[:, None]).T @ phi
+    gradient = (coef * residual) @ phi
+    ids, groups = torch.unique(groups, return_inverse=True)
+    group_sums = torch.zeros(len(ids), phi.size(1), dtype=phi.dtype).index_add_(0, groups, phi * coef[:, None])
+    group_weights = torch.zeros(len(ids), dtype=phi.dtype).index_add_(0, groups, coef)
+    group_residuals = torch.zeros(len(ids), dtype=phi.dtype).index_add_(0, groups, coef * residual)
+    gradient, gram = group_centred_system(gradient, gram, group_sums, group_weights, group_residuals, between_weight)
+    return least_squares_row_step(gram, gradient, beta, ridge)
+
+
+def refitted_logps(states: torch.Tensor, logps: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """log pi(z_c) once z_c's row moves by `step`, exactly, from the current log-prob and the EOS state.
+
+    With `a = w . h` and the other logits fixed, `log pi(z_c) = a - log(exp(L) + exp(a))`; moving `a` by
+    `delta = step . h` gives `log pi + delta - log(1 - p + p exp(delta))` (p = pi(z_c) now).
+    """
+    logps = logps.double()
+    delta = states.double() @ step.double()
+    return logps + delta - torch.log1p(logps.exp() * torch.expm1(delta))
+
+
+def cross_validate_row_fit(
+    states: torch.Tensor,
+    logps: torch.Tensor,
+    labels: Sequence[bool | int],
+    groups: Sequence[Hashable],
+    beta: float,
+    ref: float,
+    ridges: Sequence[float] = DEFAULT_RIDGES,
+    between_weights: Sequence[float] = DEFAULT_BETWEEN_WEIGHTS,
+    folds: int = 5,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """For each (ridge, between weight): the out-of-fold scores' AUROC overall and within a problem.
+
+    Folds hold whole problems (`readout.grouped_folds`): a row credited on other answers to a problem it was fitted
+    on would be credited for recognising the problem. `choice` picks the best row of this table.
+    """
+    fold_of = torch.tensor(grouped_folds(groups, folds, seed, labels))
+    ids = torch.tensor([{g: i for i, g in enumerate(dict.fromkeys(groups))}[g] for g in groups])
+    y = torch.tensor([float(v) for v in labels], dtype=torch.float64)
+    table = []
+    for between in between_weights:
+        for ridge in ridges:
+            scores = torch.empty(len(y), dtype=torch.float64)
+            for k in range(folds):
+                train, test = fold_of != k, fold_of == k
+                step = row_fit_step(states[train], logps[train], y[train], ids[train], beta, ref, ridge, between)
+                scores[test] = refitted_logps(states[test], logps[test], step)
+            rank = ranking(scores.tolist(), labels, groups)
+            table.append(
+                {
+                    "ridge": ridge,
+                    "between_weight": between,
+                    "auroc": rank["auroc"],
+                    "auroc_within_problem": rank["auroc_within_problem"],
+                }
+            )
+    return table
+
+
+def choice(table: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The row of `cross_validate_row_fit`'s table with the best mean of the AUROC overall and within a problem:
+    best-of-N and weighted voting need the second, a score read alone (or a threshold) needs the first."""
+
+    def value(row: dict[str, Any]) -> float:
+        known = [v for v in (row["auroc"], row["auroc_within_problem"]) if v is not None]
+        return sum(known) / len(known) if known else -math.inf
+
+    return max(table, key=value)
+
+
+def fit_row(
+    model_name_or_path: str,
+    dataset: str,
+    output_dir: str | os.PathLike,
+    *,
+    split: str = "train",
+    problem_column: str = "problem",
+    answer_column: str = "answer",
+    max_problems: int | None = None,
+    sampling: Sampling | None = None,
+    prompt: Prompt | None = None,
+    self_reward: SelfRewardOverrides | None = None,
+    ridges: Sequence[float] = DEFAULT_RIDGES,
+    between_weights: Sequence[float] = DEFAULT_BETWEEN_WEIGHTS,
+    folds: int = 5,
+    device: str | None = None,
+    progress: bool = True,
+    tolerance: float = 1e-3,
+) -> dict[str, Any]:
+    """Sample the model on training problems, fit z_c's row to its answers, save the model with it to `output_dir`.
+
+    Sampling is the probe's (temperature 1, default 8 samples per problem), as the score is read. The ridge and the
+    between weight are chosen by `cross_validate_row_fit` on these samples; the row is then fitted on all of them.
+    `output_dir` gets the whole model (every file of a local model directory, the weights saved again) with the
+    same self-reward settings, and `row_fit.json`: the choice, the table, and every signal on the fitting samples
+    before and after. Bad input raises `ValueError` before the model loads.
+    """
+    sampling, self_reward = _probe_sampling(sampling), self_reward or SelfRewardOverrides()
+    _check_options(sampling, max_problems, folds, [1.0], self_reward.self_reward_ref_constant)
+    _check_grid(ridges, between_weights)
+    if os.path.abspath(output_dir) == os.path.abspath(model_name_or_path):
+        raise ValueError(
+            "`output_dir` (--output-dir) must differ from the model's directory: the fit never overwrites."
+        )
+    prompt, _ = resolve_prompt(saved_settings(model_name_or_path), prompt or Prompt(), [dataset])
+    benchmark = Benchmark(dataset, dataset, split=split, problem_column=problem_column, answer_column=answer_column)
+    problems = load_benchmark(benchmark, max_problems, prompt.dataset_seed)
+    if len(problems) < folds:
+        raise ValueError(f"{len(problems)} problems cannot fill {folds} folds grouped by problem: use more problems.")
+
+    start = time.perf_counter()
+    device = default_device(device)
+    model, tokenizer = load_for_sampling(model_name_or_path, device)
+    try:
+        settings = resolve_settings(model, tokenizer, overrides=dataclasses.asdict(self_reward))
+    except FileNotFoundError as err:
+        raise ValueError(f"{err} `fit_row` fits the row of a LaSeR model's score.") from None
+    conversations = [prompt.conversation(p["problem"], dataset) for p in problems]
+    records = _sample(model, tokenizer, settings, problems, conversations, prompt, sampling, progress)
+    finished = finished_records(records, sampling.max_new_tokens, folds)
+    states = _eos_states(model, tokenizer, settings, finished, conversations, prompt, sampling.batch_size, tolerance)
+    beta, ref = settings.self_reward_beta, settings.self_reward_ref_constant
+    logps = torch.tensor([r["self_reward_logprob"] for r in finished], dtype=torch.float64)
+    labels = [bool(r["correct"]) for r in finished]
+    groups = [r["problem_index"] for r in finished]
+    table = cross_validate_row_fit(
+        states, logps, labels, groups, beta, ref, ridges, between_weights, folds, sampling.seed
+    )
+    chosen = choice(table)
+    ids = torch.tensor(groups)
+    step = row_fit_step(
+        states,
+        logps,
+        torch.tensor(labels, dtype=torch.float64),
+        ids,
+        beta,
+        ref,
+        chosen["ridge"],
+        chosen["between_weight"],
+    )
+    row = model.get_output_embeddings().weight
+    with torch.no_grad():
+        row[settings.self_reward_token_id] += step.to(device=row.device, dtype=row.dtype)
+    fitted = refitted_logps(states, logps, step)
+    _save(model, tokenizer, settings, model_name_or_path, output_dir)
+    signals = {name: [r[name] for r in finished] for name in BASELINES}
+    signals["self_reward_before"] = self_reward_score(logps, ref, beta).tolist()
+    signals["self_reward_after"] = self_reward_score(fitted, ref, beta).tolist()
+    result = {
+        "model": model_name_or_path,
+        "dataset": dataset,
+        "split": split,
+        "n_problems": len(problems),
+        "n_samples": len(records),
+        "n_finished": len(finished),
+        "n_correct_finished": sum(labels),
+        "chosen": chosen,
+        "cross_validation": {"folds": folds, "table": table},
+        "step_norm": float(step.norm()),
+        "fitting_samples": {name: ranking(values, labels, groups) for name, values in signals.items()},
+        "sampling": {
+            "num_samples": sampling.num_samples,
+            "max_new_tokens": sampling.max_new_tokens,
+            "seed": sampling.seed,
+        },
+        "seconds": time.perf_counter() - start,
+    }
+    with open(os.path.join(output_dir, ROW_FIT_FILE), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    return result
+
+
+def _check_grid(ridges: Sequence[float], between_weights: Sequence[float]) -> None:
+    if not ridges or any(not (r > 0 and math.isfinite(r)) for r in ridges):
+        raise ValueError(f"The ridges (--ridges) must be finite numbers > 0, got {list(ridges)}.")
+    if not between_weights or any(not 0 < b <= 1 for b in between_weights):
+        raise ValueError(f"The between weights (--between-weights) must be in (0, 1], got {list(between_weights)}.")
+
+
+def _save(model: Any, tokenizer: Any, settings: Any, source: str, output_dir: str | os.PathLike) -> None:
+    """The model with its new row, beside every other file of a local source directory and the same settings."""
+    os.makedirs(output_dir, exist_ok=True)
+    if os.path.isdir(source):
+        for name in os.listdir(source):
+            weights = ".safetensors" in name or name.endswith((".gguf", ".pt")) or name == "pytorch_model.bin"
+            if os.path.isfile(os.path.join(source, name)) and not weights:
+                shutil.copy2(os.path.join(source, name), os.path.join(output_dir, name))
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    settings.save_pretrained(output_dir)
+
+
+def format_row_fit(result: dict[str, Any]) -> str:
+    """`fit_row`'s result as text: the samples, the cross-validated choice, and the fitting samples' rankings."""
+    chosen, cv = result["chosen"], result["cross_validation"]
+    lines = [
+        f"{result['model']} on {result['dataset']} ({result['split']}): {result['n_problems']} problems, "
+        f"{result['n_finished']} finished samples ({result['n_correct_finished']} correct)",
+        f"{cv['folds']}-fold cross-validation grouped by problem (out-of-fold AUROC, overall / within a problem):",
+    ]
+    for row in cv["table"]:
+        mark = " <- chosen" if row is chosen or row == chosen else ""
+        lines.append(
+            f"  ridge {row['ridge']:<7g} between weight {row['between_weight']:<5g} "
+            f"{_fmt(row['auroc'])} / {_fmt(row['auroc_within_problem'])}{mark}"
+        )
+    lines.append("on the fitting samples (in-sample for the new row), overall / within a problem:")
+    for name, rank in result["fitting_samples"].items():
+        lines.append(f"  {name:20s} {_fmt(rank['auroc'])} / {_fmt(rank['auroc_within_problem'])}")
+    lines.append(f"Wrote the model with z_c's new row (step norm {result['step_norm']:.4g}) and {ROW_FIT_FILE}.")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "  n/a" if value is None else f"{value:.3f}"

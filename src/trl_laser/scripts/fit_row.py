@@ -1,0 +1,85 @@
+"""`trl-laser fit-row`: after training, fit z_c's output row to the model's own answers on training problems.
+
+Samples N completions per training problem at temperature 1, reads each finished completion's EOS state and
+log pi(z_c), and solves LaSeR's class-balanced MSE for z_c's row in closed form, with the ridge and the weight of the
+part between problems chosen by cross-validation grouped by problem (`trl_laser.row_fit`). Saves the whole model with
+the new row to `--output-dir` (never over `--model`) with `row_fit.json`, and prints the cross-validated table and
+the chosen fit. The score keeps its definition, c_ref and beta_v: evaluate the output with `trl-laser eval`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from trl_laser.scripts.common import (
+    add_sampling_arguments,
+    add_self_reward_arguments,
+    options_from_args,
+    report_errors,
+)
+
+
+DESCRIPTION = "After training: fit z_c's output row to the model's own answers on training problems (closed form)."
+
+
+def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argparse.ArgumentParser:
+    """The `fit-row` argument parser; added as the subcommand "fit-row" of `subparsers` when given."""
+    if subparsers is not None:
+        parser = subparsers.add_parser("fit-row", help=DESCRIPTION, description=DESCRIPTION)
+    else:
+        parser = argparse.ArgumentParser(prog="trl-laser fit-row", description=DESCRIPTION)
+    add_sampling_arguments(parser, num_samples=8, output_dir="fit_row_output", split="train")
+    parser.add_argument(
+        "--folds", type=int, default=5, help="Cross-validation folds, grouped by problem (default: 5)."
+    )
+    parser.add_argument(
+        "--ridges", type=float, nargs="+", default=None, help="Ridges to choose from (default: 0.003 0.01 ... 1)."
+    )
+    parser.add_argument(
+        "--between-weights",
+        type=float,
+        nargs="+",
+        default=None,
+        help="Weights in (0, 1] of the fit between problems to choose from (default: 1 0.5 0.25).",
+    )
+    parser.add_argument("--json", action="store_true", help="Print the result as JSON instead of a summary.")
+    add_self_reward_arguments(
+        parser,
+        "self-reward settings (default: the model's self_reward_config.json)",
+        ref_constant_help="c_ref of the score (default: the model's saved c_ref).",
+    )
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    """Fit the row and print what was chosen; bad input exits with one line on stderr and status 1."""
+    from trl_laser.evaluation import Prompt, Sampling, SelfRewardOverrides
+    from trl_laser.row_fit import DEFAULT_BETWEEN_WEIGHTS, DEFAULT_RIDGES, fit_row, format_row_fit
+
+    def fit() -> dict:
+        return fit_row(
+            args.model,
+            args.dataset,
+            args.output_dir,
+            split=args.split,
+            problem_column=args.problem_column,
+            answer_column=args.answer_column,
+            max_problems=args.max_problems,
+            sampling=options_from_args(Sampling, args),
+            prompt=options_from_args(Prompt, args),
+            self_reward=options_from_args(SelfRewardOverrides, args),
+            ridges=args.ridges or DEFAULT_RIDGES,
+            between_weights=args.between_weights or DEFAULT_BETWEEN_WEIGHTS,
+            folds=args.folds,
+            device=args.device,
+        )
+
+    result = report_errors("fit-row", fit)
+    print(json.dumps(result, indent=2) if args.json else format_row_fit(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(make_parser().parse_args()))

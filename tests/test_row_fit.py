@@ -1,0 +1,222 @@
+"""`trl_laser.row_fit` and `trl-laser fit-row`: the closed-form refit of z_c's row after training."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import EOS, SELF_REWARD_TOKEN, ZC, answering_model
+from safetensors.torch import load_file
+
+from trl_laser.cli import main as cli_main
+from trl_laser.metrics import auroc_within_group
+from trl_laser.row_fit import (
+    ROW_FIT_FILE,
+    choice,
+    cross_validate_row_fit,
+    refitted_logps,
+    row_fit_step,
+)
+from trl_laser.settings import SelfRewardSettings
+
+
+BETA, REF = 0.1, -16.0
+
+
+def toy_batch(n_groups: int = 6, per_group: int = 5, d: int = 4, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    n = n_groups * per_group
+    states = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    labels = (torch.rand(n, generator=generator) < 0.4).double()
+    labels[:2] = torch.tensor([1.0, 0.0])  # both classes present
+    groups = torch.arange(n) // per_group
+    return states, labels, groups
+
+
+def hand_weights(labels: torch.Tensor) -> torch.Tensor:
+    n_c, n = float(labels.sum()), len(labels)
+    return torch.where(labels > 0.5, n / (2 * n_c), n / (2 * (n - n_c))) / n
+
+
+def test_row_fit_step_is_the_ridge_regression_of_the_residual():
+    # log pi(z_c) so low that pi(z_c) ~ 1e-17: the score is linear in the row, and the Gauss-Newton step must be the
+    # exact minimiser of sum_i c_i (r_s_i + beta h_i . step - r_v_i)^2 + beta^2 lambda |step|^2, solved here by
+    # least squares on the stacked rows (lambda = ridge * trace(B) / d, B = sum_i c_i h_i h_i^T).
+    states, labels, groups = toy_batch()
+    logps = -40.0 + torch.linspace(0, 3, len(labels), dtype=torch.float64)
+    ridge, d = 0.05, states.size(1)
+    step = row_fit_step(states, logps, labels, groups, BETA, REF, ridge)
+    c = hand_weights(labels)
+    residual = BETA * (logps - REF) - labels
+    lam = ridge * float((c[:, None] * states * states).sum()) / d
+    a = torch.cat([c.sqrt()[:, None] * BETA * states, BETA * lam**0.5 * torch.eye(d, dtype=torch.float64)])
+    b = torch.cat([-c.sqrt() * residual, torch.zeros(d, dtype=torch.float64)])
+    expected = torch.linalg.lstsq(a, b[:, None]).solution.squeeze(1)
+    torch.testing.assert_close(step, expected, rtol=1e-6, atol=1e-12)  # class_weights are float32
+
+
+def test_row_fit_step_down_weights_the_fit_between_problems():
+    # between weight w: minimise sum_i c_i (e_i - ebar_g)^2 + w sum_g C_g ebar_g^2 (+ the ridge), with e_i the residual
+    # after the step and ebar_g its c-weighted mean in problem g: the within-problem errors and, weighted, the means.
+    states, labels, groups = toy_batch(seed=1)
+    logps = torch.full((len(labels),), -40.0, dtype=torch.float64)
+    ridge, weight, d = 0.02, 0.25, states.size(1)
+    step = row_fit_step(states, logps, labels, groups, BETA, REF, ridge, between_weight=weight)
+    c = hand_weights(labels)
+    residual = BETA * (logps - REF) - labels
+    rows, targets = [], []
+    for g in groups.unique():
+        m = groups == g
+        cg = c[m].sum()
+        mean_h, mean_r = (c[m, None] * states[m]).sum(0) / cg, (c[m] * residual[m]).sum() / cg
+        rows.append(c[m].sqrt()[:, None] * BETA * (states[m] - mean_h))
+        targets.append(-c[m].sqrt() * (residual[m] - mean_r))
+        rows.append((weight * cg).sqrt() * BETA * mean_h[None])
+        targets.append(-(weight * cg).sqrt() * mean_r[None])
+    # The damping is relative to the trace of this system's own matrix: sum of the squared norms of the rows above.
+    lam = ridge * float(sum((r / BETA).square().sum() for r in rows)) / d
+    rows.append(BETA * lam**0.5 * torch.eye(d, dtype=torch.float64))
+    targets.append(torch.zeros(d, dtype=torch.float64))
+    expected = torch.linalg.lstsq(torch.cat(rows), torch.cat(targets)[:, None]).solution.squeeze(1)
+    torch.testing.assert_close(step, expected, rtol=1e-6, atol=1e-12)  # class_weights are float32
+    # Weight 1 is the pooled fit.
+    torch.testing.assert_close(
+        row_fit_step(states, logps, labels, groups, BETA, REF, ridge, between_weight=1.0),
+        row_fit_step(states, logps, labels, groups, BETA, REF, ridge),
+    )
+
+
+def test_refitted_logps_equal_a_log_softmax_with_the_moved_row():
+    generator = torch.Generator().manual_seed(2)
+    head = torch.randn(50, 6, generator=generator, dtype=torch.float64)
+    head[ZC] *= 0.3
+    states = torch.randn(9, 6, generator=generator, dtype=torch.float64) * 2
+    step = torch.randn(6, generator=generator, dtype=torch.float64)
+    before = torch.log_softmax(states @ head.T, -1)[:, ZC]
+    moved = head.clone()
+    moved[ZC] += step
+    after = torch.log_softmax(states @ moved.T, -1)[:, ZC]
+    assert (after - before).abs().max() > 1.0  # a real move, with pi(z_c) far from 0 for some states
+    torch.testing.assert_close(refitted_logps(states, before, step), after, rtol=0, atol=1e-10)
+
+
+def test_cross_validation_table_and_choice():
+    # Within each problem, correct answers sit along +x; the problems' levels differ along y: a fit that ranks within
+    # a problem must read x, which the fitted row does out of fold.
+    generator = torch.Generator().manual_seed(3)
+    n_groups, per_group = 20, 6
+    groups = [f"p{i // per_group}" for i in range(n_groups * per_group)]
+    labels = [bool(i % per_group < 3) for i in range(n_groups * per_group)]
+    x = torch.tensor([1.0 if y else -1.0 for y in labels], dtype=torch.float64)
+    level = torch.randn(n_groups, generator=generator, dtype=torch.float64).repeat_interleave(per_group)
+    states = torch.stack([x + 0.3 * torch.randn(len(x), generator=generator, dtype=torch.float64), level], 1)
+    logps = torch.full((len(x),), -30.0, dtype=torch.float64) + level
+    before = auroc_within_group(logps.tolist(), labels, groups)
+    table = cross_validate_row_fit(states, logps, labels, groups, BETA, REF, (0.01, 1.0), (1.0, 0.5), folds=4)
+    assert [(r["ridge"], r["between_weight"]) for r in table] == [(0.01, 1.0), (1.0, 1.0), (0.01, 0.5), (1.0, 0.5)]
+    assert before == 0.5 and all(r["auroc_within_problem"] > 0.95 for r in table)
+    best = choice(table)
+    assert (best["auroc"] + best["auroc_within_problem"]) == max(r["auroc"] + r["auroc_within_problem"] for r in table)
+    # No problem with both classes: the overall AUROC alone decides.
+    unmixed = [{"auroc": 0.6, "auroc_within_problem": None}, {"auroc": 0.7, "auroc_within_problem": None}]
+    assert choice(unmixed) is unmixed[1]
+
+
+# ------------------------------------------------------------------------------------------ the command
+@pytest.fixture(scope="module")
+def laser_dir(tokenizer, tmp_path_factory) -> str:
+    """A model saved as training saves it, with its self-reward settings."""
+    path = str(tmp_path_factory.mktemp("fit_row") / "model")
+    answering_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    SelfRewardSettings(SELF_REWARD_TOKEN, ZC, 0.1, -5.0, eos_token_ids=[EOS]).save_pretrained(path)
+    with open(os.path.join(path, "laser_recipe.yaml"), "w", encoding="utf-8") as f:
+        f.write("max_steps: 1\n")
+    return path
+
+
+def test_cli_fits_the_row_and_changes_nothing_else(laser_dir, tmp_path, capsys):
+    # builtin:arithmetic's first 6 test problems, as the probe's test: problem 5's answer is 4, which this model writes.
+    out = str(tmp_path / "fitted")
+    argv = [
+        "fit-row",
+        "--model",
+        laser_dir,
+        "--dataset",
+        "builtin:arithmetic",
+        "--split",
+        "test",
+        "--max-problems",
+        "6",
+    ]
+    argv += ["--num-samples", "8", "--max-new-tokens", "6", "--folds", "3", "--ridges", "0.01", "0.1"]
+    assert cli_main([*argv, "--output-dir", out, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    with open(os.path.join(out, ROW_FIT_FILE), encoding="utf-8") as f:
+        result = json.load(f)
+    assert printed["chosen"] == result["chosen"] and result["split"] == "test"
+    assert len(result["cross_validation"]["table"]) == 2 * 3
+    assert result["chosen"] == choice(result["cross_validation"]["table"])
+    assert 0 < result["n_correct_finished"] < result["n_finished"] <= 48
+
+    before, after = (
+        load_file(os.path.join(laser_dir, "model.safetensors")),
+        load_file(os.path.join(out, "model.safetensors")),
+    )
+    assert set(before) == set(after)
+    moved = after["lm_head.weight"][ZC] - before["lm_head.weight"][ZC]
+    assert float(moved.norm()) == pytest.approx(result["step_norm"], rel=1e-5) and result["step_norm"] > 0
+    for name in before:
+        rest = torch.ones(before[name].shape[0], dtype=torch.bool)
+        if name == "lm_head.weight":
+            rest[ZC] = False
+        assert torch.equal(before[name][rest], after[name][rest]), name
+    saved = SelfRewardSettings.from_pretrained(out)
+    assert saved == SelfRewardSettings.from_pretrained(laser_dir)
+    assert os.path.isfile(os.path.join(out, "laser_recipe.yaml"))
+    # In sample, the least-squares row ranks the fitting samples at least as the current one does overall.
+    fitting = result["fitting_samples"]
+    assert fitting["self_reward_after"]["auroc"] >= fitting["self_reward_before"]["auroc"]
+    assert set(fitting) == {"mean_token_logprob", "min_token_logprob", "answer_agreement"} | {
+        "self_reward_before",
+        "self_reward_after",
+    }
+
+    assert cli_main([*argv, "--output-dir", str(tmp_path / "table")]) == 0
+    table = capsys.readouterr().out
+    assert "<- chosen" in table and "self_reward_after" in table and ROW_FIT_FILE in table
+
+
+def test_the_command_fits_on_training_problems_by_default():
+    from trl_laser.scripts.fit_row import make_parser
+
+    args = make_parser().parse_args(["--model", "m", "--dataset", "builtin:arithmetic"])
+    assert (args.split, args.num_samples, args.folds) == ("train", 8, 5)
+
+
+def error_of(capsys, *argv) -> str:
+    assert cli_main(["fit-row", *argv]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("trl-laser fit-row: error:")]
+    assert len(lines) == 1
+    return lines[0]
+
+
+def test_bad_input_is_a_one_line_error(laser_dir, tokenizer, tmp_path, capsys):
+    missing = str(tmp_path / "no-model")
+    base = ["--dataset", "builtin:arithmetic", "--output-dir", str(tmp_path / "never")]
+    assert "--ridges" in error_of(capsys, "--model", missing, *base, "--ridges", "0")
+    assert "--between-weights" in error_of(capsys, "--model", missing, *base, "--between-weights", "0")
+    assert "--folds" in error_of(capsys, "--model", missing, *base, "--folds", "1")
+    assert "--output-dir" in error_of(
+        capsys, "--model", laser_dir, "--dataset", "builtin:arithmetic", "--output-dir", laser_dir
+    )
+    assert not os.path.exists(tmp_path / "never")
+    plain = str(tmp_path / "plain")
+    answering_model(tokenizer).save_pretrained(plain)
+    tokenizer.save_pretrained(plain)
+    line = error_of(capsys, "--model", plain, *base, "--max-problems", "5", "--max-new-tokens", "4")
+    assert "self_reward_config.json" in line and "--self-reward-token" in line
