@@ -87,6 +87,9 @@ ARMS = {
         ["--self_reward_row_only", "true", "--self_reward_advantage_coef", "0", "--self_reward_row_refit_steps", "32"],
     ),
 }
+# Arms whose model is a trained arm's with z_c's row refitted afterwards by `trl-laser fit-row` on training problems.
+FITTED = {"laser_fit": "laser", "laser_row_only_no_mix_fit": "laser_row_only_no_mix"}
+ARMS.update({fitted: ARMS[base] for fitted, base in FITTED.items()})
 DEFAULT_ARMS = ("grpo", "laser", "laser_groups")
 GOAL_ARM = "laser_groups"  # the arm the goals of docs/miniature.md are about
 BASELINES = ("mean_token_logprob", "min_token_logprob", "answer_agreement")
@@ -106,6 +109,8 @@ ARM_STYLE = {
     "laser_row_only_pair_no_mix": ("tab:green", "LaSeR (row only, pair loss in the model, no mix)"),
     "laser_row_only_groups_pair_no_mix": ("tab:olive", "LaSeR (row only, within-group row fit, pair loss, no mix)"),
     "laser_row_only_refit_no_mix": ("tab:red", "LaSeR (row only, refitted row, no mix)"),
+    "laser_fit": ("tab:purple", "LaSeR (least-squares row, + fit-row)"),
+    "laser_row_only_no_mix_fit": ("tab:brown", "LaSeR (row only, no mix, + fit-row)"),
 }
 SUMMARY_KEYS = (
     "accuracy",
@@ -140,6 +145,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-problems", type=int, default=None, help="Evaluate the first K problems only.")
     parser.add_argument("--max-new-tokens", type=int, default=40, help="Completion length limit at evaluation.")
     parser.add_argument("--ref-samples", type=int, default=64, help="Completions measured by estimate-ref-constant.")
+    parser.add_argument(
+        "--fit-problems", type=int, default=256, help="Training problems `fit-row` samples (8 each) for the _fit arms."
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the c_ref estimate and of evaluation sampling.")
     parser.add_argument("--skip-train", action="store_true", help="Use the models already in --output-dir.")
     parser.add_argument("--skip-eval", action="store_true", help="Use the evaluations already in --output-dir.")
@@ -219,9 +227,10 @@ def estimate_c_ref(args: argparse.Namespace, out: str) -> dict[str, Any]:
 
 def train_commands(args: argparse.Namespace, out: str, c_ref: float) -> dict[str, list[str]]:
     commands = {}
-    for arm in arms(args):
-        if arm == "initial":
-            continue
+    listed = arms(args)
+    trained = [a for a in listed if a != "initial" and a not in FITTED]
+    trained += [FITTED[a] for a in listed if a in FITTED and FITTED[a] not in trained]
+    for arm in trained:
         recipe, overrides = ARMS[arm]
         command = cli("train", "--config", RECIPES[recipe], "--output_dir", os.path.join(out, arm), *overrides)
         command += ["--overwrite_output_dir", "true"]  # a rerun retrains: it replaces the earlier run's model
@@ -229,6 +238,18 @@ def train_commands(args: argparse.Namespace, out: str, c_ref: float) -> dict[str
         if args.max_steps is not None:
             command += ["--max_steps", str(args.max_steps)]
         commands[f"train_{arm}"] = command
+    return commands
+
+
+def fit_commands(args: argparse.Namespace, out: str) -> dict[str, list[str]]:
+    """`trl-laser fit-row` on the first training problems, from each trained base arm into its _fit arm."""
+    commands = {}
+    for arm in arms(args):
+        if arm in FITTED:
+            command = cli("fit-row", "--model", os.path.join(out, FITTED[arm]), "--dataset", DATASET)
+            command += ["--max-problems", str(args.fit_problems), "--num-samples", "8"]
+            command += ["--max-new-tokens", str(args.max_new_tokens), "--batch-size", "32", "--seed", str(args.seed)]
+            commands[f"fit_{arm}"] = [*command, "--output-dir", os.path.join(out, arm)]
     return commands
 
 
@@ -366,6 +387,11 @@ def summarize(args: argparse.Namespace, out: str, c_ref: dict, seconds: dict[str
                 entry["self_reward_settings"] = json.load(f)
             recipe = _recipe(arm)
             batch = recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]
+            if arm in FITTED:
+                with open(os.path.join(out, arm, "row_fit.json"), encoding="utf-8") as f:
+                    fit = json.load(f)
+                entry["row_fit"] = {key: fit[key] for key in ("chosen", "n_problems", "n_finished", "seconds")}
+                entry["row_fit"]["wall_seconds"] = seconds.get(f"fit_{arm}")
             entry["train"] = {
                 "recipe": os.path.relpath(RECIPES[ARMS[arm][0]], ROOT),
                 "overrides": ARMS[arm][1],
@@ -476,6 +502,7 @@ def main(args: argparse.Namespace) -> None:
     )
     if not args.skip_train:
         seconds.update(run_parallel(train_commands(args, out, c_ref["mean"]), args.jobs, out))
+        seconds.update(run_parallel(fit_commands(args, out), args.jobs, out))
     if not args.skip_eval:
         seconds.update(run_parallel(eval_commands(args, out, c_ref["mean"]), args.jobs, out))
     with open(timings, "w", encoding="utf-8") as f:

@@ -185,3 +185,18 @@ def test_identical_batches_compares_paired_configurations_over_all_rounds():
     }
     runs["grpo"][1] = _run([1.0], 1, [[12, "aa"], [17, "bb"]])  # a round that differs from the others
     assert overhead.identical_batches(runs)["laser_vs_grpo"] is False
+
+
+def test_a_fitted_arm_trains_its_base_once_then_fits_its_row():
+    args = miniature.make_parser().parse_args(
+        ["--arms", "laser,laser_fit,laser_row_only_no_mix_fit", "--skip-initial"]
+    )
+    trained = miniature.train_commands(args, "/out", -16.5)
+    assert list(trained) == ["train_laser", "train_laser_row_only_no_mix"]
+    fits = miniature.fit_commands(args, "/out")
+    assert list(fits) == ["fit_laser_fit", "fit_laser_row_only_no_mix_fit"]
+    command = fits["fit_laser_fit"]
+    assert command[command.index("fit-row") + 1 : command.index("fit-row") + 3] == ["--model", "/out/laser"]
+    assert command[-2:] == ["--output-dir", "/out/laser_fit"] and "--max-problems" in command
+    evaluated = miniature.eval_commands(args, "/out", -16.5)
+    assert evaluated["eval_laser_fit"][evaluated["eval_laser_fit"].index("--model") + 1] == "/out/laser_fit"
