@@ -38,12 +38,13 @@ from .settings import resolve_settings
 
 
 ROW_FIT_FILE = "row_fit.json"
-# Ridges relative to trace(B) / d (as the training-time row update); on SmolLM2-135M's arithmetic miniature the
-# cross-validated choice was 0.01 (docs/miniature.md).
-DEFAULT_RIDGES = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+# Ridges relative to trace(B) / d (as the training-time row update). The step starts from the trained row, so a small
+# ridge keeps it where the samples say nothing; on SmolLM2-135M's arithmetic miniature (2,000 samples, d = 576) the
+# cross-validated choices were the smallest of 0.003-1 (docs/miniature.md), hence the grid reaches below.
+DEFAULT_RIDGES = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 # Weights of the part of the fit between problems: 1 is the pooled MSE, lower weights fit more of what separates
 # answers to the same problem (0 alone would leave the level across problems unfitted, so it is not a default).
-DEFAULT_BETWEEN_WEIGHTS = (1.0, 0.5, 0.25)
+DEFAULT_BETWEEN_WEIGHTS = (1.0, 0.5, 0.25, 0.1)
 
 
 def row_fit_step(

@@ -35,14 +35,14 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
         "--folds", type=int, default=5, help="Cross-validation folds, grouped by problem (default: 5)."
     )
     parser.add_argument(
-        "--ridges", type=float, nargs="+", default=None, help="Ridges to choose from (default: 0.003 0.01 ... 1)."
+        "--ridges", type=float, nargs="+", default=None, help="Ridges to choose from (default: 0.0003 0.001 ... 1)."
     )
     parser.add_argument(
         "--between-weights",
         type=float,
         nargs="+",
         default=None,
-        help="Weights in (0, 1] of the fit between problems to choose from (default: 1 0.5 0.25).",
+        help="Weights in (0, 1] of the fit between problems to choose from (default: 1 0.5 0.25 0.1).",
     )
     parser.add_argument("--json", action="store_true", help="Print the result as JSON instead of a summary.")
     add_self_reward_arguments(
