@@ -157,7 +157,7 @@ def test_cli_fits_the_row_and_changes_nothing_else(laser_dir, tmp_path, capsys):
     with open(os.path.join(out, ROW_FIT_FILE), encoding="utf-8") as f:
         result = json.load(f)
     assert printed["chosen"] == result["chosen"] and result["split"] == "test"
-    assert len(result["cross_validation"]["table"]) == 2 * 3
+    assert len(result["cross_validation"]["table"]) == 2 * 4  # 2 ridges x the 4 default between weights
     assert result["chosen"] == choice(result["cross_validation"]["table"])
     assert 0 < result["n_correct_finished"] < result["n_finished"] <= 48
 
