@@ -88,6 +88,58 @@ def test_row_fit_step_down_weights_the_fit_between_problems():
     )
 
 
+def test_row_fit_step_keeps_z_c_in_place_inside_the_answers():
+    # other_weight w adds w * mean_t (beta h_t . step)^2 for the answers' own positions h_t: in the stacked least
+    # squares, one row sqrt(w / M) * beta * h_t with target 0 each (the damping is relative to the whole system).
+    states, labels, groups = toy_batch(seed=4)
+    logps = torch.full((len(labels),), -40.0, dtype=torch.float64)
+    inside = torch.randn(11, states.size(1), generator=torch.Generator().manual_seed(5), dtype=torch.float64) + 1.0
+    ridge, weight, d = 0.01, 3.0, states.size(1)
+    gram = inside.T @ inside / len(inside)
+    step = row_fit_step(states, logps, labels, groups, BETA, REF, ridge, 1.0, gram, weight)
+    c = hand_weights(labels)
+    residual = BETA * (logps - REF) - labels
+    rows = [c.sqrt()[:, None] * BETA * states, (weight / len(inside)) ** 0.5 * BETA * inside]
+    lam = ridge * float(sum((r / BETA).square().sum() for r in rows)) / d
+    rows.append(BETA * lam**0.5 * torch.eye(d, dtype=torch.float64))
+    targets = torch.cat([-c.sqrt() * residual, torch.zeros(len(inside) + d, dtype=torch.float64)])
+    expected = torch.linalg.lstsq(torch.cat(rows), targets[:, None]).solution.squeeze(1)
+    torch.testing.assert_close(step, expected, rtol=1e-6, atol=1e-12)  # class_weights are float32
+    # The term moves z_c's logit inside the answers less than the fit without it.
+    free = row_fit_step(states, logps, labels, groups, BETA, REF, ridge)
+    assert (inside @ step).square().mean() < (inside @ free).square().mean()
+    torch.testing.assert_close(row_fit_step(states, logps, labels, groups, BETA, REF, ridge, 1.0, gram, 0.0), free)
+
+
+def test_answer_positions_against_plain_forwards(tokenizer):
+    from trl_laser.row_fit import answer_positions
+
+    model = answering_model(tokenizer).eval()
+    generator = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(10, 200, (n,), generator=generator).tolist() for n in (5, 9, 7)]
+    answers = [[36, 36, EOS], [36, EOS], [36, 36, 36, 36, EOS]]
+    sequences = [p + a for p, a in zip(prompts, answers)]
+    lengths = [len(a) for a in answers]
+    out = answer_positions(model, sequences, lengths, ZC, EOS, batch_size=2)
+    head_input = []
+    hook = model.lm_head.register_forward_pre_hook(lambda m, args: head_input.append(args[0]))
+    gram, positions = torch.zeros(32, 32, dtype=torch.float64), 0
+    try:
+        for i, (seq, n) in enumerate(zip(sequences, lengths)):
+            with torch.no_grad():
+                logps = model(torch.tensor([seq])).logits[0].log_softmax(-1)[:, ZC]
+            span = slice(len(seq) - n - 1, len(seq) - 1)  # the positions that sampled the answer's n tokens
+            assert out["draws"][i] == pytest.approx(float(logps[span].exp().sum()), rel=1e-4)
+            assert out["max_logprob"][i] == pytest.approx(float(logps[span].max()), abs=1e-4)
+            h = head_input[-1][0, span].double()
+            gram += h.T @ h
+            positions += n
+    finally:
+        hook.remove()
+    assert out["positions"] == positions == 10
+    torch.testing.assert_close(out["gram"], gram / positions, rtol=1e-4, atol=1e-4)
+
+
 def test_refitted_logps_equal_a_log_softmax_with_the_moved_row():
     generator = torch.Generator().manual_seed(2)
     head = torch.randn(50, 6, generator=generator, dtype=torch.float64)
@@ -187,6 +239,10 @@ def test_cli_fits_the_row_and_changes_nothing_else(laser_dir, tmp_path, capsys):
     assert cli_main([*argv, "--output-dir", str(tmp_path / "table")]) == 0
     table = capsys.readouterr().out
     assert "<- chosen" in table and "self_reward_after" in table and ROW_FIT_FILE in table
+    assert "z_c inside the answers" in table
+    inside = result["inside_answers"]
+    assert inside["other_weight"] == 1.0 and inside["positions"] >= result["n_finished"]
+    assert set(inside["expected_zc_draws_per_answer"]) == {"before", "after"}
 
 
 def test_the_command_fits_on_training_problems_by_default():
@@ -211,6 +267,7 @@ def test_bad_input_is_a_one_line_error(laser_dir, tokenizer, tmp_path, capsys):
     assert "--ridges" in error_of(capsys, "--model", missing, *base, "--ridges", "0")
     assert "--between-weights" in error_of(capsys, "--model", missing, *base, "--between-weights", "0")
     assert "--folds" in error_of(capsys, "--model", missing, *base, "--folds", "1")
+    assert "--other-weight" in error_of(capsys, "--model", missing, *base, "--other-weight", "-1")
     assert "--output-dir" in error_of(
         capsys, "--model", laser_dir, "--dataset", "builtin:arithmetic", "--output-dir", laser_dir
     )

@@ -278,6 +278,15 @@ def finished_records(records: list[dict], max_new_tokens: int, folds: int) -> li
     return finished
 
 
+def eos_sequences(tokenizer: Any, finished: list[dict], conversations: list[list], prompt: Prompt) -> list[list[int]]:
+    """Prompt + completion token ids of each finished record (the completion ends with its EOS)."""
+    prompt_ids = {
+        p: scoring.tokenize_prompt(tokenizer, conversations[p], prompt.chat_template_kwargs)
+        for p in sorted({r["problem_index"] for r in finished})
+    }
+    return [prompt_ids[r["problem_index"]] + r["token_ids"] for r in finished]
+
+
 def _eos_states(
     model: Any,
     tokenizer: Any,
@@ -289,11 +298,7 @@ def _eos_states(
     tolerance: float,
 ) -> torch.Tensor:
     """The final hidden state at each finished completion's EOS, checked to be the one that predicted z_c."""
-    prompt_ids = {
-        p: scoring.tokenize_prompt(tokenizer, conversations[p], prompt.chat_template_kwargs)
-        for p in sorted({r["problem_index"] for r in finished})
-    }
-    sequences = [prompt_ids[r["problem_index"]] + r["token_ids"] for r in finished]
+    sequences = eos_sequences(tokenizer, finished, conversations, prompt)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else settings.eos_token_ids[0]
     model.eval()
     with torch.inference_mode():

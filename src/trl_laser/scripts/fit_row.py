@@ -44,6 +44,12 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
         default=None,
         help="Weights in (0, 1] of the fit between problems to choose from (default: 1 0.5 0.25 0.1).",
     )
+    parser.add_argument(
+        "--other-weight",
+        type=float,
+        default=None,
+        help="Weight of keeping z_c's logit where it was inside the answers (default: 1; 0: off).",
+    )
     parser.add_argument("--json", action="store_true", help="Print the result as JSON instead of a summary.")
     add_self_reward_arguments(
         parser,
@@ -56,7 +62,13 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
 def main(args: argparse.Namespace) -> int:
     """Fit the row and print what was chosen; bad input exits with one line on stderr and status 1."""
     from trl_laser.evaluation import Prompt, Sampling, SelfRewardOverrides
-    from trl_laser.row_fit import DEFAULT_BETWEEN_WEIGHTS, DEFAULT_RIDGES, fit_row, format_row_fit
+    from trl_laser.row_fit import (
+        DEFAULT_BETWEEN_WEIGHTS,
+        DEFAULT_OTHER_WEIGHT,
+        DEFAULT_RIDGES,
+        fit_row,
+        format_row_fit,
+    )
 
     def fit() -> dict:
         return fit_row(
@@ -72,6 +84,7 @@ def main(args: argparse.Namespace) -> int:
             self_reward=options_from_args(SelfRewardOverrides, args),
             ridges=args.ridges or DEFAULT_RIDGES,
             between_weights=args.between_weights or DEFAULT_BETWEEN_WEIGHTS,
+            other_weight=DEFAULT_OTHER_WEIGHT if args.other_weight is None else args.other_weight,
             folds=args.folds,
             device=args.device,
         )
