@@ -225,6 +225,19 @@ def test_cli_fits_the_row_and_changes_nothing_else(laser_dir, tmp_path, capsys):
         if name == "lm_head.weight":
             rest[ZC] = False
         assert torch.equal(before[name][rest], after[name][rest]), name
+    # z_c is suppressed while sampling: its logit may now be high inside answers, and every other token keeps the
+    # probability it had. Made huge here, the raw forward would sample it at once; `generate` never does.
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    assert ZC in GenerationConfig.from_pretrained(out).suppress_tokens
+    fitted = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        fitted.lm_head.weight[ZC] = fitted.lm_head.weight[EOS] * 10
+    prompt = torch.tensor([[1, 50, 60, 70]])
+    assert fitted(prompt).logits[0, -1].softmax(-1)[ZC] > 0.99
+    torch.manual_seed(0)
+    sampled = fitted.generate(prompt, do_sample=True, max_new_tokens=6, num_return_sequences=8, pad_token_id=EOS)
+    assert ZC not in sampled[:, prompt.shape[1] :].flatten().tolist()
     saved = SelfRewardSettings.from_pretrained(out)
     assert saved == SelfRewardSettings.from_pretrained(laser_dir)
     assert os.path.isfile(os.path.join(out, "laser_recipe.yaml"))
@@ -241,7 +254,7 @@ def test_cli_fits_the_row_and_changes_nothing_else(laser_dir, tmp_path, capsys):
     assert "<- chosen" in table and "self_reward_after" in table and ROW_FIT_FILE in table
     assert "z_c inside the answers" in table
     inside = result["inside_answers"]
-    assert inside["other_weight"] == 1.0 and inside["positions"] >= result["n_finished"]
+    assert inside["other_weight"] == 0.0 and inside["positions"] >= result["n_finished"]
     assert set(inside["expected_zc_draws_per_answer"]) == {"before", "after"}
 
 

@@ -48,7 +48,8 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
         "--other-weight",
         type=float,
         default=None,
-        help="Weight of keeping z_c's logit where it was inside the answers (default: 1; 0: off).",
+        help="Weight of keeping z_c's logit where it was inside the answers, for samplers that ignore the saved "
+        "generation config's suppression of z_c (default: 0, off).",
     )
     parser.add_argument("--json", action="store_true", help="Print the result as JSON instead of a summary.")
     add_self_reward_arguments(
