@@ -121,11 +121,9 @@ def run_probe(
     """
     sampling, self_reward = _probe_sampling(sampling), self_reward or SelfRewardOverrides()
     _check_options(sampling, max_problems, folds, c_values, self_reward.self_reward_ref_constant)
-    prompt, origins = resolve_prompt(saved_settings(model_name_or_path), prompt or Prompt(), [dataset])
-    benchmark = Benchmark(dataset, dataset, split=split, problem_column=problem_column, answer_column=answer_column)
-    problems = load_benchmark(benchmark, max_problems, prompt.dataset_seed)
-    if len(problems) < folds:
-        raise ValueError(f"{len(problems)} problems cannot fill {folds} folds grouped by problem: use more problems.")
+    prompt, origins, problems = load_problems(
+        model_name_or_path, dataset, split, problem_column, answer_column, max_problems, prompt, folds
+    )
 
     start = time.perf_counter()
     device = default_device(device)
@@ -154,6 +152,26 @@ def run_probe(
     if output_dir is not None:
         _write(output_dir, records, result)
     return result
+
+
+def load_problems(
+    model_name_or_path: str,
+    dataset: str,
+    split: str,
+    problem_column: str,
+    answer_column: str,
+    max_problems: int | None,
+    prompt: Prompt | None,
+    folds: int,
+) -> tuple[Prompt, dict[str, str], list[dict]]:
+    """The prompt settings (the model's saved ones unless given) with their origins, and the problems, enough of them
+    to fill `folds` folds grouped by problem (else a `ValueError`)."""
+    prompt, origins = resolve_prompt(saved_settings(model_name_or_path), prompt or Prompt(), [dataset])
+    benchmark = Benchmark(dataset, dataset, split=split, problem_column=problem_column, answer_column=answer_column)
+    problems = load_benchmark(benchmark, max_problems, prompt.dataset_seed)
+    if len(problems) < folds:
+        raise ValueError(f"{len(problems)} problems cannot fill {folds} folds grouped by problem: use more problems.")
+    return prompt, origins, problems
 
 
 def _config(sampling: Sampling, max_problems: int | None, prompt: Prompt, origins: dict[str, str]) -> dict[str, Any]:

@@ -29,11 +29,18 @@ import torch
 
 from . import scoring
 from .core import class_weights, group_centred_system, least_squares_row_step, self_reward_score
-from .evaluation.prompts import Prompt, resolve_prompt, saved_settings
-from .evaluation.protocol import Benchmark, load_benchmark
+from .evaluation.prompts import Prompt
 from .evaluation.sampling import Sampling, SelfRewardOverrides, default_device, load_for_sampling
 from .evaluation.summary import BASELINES, ranking
-from .probe import _check_options, _eos_states, _probe_sampling, _sample, eos_sequences, finished_records
+from .probe import (
+    _check_options,
+    _eos_states,
+    _probe_sampling,
+    _sample,
+    eos_sequences,
+    finished_records,
+    load_problems,
+)
 from .readout import grouped_folds
 from .settings import resolve_settings
 
@@ -260,9 +267,9 @@ def fit_row(
     logit only), while the score, read from the raw logits after the EOS, is unaffected. `other_weight` instead keeps
     z_c's logit in place inside the answers (`row_fit_step`), for samplers that ignore that config; `row_fit.json`
     reports the expected number of z_c tokens sampled per answer, unsuppressed, before and after. `output_dir` gets the
-    whole model (every file of a local model directory, the weights saved again) with the
-    same self-reward settings, and `row_fit.json`: the choice, the table, and every signal on the fitting samples
-    before and after. Bad input raises `ValueError` before the model loads.
+    whole model (every file of a local model directory, the weights saved again) with the same self-reward settings,
+    and `row_fit.json`: the choice, the table, and every signal on the fitting samples before and after. Bad input
+    raises `ValueError` before the model loads.
     """
     sampling, self_reward = _probe_sampling(sampling), self_reward or SelfRewardOverrides()
     _check_options(sampling, max_problems, folds, [1.0], self_reward.self_reward_ref_constant)
@@ -271,11 +278,9 @@ def fit_row(
         raise ValueError(
             "`output_dir` (--output-dir) must differ from the model's directory: the fit never overwrites."
         )
-    prompt, _ = resolve_prompt(saved_settings(model_name_or_path), prompt or Prompt(), [dataset])
-    benchmark = Benchmark(dataset, dataset, split=split, problem_column=problem_column, answer_column=answer_column)
-    problems = load_benchmark(benchmark, max_problems, prompt.dataset_seed)
-    if len(problems) < folds:
-        raise ValueError(f"{len(problems)} problems cannot fill {folds} folds grouped by problem: use more problems.")
+    prompt, _, problems = load_problems(
+        model_name_or_path, dataset, split, problem_column, answer_column, max_problems, prompt, folds
+    )
 
     start = time.perf_counter()
     device = default_device(device)
