@@ -197,8 +197,9 @@ class LaSeRConfig(GRPOConfig):
             With `"least_squares"`: the MSE trains z_c's output row only, through the least-squares update, and the
             MSE's gradient does not reach the rest of the model, which follows GRPO's loss (and the advantage mix).
             The score is then an online linear read-out of the policy's own final hidden state: the MSE cannot lower
-            itself by moving whole problems' states, which is what it does first through the shared layers. A pair loss (`self_reward_pair_loss_coef`) still trains the model: it only ranks the answers of
-            one group, so the model learns what separates them while the row fits the level.
+            itself by moving whole problems' states, which is what it does first through the shared layers. A pair
+            loss (`self_reward_pair_loss_coef`) still trains the model: it only ranks the answers of one group, so
+            the model learns what separates them while the row fits the level.
     """
 
     self_reward_token: str | None = field(

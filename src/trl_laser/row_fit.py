@@ -388,7 +388,7 @@ def format_row_fit(result: dict[str, Any]) -> str:
         f"{cv['folds']}-fold cross-validation grouped by problem (out-of-fold AUROC, overall / within a problem):",
     ]
     for row in cv["table"]:
-        mark = " <- chosen" if row is chosen or row == chosen else ""
+        mark = " <- chosen" if row == chosen else ""
         lines.append(
             f"  ridge {row['ridge']:<7g} between weight {row['between_weight']:<5g} "
             f"{_fmt(row['auroc'])} / {_fmt(row['auroc_within_problem'])}{mark}"
