@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,15 +60,18 @@ def convert_smollm2(target: str | os.PathLike | None = None) -> Path:
             "`python -c 'from trl_laser.models import convert_smollm2; convert_smollm2()'`."
         )
     gguf = smollm2_gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The de-quantized weights are plain float32: drop the GGUF quantizer so that the model can be saved.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    # Saving imports accelerate, and with it DeepSpeed, whose import prints a warning on stdout: to stderr, so that a
+    # first run's `--json` output (estimate-ref-constant, fit-row, probe) stays JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The de-quantized weights are plain float32: drop the GGUF quantizer so that the model can be saved.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     try:
         os.replace(tmp, target)  # atomic: concurrent processes never see a half-written copy
     except OSError:  # another process finished first
