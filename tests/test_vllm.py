@@ -175,6 +175,40 @@ class TestScoring:
         assert min(map(len, sequences)) > block
         assert all(len(s) - block <= c < len(s) for c, s in zip(cached, sequences))
 
+    def test_suppressed_tokens_are_never_sampled(self, engine, sampled, reference):
+        """A token the saved generation config suppresses (z_c after `trl-laser fit-row`) is never sampled, as with
+        `generate`; token log-probs and scores stay those of the raw logits."""
+        model, tokenizer = reference
+        counts = {}
+        for c in sampled:
+            for t in c.token_ids:
+                counts[t] = counts.get(t, 0) + 1
+        common = max((t for t in counts if t != tokenizer.eos_token_id), key=counts.get)
+        assert counts[common] >= 4  # unsuppressed, the model writes it often
+        engine.generation_config.suppress_tokens = [common]
+        try:
+            assert engine.suppression_bias() == {common: -100.0}
+            again = [
+                c
+                for batch in iter_generate_with_vllm(
+                    engine, tokenizer, prompts(), 4, overrides=OVERRIDES, batch_size=8, seed=0, max_new_tokens=24
+                )
+                for c in batch
+            ]
+        finally:
+            engine.generation_config.suppress_tokens = None
+        assert all(common not in c.token_ids for c in again)
+        assert [c.token_ids for c in again] != [c.token_ids for c in sampled]
+        rows = [prompts()[c.prompt_index] for c in again]
+        expected = score_completions(model, tokenizer, rows, [c.token_ids for c in again], overrides=OVERRIDES)
+        for c, r_s in zip(again, expected):
+            assert (c.self_reward is None) == (r_s is None)
+            if r_s is not None:
+                assert c.self_reward == pytest.approx(r_s, abs=BETA * LOGP_TOLERANCE)
+            logps = teacher_forced_logps(model, tokenize_prompt(tokenizer, prompts()[c.prompt_index]), c.token_ids)
+            assert c.mean_token_logprob == pytest.approx(sum(logps) / len(logps), abs=LOGP_TOLERANCE)
+        assert engine.suppression_bias() is None
+
     def test_seeded_run_resumes_identically(self, engine, sampled, reference):
         _, tokenizer = reference
         resumed = list(

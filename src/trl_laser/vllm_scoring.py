@@ -8,7 +8,9 @@ not a second prefill: the official evaluation's re-scoring with `prompt_logprobs
 prefills every sequence again.
 
 Same quantities as the transformers path (`scoring`): the score at temperature 1 whatever the sampling temperature,
-and each sampled token's log-prob at temperature 1 for the free confidence signals. The engine is built with
+and each sampled token's log-prob at temperature 1 for the free confidence signals. Tokens that the model's
+`generation_config.json` suppresses (`suppress_tokens`: z_c after `trl-laser fit-row`), which `generate` never
+samples, vLLM never samples either (a logit bias of -100: vLLM does not read that field). The engine is built with
 `logprobs_mode="raw_logprobs"`, i.e. log-probs of the raw logits, before temperature and top-p. Prompts are tokenized
 as TRL tokenizes them (`scoring.tokenize_prompt`). vLLM is imported only here, and only when an engine is built.
 """
@@ -31,6 +33,9 @@ from .scoring import (
 )
 from .settings import SelfRewardSettings, resolve_settings
 
+
+# The bias that keeps a suppressed token out of vLLM's samples: e^-100 against the other tokens, i.e. never drawn.
+SUPPRESS_BIAS = -100.0
 
 # `generate`'s sampling arguments that the vLLM sampler takes, and their vLLM names.
 _SAMPLING_NAMES = {
@@ -70,6 +75,12 @@ class VLLMModel:
 
     def get_input_embeddings(self) -> Any:
         return self._embeddings
+
+    def suppression_bias(self) -> dict[int, float] | None:
+        """`SamplingParams.logit_bias` for the generation config's `suppress_tokens` (None when it has none), so that
+        vLLM samples what `generate` samples from the same saved model."""
+        tokens = self.generation_config.suppress_tokens or []
+        return {int(t): SUPPRESS_BIAS for t in tokens} or None
 
 
 def load_vllm(
@@ -159,7 +170,8 @@ def iter_generate_with_vllm(
     batch boundary equals an uninterrupted one. `generation` takes `max_new_tokens`, `temperature`, `top_p`, `top_k`,
     `min_p` and `repetition_penalty` (defaults: vLLM's, i.e. temperature 1, top-p 1, no top-k; 16 new tokens).
     After each call, every finished completion is scored with one token (`next_token_logprobs`), while its prefix is
-    still in the cache.
+    still in the cache. The model's suppressed tokens are never sampled (`VLLMModel.suppression_bias`); the token
+    log-probs and the score stay those of the raw logits.
     """
     from vllm import SamplingParams
 
@@ -171,6 +183,7 @@ def iter_generate_with_vllm(
     sampling = {_SAMPLING_NAMES[k]: v for k, v in generation.items() if v is not None}
     prompt_ids, jobs = prompt_jobs(model, tokenizer, prompts, num_samples, cfg, chat_template_kwargs)
     eos = set(cfg.eos_token_ids)
+    bias = model.suppression_bias()
     for first in range(start, len(jobs), batch_size):
         batch = jobs[first : first + batch_size]
         params = [
@@ -179,6 +192,7 @@ def iter_generate_with_vllm(
                 logprobs=0,  # the sampled token's own log-prob
                 stop_token_ids=list(cfg.eos_token_ids),
                 seed=None if seed is None else batch_seed(seed, first + j),
+                logit_bias=bias,
                 detokenize=False,
                 **sampling,
             )
