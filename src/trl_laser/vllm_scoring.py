@@ -34,7 +34,7 @@ from .scoring import (
 from .settings import SelfRewardSettings, resolve_settings
 
 
-# The bias that keeps a suppressed token out of vLLM's samples: e^-100 against the other tokens, i.e. never drawn.
+# The bias that keeps a suppressed token out of vLLM's samples: its odds against every other token fall by e^100.
 SUPPRESS_BIAS = -100.0
 
 # `generate`'s sampling arguments that the vLLM sampler takes, and their vLLM names.
