@@ -249,6 +249,7 @@ def fit_commands(args: argparse.Namespace, out: str) -> dict[str, list[str]]:
             command = cli("fit-row", "--model", os.path.join(out, FITTED[arm]), "--dataset", DATASET)
             command += ["--max-problems", str(args.fit_problems), "--num-samples", "8"]
             command += ["--max-new-tokens", str(args.max_new_tokens), "--batch-size", "32", "--seed", str(args.seed)]
+            command.append("--overwrite")  # a rerun refits: it replaces the earlier fit
             commands[f"fit_{arm}"] = [*command, "--output-dir", os.path.join(out, arm)]
     return commands
 

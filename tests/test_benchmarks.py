@@ -197,6 +197,8 @@ def test_a_fitted_arm_trains_its_base_once_then_fits_its_row():
     assert list(fits) == ["fit_laser_fit", "fit_laser_row_only_no_mix_fit"]
     command = fits["fit_laser_fit"]
     assert command[command.index("fit-row") + 1 : command.index("fit-row") + 3] == ["--model", "/out/laser"]
-    assert command[-2:] == ["--output-dir", "/out/laser_fit"] and "--max-problems" in command
+    assert (
+        command[-2:] == ["--output-dir", "/out/laser_fit"] and "--max-problems" in command and "--overwrite" in command
+    )
     evaluated = miniature.eval_commands(args, "/out", -16.5)
     assert evaluated["eval_laser_fit"][evaluated["eval_laser_fit"].index("--model") + 1] == "/out/laser_fit"

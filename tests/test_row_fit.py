@@ -249,7 +249,12 @@ def test_cli_fits_the_row_and_changes_nothing_else(laser_dir, tmp_path, capsys):
         "self_reward_after",
     }
 
-    assert cli_main([*argv, "--output-dir", str(tmp_path / "table")]) == 0
+    # A used folder is refused (an earlier fit is never replaced by accident), and replaced with --overwrite.
+    assert cli_main([*argv, "--output-dir", out]) == 1
+    err = capsys.readouterr().err
+    assert "already holds files" in err and "--overwrite" in err and "Traceback" not in err
+    assert load_file(os.path.join(out, "model.safetensors"))["lm_head.weight"].equal(after["lm_head.weight"])
+    assert cli_main([*argv, "--output-dir", out, "--overwrite"]) == 0
     table = capsys.readouterr().out
     assert "<- chosen" in table and "self_reward_after" in table and ROW_FIT_FILE in table
     assert "z_c inside the answers" in table

@@ -256,6 +256,7 @@ def fit_row(
     device: str | None = None,
     progress: bool = True,
     tolerance: float = 1e-3,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Sample the model on training problems, fit z_c's row to its answers, save the model with it to `output_dir`.
 
@@ -268,8 +269,9 @@ def fit_row(
     z_c's logit in place inside the answers (`row_fit_step`), for samplers that ignore that config; `row_fit.json`
     reports the expected number of z_c tokens sampled per answer, unsuppressed, before and after. `output_dir` gets the
     whole model (every file of a local model directory, the weights saved again) with the same self-reward settings,
-    and `row_fit.json`: the choice, the table, and every signal on the fitting samples before and after. Bad input
-    raises `ValueError` before the model loads.
+    and `row_fit.json`: the choice, the table, and every signal on the fitting samples before and after. A folder that
+    already holds files is refused unless `overwrite` (then the fit's files replace theirs). Bad input raises
+    `ValueError` before the model loads.
     """
     sampling, self_reward = _probe_sampling(sampling), self_reward or SelfRewardOverrides()
     _check_options(sampling, max_problems, folds, [1.0], self_reward.self_reward_ref_constant)
@@ -277,6 +279,11 @@ def fit_row(
     if os.path.abspath(output_dir) == os.path.abspath(model_name_or_path):
         raise ValueError(
             "`output_dir` (--output-dir) must differ from the model's directory: the fit never overwrites."
+        )
+    if not overwrite and os.path.isdir(output_dir) and os.listdir(output_dir):
+        raise ValueError(
+            f"`output_dir` (--output-dir) {output_dir} already holds files (an earlier fit?): give another "
+            "--output-dir, or pass --overwrite to replace them."
         )
     prompt, _, problems = load_problems(
         model_name_or_path, dataset, split, problem_column, answer_column, max_problems, prompt, folds

@@ -51,6 +51,9 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
         help="Weight of keeping z_c's logit where it was inside the answers, for samplers that ignore the saved "
         "generation config's suppression of z_c (default: 0, off).",
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Replace the files in a used --output-dir (else refused)."
+    )
     parser.add_argument("--json", action="store_true", help="Print the result as JSON instead of a summary.")
     add_self_reward_arguments(
         parser,
@@ -88,6 +91,7 @@ def main(args: argparse.Namespace) -> int:
             other_weight=DEFAULT_OTHER_WEIGHT if args.other_weight is None else args.other_weight,
             folds=args.folds,
             device=args.device,
+            overwrite=args.overwrite,
         )
 
     result = report_errors("fit-row", fit)
