@@ -32,7 +32,8 @@ pytest.importorskip("deepspeed", reason="the test extra installs deepspeed")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "recipes", "quickstart", "laser", "config_smollm2_arithmetic.yaml")
 # The quickstart recipe on a tiny model: one generation batch of 2 prompts x 4 completions over 2 processes.
-# The recipe's least-squares row update does not run under DeepSpeed: the optimizer trains z_c's row here.
+# The recipe's least-squares row update (and so its row-only MSE) does not run under DeepSpeed: the optimizer trains
+# z_c's row here.
 SHORT = [
     "--per_device_train_batch_size",
     "4",
@@ -46,6 +47,8 @@ SHORT = [
     "1",
     "--self_reward_row_update",
     "optimizer",
+    "--self_reward_row_only",
+    "false",
 ]
 TIMEOUT = 240
 

@@ -31,6 +31,10 @@ from trl_laser.row_update import ROW_STATE_NAME
 from trl_laser.run_dir import checkpoint_problem, is_complete, latest_checkpoint
 
 
+# The paper's row update, for runs under DeepSpeed or across processes: the recipe's row-only MSE needs least squares.
+OPTIMIZER_ROW = ["--self_reward_row_update", "optimizer", "--self_reward_row_only", "false"]
+
+
 def train_cli(argv, capsys) -> tuple[int, str, str]:
     """Exit status, stdout and stderr of `trl-laser train ARGV` run in this process."""
     try:
@@ -85,7 +89,7 @@ def test_a_larger_max_steps_on_a_constant_schedule_continues_the_run(tiny_model_
     with open(os.path.join(run_copy, "trainer_state.json")) as f:
         state = json.load(f)
     assert state["global_step"] == 3
-    assert [e["learning_rate"] for e in state["log_history"] if "loss" in e] == [1e-5] * 3
+    assert [e["learning_rate"] for e in state["log_history"] if "loss" in e] == [2e-5] * 3
     # the saved recipe says what ran: the command of the first 2 steps, then the one that resumed at step 2
     with open(os.path.join(run_copy, RECIPE_FILE)) as f:
         recipe = f.read()
@@ -160,7 +164,7 @@ def test_the_latest_checkpoint_skips_one_without_its_states(run_copy):
 @pytest.mark.parametrize(
     "change, listed",
     [
-        (["--learning_rate", "2e-5"], "`learning_rate` is 2e-05 here but 1e-05 in the checkpoint"),
+        (["--learning_rate", "1e-5"], "`learning_rate` is 1e-05 here but 2e-05 in the checkpoint"),
         (["--lr_scheduler_type", "cosine"], "`lr_scheduler_type` is 'cosine' here but 'constant' in the checkpoint"),
         (["--warmup_steps", "1"], "`warmup_steps` is 1.0 here but 0 in the checkpoint"),
     ],
@@ -229,9 +233,7 @@ def test_the_launched_processes_end_with_the_launcher(tiny_model_dir, tmp_path, 
     """SIGKILL (the OOM killer, a scheduler's hard kill) leaves no process training; SIGINT stops them all, and the
     launcher says so in one line."""
     out = tmp_path / "run"
-    argv = run_argv(
-        tiny_model_dir, out, *SAVE_EVERY_STEP, "--max_steps", "50", "--self_reward_row_update", "optimizer"
-    )
+    argv = run_argv(tiny_model_dir, out, *SAVE_EVERY_STEP, "--max_steps", "50", *OPTIMIZER_ROW)
     argv += ["--per_device_train_batch_size", "4", "--accelerate_config", "ddp", "--num_processes", "2"]
     process = launcher(argv, tmp_path / "log.txt")
     workers: list[psutil.Process] = []
@@ -267,7 +269,7 @@ def free_port() -> int:
 
 def test_sigint_ends_a_launch_waiting_for_another_machine(tiny_model_dir, tmp_path):
     pytest.importorskip("deepspeed", reason="the test extra installs deepspeed")
-    argv = run_argv(tiny_model_dir, tmp_path / "run", "--max_steps", "1", "--self_reward_row_update", "optimizer")
+    argv = run_argv(tiny_model_dir, tmp_path / "run", "--max_steps", "1", *OPTIMIZER_ROW)
     argv += ["--per_device_train_batch_size", "4", "--accelerate_config", "zero3_multinode", "--num_machines", "2"]
     argv += ["--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
     process = launcher([*argv, "--machine_rank", "0"], tmp_path / "log.txt")  # machine 1 never comes
@@ -307,7 +309,10 @@ def test_sigint_ends_a_launch_waiting_for_another_machine(tiny_model_dir, tmp_pa
             ["--accelerate_config", "zero3", "--ds3_gather_for_generation", "false"],
             "`ds3_gather_for_generation: false`",
         ),
-        (["--accelerate_config", "zero2"], "`self_reward_row_update='least_squares'` sets z_c's output-embedding row"),
+        (
+            ["--accelerate_config", "zero2"],
+            "Set `self_reward_row_update: optimizer` and `self_reward_row_only: false`, or train without DeepSpeed.",
+        ),
     ],
 )
 def test_launches_that_cannot_work_are_refused_before_any_process_starts(tmp_path, capsys, launch, needle):
@@ -316,7 +321,7 @@ def test_launches_that_cannot_work_are_refused_before_any_process_starts(tmp_pat
     out = tmp_path / "run"
     argv = ["--config", QUICKSTART, "--output_dir", str(out), "--num_processes", "2", *launch]
     if "zero2" not in launch:
-        argv += ["--self_reward_row_update", "optimizer"]
+        argv += [*OPTIMIZER_ROW]
     code, printed, err = train_cli(argv, capsys)
     assert code == 2 and "Traceback" not in err
     [line] = error_lines(err)

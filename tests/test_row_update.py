@@ -265,6 +265,9 @@ def test_refused_with_peft(tiny_model_dir, tmp_path):
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     with pytest.raises(ValueError, match=r"self_reward_row_update.*PEFT"):
         make_trainer(tiny_model_dir, tmp_path, peft_config=peft_config, **LS)
+    # With the row-only MSE, the fix the error names turns both settings off (either alone is refused too).
+    with pytest.raises(ValueError, match=r"Set `self_reward_row_update: optimizer` and `self_reward_row_only: false`"):
+        make_trainer(tiny_model_dir, tmp_path, peft_config=peft_config, self_reward_row_only=True, **LS)
 
 
 @pytest.mark.parametrize(

@@ -297,7 +297,8 @@ def check_launched_settings(args: list[str], config: dict[str, Any], training_ar
             gather = getattr(training_args, "ds3_gather_for_generation", True)
             check_zero3_generation(_zero_stage(args, config), gather, getattr(training_args, "use_vllm", False))
         if getattr(training_args, "self_reward_row_update", None) == "least_squares":
-            check_row_update_supported(False, deepspeed, fsdp)
+            row_only = bool(getattr(training_args, "self_reward_row_only", False))
+            check_row_update_supported(False, deepspeed, fsdp, row_only)
     except ValueError as err:
         raise LaunchError(str(err)) from None
 

@@ -39,14 +39,18 @@ REFIT_KEYS = (
 )
 
 
-def check_row_update_supported(peft: bool, deepspeed: bool, fsdp: bool) -> None:
+def check_row_update_supported(peft: bool, deepspeed: bool, fsdp: bool, row_only: bool = False) -> None:
     """Refuse set-ups in which z_c's row cannot be set after the optimizer step (frozen or partitioned)."""
     unsupported = [name for name, on in (("PEFT", peft), ("DeepSpeed", deepspeed), ("FSDP", fsdp)) if on]
     if unsupported:
+        # The row-only MSE needs the least-squares update: the fix must turn both off.
+        fix = "`self_reward_row_update: optimizer`"
+        if row_only:
+            fix += " and `self_reward_row_only: false`"
         raise ValueError(
             "`self_reward_row_update='least_squares'` sets z_c's output-embedding row after each optimizer "
             f"step, which {unsupported[0]} does not allow (the row is frozen, or the optimizer updates its own "
-            f"partitioned copy). Set `self_reward_row_update: optimizer`, or train without {unsupported[0]}."
+            f"partitioned copy). Set {fix}, or train without {unsupported[0]}."
         )
 
 
@@ -56,7 +60,9 @@ def row_update_for(trainer: Any) -> LeastSquaresRowUpdate | None:
     args = trainer.args
     if args.self_reward_row_update != "least_squares":
         return None
-    check_row_update_supported(is_peft_model(trainer.model), trainer.is_deepspeed_enabled, trainer.is_fsdp_enabled)
+    check_row_update_supported(
+        is_peft_model(trainer.model), trainer.is_deepspeed_enabled, trainer.is_fsdp_enabled, args.self_reward_row_only
+    )
     row_update = LeastSquaresRowUpdate(
         trainer.self_reward_token_id,
         args.self_reward_beta,
