@@ -40,10 +40,14 @@ def test_quickstart_short_trains_saves_and_evaluates(tiny_model_dir, tmp_path, c
     printed = capsys.readouterr().out
     assert "Final self-verification metrics (step 2)" in printed
     assert "self_reward/c_ref=" in printed
-    # The last line is the held-out evaluation command, with the recipe's prompt and length.
-    expected = f"trl-laser eval --model {out} --dataset builtin:arithmetic --split test --num-samples 4 "
-    expected += f"--max-new-tokens 12 --output-dir {out}-eval"
-    assert printed.strip().splitlines()[-1].strip() == expected
+    # The last lines: the row's refit on training problems (the row was trained alone), then the held-out evaluation
+    # of the refitted model, with the recipe's prompt and length.
+    fit = f"trl-laser fit-row --model {out} --dataset builtin:arithmetic --split train --max-problems 128 "
+    fit += f"--num-samples 8 --max-new-tokens 12 --output-dir {out}-fit"
+    evaluate = f"trl-laser eval --model {out}-fit --dataset builtin:arithmetic --split test --num-samples 4 "
+    evaluate += f"--max-new-tokens 12 --output-dir {out}-fit-eval"
+    lines = [line.strip() for line in printed.strip().splitlines()]
+    assert lines[-3] == fit and lines[-1] == evaluate
     assert [
         e["self_reward/row_step_norm"] > 0
         for e in json.loads((out / "trainer_state.json").read_text())["log_history"]
@@ -89,6 +93,25 @@ def test_quickstart_logs_self_reward_metrics_every_step(tiny_model_dir, tmp_path
     assert parsed.training_args.self_reward_row_only and parsed.training_args.self_reward_advantage_coef == 0
 
 
+def test_the_printed_commands_follow_the_recipe():
+    """The commands training prints last: columns and splits from the recipe; a model trained with the MSE reaching
+    the whole model (no row-only) is evaluated as it is."""
+    from trl_laser.recipe import parse_args
+    from trl_laser.scripts.train import eval_command, fit_row_command
+
+    argv = ["--config", QUICKSTART, "--output_dir", "runs/q/", "--problem_column", "question"]
+    parsed = parse_args([*argv, "--dataset_train_split", "validation", "--self_reward_row_only", "false"])
+    script, training = parsed.script_args, parsed.training_args
+    assert fit_row_command(script, training, "runs/q-fit").split() == [
+        *("trl-laser", "fit-row", "--model", "runs/q/", "--dataset", "builtin:arithmetic", "--split", "validation"),
+        *("--max-problems", "128", "--num-samples", "8", "--max-new-tokens", "40", "--problem-column", "question"),
+        *("--output-dir", "runs/q-fit"),
+    ]
+    assert eval_command(script, training, "runs/q/").split()[-6:] == [
+        *("--max-new-tokens", "40", "--problem-column", "question", "--output-dir", "runs/q-eval"),
+    ]
+
+
 @pytest.mark.slow
 def test_quickstart_full(tmp_path):
     """`make quickstart` as shipped: SmolLM2-135M-Instruct, 64 steps of 4 prompts x 8 completions, `fit-row` on 128
@@ -106,8 +129,8 @@ def test_quickstart_full(tmp_path):
     assert "Final self-verification metrics (step 64)" in printed
     assert (out / SELF_REWARD_CONFIG_NAME).is_file()
     assert (out / "tokenizer.json").is_file()
-    eval_command = printed.strip().splitlines()[-1].split()
-    assert eval_command[:2] == ["trl-laser", "eval"] and str(out) in eval_command
+    fit_command = printed.strip().splitlines()[-3].split()
+    assert fit_command[:4] == ["trl-laser", "fit-row", "--model", str(out)]
     common = ["--dataset", "builtin:arithmetic", "--max-new-tokens", "40", "--batch-size", "32"]
     printed = run("fit-row", "--model", str(out), *common, "--max-problems", "128", "--output-dir", str(fitted))
     assert "<- chosen" in printed and (fitted / "row_fit.json").is_file()

@@ -153,9 +153,16 @@ def main(
         trainer.save_model(training_args.output_dir)
         trainer.create_model_card(dataset_name=_hub_dataset_name(script_args.dataset_name))
     report(f"Model, tokenizer, self-reward settings and model card saved to {training_args.output_dir}.")
+    model = training_args.output_dir
+    if training_args.self_reward_row_only:  # the row was trained alone: its refit on the final states is the next step
+        model = os.path.normpath(training_args.output_dir) + "-fit"
+        report(
+            "Its score's row was trained alone (self_reward_row_only): refit it to the final model's own answers on "
+            "training problems:\n  " + fit_row_command(script_args, training_args, model)
+        )
     report(
         "Check its self-verification on problems it never saw, beside the free mean-token-log-prob baseline:\n  "
-        + eval_command(script_args, training_args)
+        + eval_command(script_args, training_args, model)
     )
     # Every process waits until the main one has written everything: a process that tore its gloo group down while
     # another still used it was aborted by the C++ runtime ("terminate called without an active exception").
@@ -170,17 +177,31 @@ def _hub_dataset_name(name: str | None) -> str | None:
     return name
 
 
-def eval_command(script_args: LaSeRScriptArguments, training_args: LaSeRConfig) -> str:
-    """The `trl-laser eval` command that scores the saved model on the held-out split (the prompt settings of
-    training are saved with the model, and eval reads them back)."""
-    command = ["trl-laser", "eval", "--model", training_args.output_dir, "--dataset", str(script_args.dataset_name)]
-    command += ["--split", script_args.dataset_test_split, "--num-samples", "4"]
-    command += ["--max-new-tokens", str(training_args.max_completion_length)]
+def _columns(script_args: LaSeRScriptArguments) -> list[str]:
+    command = []
     if script_args.problem_column != "problem":
         command += ["--problem-column", script_args.problem_column]
     if script_args.answer_column != "answer":
         command += ["--answer-column", script_args.answer_column]
-    command += ["--output-dir", os.path.normpath(training_args.output_dir) + "-eval"]  # beside the model, not in it
+    return command
+
+
+def fit_row_command(script_args: LaSeRScriptArguments, training_args: LaSeRConfig, fitted: str) -> str:
+    """The `trl-laser fit-row` command that refits z_c's row of the saved model on 128 training problems, into
+    `fitted` (the quickstart's settings)."""
+    command = ["trl-laser", "fit-row", "--model", training_args.output_dir, "--dataset", str(script_args.dataset_name)]
+    command += ["--split", script_args.dataset_train_split, "--max-problems", "128", "--num-samples", "8"]
+    command += ["--max-new-tokens", str(training_args.max_completion_length), *_columns(script_args)]
+    return shlex.join([*command, "--output-dir", fitted])
+
+
+def eval_command(script_args: LaSeRScriptArguments, training_args: LaSeRConfig, model: str) -> str:
+    """The `trl-laser eval` command that scores `model` on the held-out split (the prompt settings of training are
+    saved with the model, and eval reads them back)."""
+    command = ["trl-laser", "eval", "--model", model, "--dataset", str(script_args.dataset_name)]
+    command += ["--split", script_args.dataset_test_split, "--num-samples", "4"]
+    command += ["--max-new-tokens", str(training_args.max_completion_length), *_columns(script_args)]
+    command += ["--output-dir", os.path.normpath(model) + "-eval"]  # beside the model, not in it
     return shlex.join(command)
 
 
