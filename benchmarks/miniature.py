@@ -149,6 +149,12 @@ def make_parser() -> argparse.ArgumentParser:
         "--fit-problems", type=int, default=256, help="Training problems `fit-row` samples (8 each) for the _fit arms."
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the c_ref estimate and of evaluation sampling.")
+    parser.add_argument(
+        "--train-seed",
+        type=int,
+        default=None,
+        help="Override the recipes' training seed (data order and sampling; both arms). The problems stay the same.",
+    )
     parser.add_argument("--skip-train", action="store_true", help="Use the models already in --output-dir.")
     parser.add_argument("--skip-eval", action="store_true", help="Use the evaluations already in --output-dir.")
     parser.add_argument(
@@ -237,6 +243,8 @@ def train_commands(args: argparse.Namespace, out: str, c_ref: float) -> dict[str
         command += ["--self_reward_ref_constant", f"{c_ref:.4f}"]
         if args.max_steps is not None:
             command += ["--max_steps", str(args.max_steps)]
+        if args.train_seed is not None:
+            command += ["--seed", str(args.train_seed)]
         commands[f"train_{arm}"] = command
     return commands
 
@@ -400,6 +408,7 @@ def summarize(args: argparse.Namespace, out: str, c_ref: dict, seconds: dict[str
                 "prompts_per_step": batch // recipe["num_generations"],
                 "completions_per_prompt": recipe["num_generations"],
                 "learning_rate": recipe["learning_rate"],
+                "seed": recipe["seed"] if args.train_seed is None else args.train_seed,
                 "train_runtime_seconds": final[0]["train_runtime"] if final else None,
                 "wall_seconds": seconds.get(f"train_{arm}"),
             }

@@ -202,3 +202,16 @@ def test_a_fitted_arm_trains_its_base_once_then_fits_its_row():
     )
     evaluated = miniature.eval_commands(args, "/out", -16.5)
     assert evaluated["eval_laser_fit"][evaluated["eval_laser_fit"].index("--model") + 1] == "/out/laser_fit"
+
+
+def test_a_training_seed_reaches_every_trained_arm_and_nothing_else():
+    args = miniature.make_parser().parse_args(["--arms", "grpo,laser_row_only_no_mix_fit", "--train-seed", "7"])
+    for command in miniature.train_commands(args, "/out", -16.5).values():
+        assert command[command.index("--seed") + 1] == "7"
+    for command in [
+        *miniature.fit_commands(args, "/out").values(),
+        *miniature.eval_commands(args, "/out", -16.5).values(),
+    ]:
+        assert command[command.index("--seed") + 1] == "0"  # evaluation sampling and the fit keep --seed
+    default = miniature.make_parser().parse_args(["--arms", "grpo"])
+    assert "--seed" not in miniature.train_commands(default, "/out", -16.5)["train_grpo"]  # the recipe's own seed
