@@ -5,9 +5,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
+from huggingface_hub import HfApi
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 
@@ -136,3 +138,35 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def uploads(monkeypatch):
+    """Replace the Hub calls: `create_repo` answers (its calls are in `.created`), `upload_folder` records the
+    folder's files as uploaded."""
+
+    class Calls(list):
+        created: list[dict] = []
+
+    calls = Calls()
+    calls.created = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.created.append({"repo_id": repo_id, "token": self.token, **kwargs})
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        files = {}
+        for name in os.listdir(folder_path):
+            path = os.path.join(folder_path, name)
+            if os.path.isfile(path) and not name.startswith("_") and name.endswith((".md", ".json", ".yaml")):
+                with open(path, encoding="utf-8") as f:
+                    files[name] = f.read()
+            elif os.path.isfile(path):
+                files[name] = None
+        calls.append({"repo_id": repo_id, "files": files, **kwargs})
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from types import SimpleNamespace
 
-import pytest
 from conftest import SELF_REWARD_TOKEN
-from huggingface_hub import HfApi
 
 from trl_laser import SELF_REWARD_CONFIG_NAME, LaSeRConfig, LaSeRGRPOTrainer
 from trl_laser.cli import main as cli_main
@@ -19,31 +16,6 @@ from trl_laser.rewards import math_verify_reward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "recipes", "quickstart", "laser", "config_smollm2_arithmetic.yaml")
-
-
-@pytest.fixture
-def uploads(monkeypatch):
-    """Replace the Hub calls: `create_repo` answers, `upload_folder` records the folder's files as uploaded."""
-    calls = []
-
-    def create_repo(self, repo_id, **kwargs):
-        return SimpleNamespace(repo_id=repo_id)
-
-    def upload_folder(self, repo_id, folder_path, **kwargs):
-        files = {}
-        for name in os.listdir(folder_path):
-            path = os.path.join(folder_path, name)
-            if os.path.isfile(path) and not name.startswith("_") and name.endswith((".md", ".json", ".yaml")):
-                with open(path, encoding="utf-8") as f:
-                    files[name] = f.read()
-            elif os.path.isfile(path):
-                files[name] = None
-        calls.append({"repo_id": repo_id, "files": files, **kwargs})
-        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    return calls
 
 
 def tiny_trainer(model_dir, output_dir, **overrides) -> LaSeRGRPOTrainer:

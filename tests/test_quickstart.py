@@ -107,6 +107,8 @@ def test_the_printed_commands_follow_the_recipe():
         *("--max-problems", "128", "--num-samples", "8", "--max-new-tokens", "40", "--problem-column", "question"),
         *("--output-dir", "runs/q-fit"),
     ]
+    pushed = fit_row_command(script, training, "runs/q-fit", "me/q").split()  # a run pushed to the Hub: its fit too
+    assert pushed[-4:] == ["runs/q-fit", "--push-to-hub", "--hub-model-id", "me/q"]
     assert eval_command(script, training, "runs/q/").split()[-6:] == [
         *("--max-new-tokens", "40", "--problem-column", "question", "--output-dir", "runs/q-eval"),
     ]

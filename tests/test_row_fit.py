@@ -8,9 +8,11 @@ import os
 import pytest
 import torch
 from conftest import EOS, SELF_REWARD_TOKEN, ZC, answering_model
+from huggingface_hub import HfApi
 from safetensors.torch import load_file
 
 from trl_laser.cli import main as cli_main
+from trl_laser.hub import CARD_START, ROW_FIT_END, ROW_FIT_START, write_row_fit_card
 from trl_laser.metrics import auroc_within_group
 from trl_laser.row_fit import (
     ROW_FIT_FILE,
@@ -19,7 +21,7 @@ from trl_laser.row_fit import (
     refitted_logps,
     row_fit_step,
 )
-from trl_laser.settings import SelfRewardSettings
+from trl_laser.settings import SELF_REWARD_CONFIG_NAME, SelfRewardSettings
 
 
 BETA, REF = 0.1, -16.0
@@ -186,6 +188,12 @@ def laser_dir(tokenizer, tmp_path_factory) -> str:
     SelfRewardSettings(SELF_REWARD_TOKEN, ZC, 0.1, -5.0, eos_token_ids=[EOS]).save_pretrained(path)
     with open(os.path.join(path, "laser_recipe.yaml"), "w", encoding="utf-8") as f:
         f.write("max_steps: 1\n")
+    # What training leaves beside the weights: its log history and a card with the LaSeR section.
+    with open(os.path.join(path, "trainer_state.json"), "w", encoding="utf-8") as f:
+        json.dump({"log_history": [{"step": 1, "reward": 0.25, "self_reward/auroc": 0.625}]}, f)
+    with open(os.path.join(path, "README.md"), "w", encoding="utf-8") as f:
+        f.write("# Model Card for model\n\nTRL's part of the card.\n")
+    write_row_fit_card(path)  # without a row_fit.json: the LaSeR section alone, as training writes it
     return path
 
 
@@ -263,6 +271,50 @@ def test_cli_fits_the_row_and_changes_nothing_else(laser_dir, tmp_path, capsys):
     assert set(inside["expected_zc_draws_per_answer"]) == {"before", "after"}
 
 
+def test_cli_pushes_the_fitted_model_with_its_card(laser_dir, tmp_path, uploads, capsys):
+    out = str(tmp_path / "fitted")
+    argv = ["fit-row", "--model", laser_dir, "--dataset", "builtin:arithmetic", "--split", "test"]
+    argv += ["--max-problems", "6", "--num-samples", "8", "--max-new-tokens", "6", "--folds", "3", "--ridges", "0.1"]
+    argv += ["--output-dir", out, "--push-to-hub", "--hub-model-id", "someone/laser-fit", "--hub-token", "hf_secret"]
+    assert cli_main([*argv, "--hub-private"]) == 0
+    assert (
+        capsys.readouterr().out.splitlines()[-1]
+        == "Model pushed to the Hub in https://huggingface.co/someone/laser-fit."
+    )
+    assert uploads.created == [
+        {"repo_id": "someone/laser-fit", "token": "hf_secret", "private": True, "exist_ok": True}
+    ]
+    assert len(uploads) == 1 and uploads[0]["repo_id"] == "someone/laser-fit"
+    files = uploads[0]["files"]
+    assert {"model.safetensors", "tokenizer.json", ROW_FIT_FILE, SELF_REWARD_CONFIG_NAME, "laser_recipe.yaml"} <= set(
+        files
+    )
+    assert not any("hf_secret" in text for text in files.values() if text)
+    card, fit = files["README.md"], json.loads(files[ROW_FIT_FILE])
+    # TRL's part is kept; the LaSeR section names the new repository once; the fit's section follows it, once.
+    assert card.startswith("# Model Card for model") and card.count(CARD_START) == 1 and card.count(ROW_FIT_START) == 1
+    assert 'from_pretrained("someone/laser-fit")' in card and "path/to/this/model" not in card
+    assert "| `self_reward/auroc` | 0.6250 |" in card  # the training run's final metrics, from trainer_state.json
+    section = card[card.index(ROW_FIT_START) : card.index(ROW_FIT_END)]
+    chosen = fit["chosen"]
+    assert f"({chosen['ridge']:g})" in section and f"{fit['n_finished']} finished samples" in section
+    after = fit["fitting_samples"]["self_reward_after"]
+    assert f"| LaSeR score after the fit (in-sample) | {after['auroc']:.3f} |" in section
+
+    # Without the Hub: one line that says where the fitted model is and how to upload it later.
+    def offline(self, repo_id, **kwargs):
+        raise ConnectionError("Cannot reach https://huggingface.co: offline mode is enabled.")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(HfApi, "create_repo", offline)
+        assert cli_main([*argv, "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("trl-laser fit-row: error:")]
+    assert "Traceback" not in err and len(lines) == 1
+    assert "offline mode" in lines[0] and f"hf upload someone/laser-fit {out}" in lines[0]
+    assert os.path.isfile(os.path.join(out, "model.safetensors")) and len(uploads) == 1
+
+
 def test_the_command_fits_on_training_problems_by_default():
     from trl_laser.scripts.fit_row import make_parser
 
@@ -289,6 +341,7 @@ def test_bad_input_is_a_one_line_error(laser_dir, tokenizer, tmp_path, capsys):
     assert "--output-dir" in error_of(
         capsys, "--model", laser_dir, "--dataset", "builtin:arithmetic", "--output-dir", laser_dir
     )
+    assert "--hub-model-id" in error_of(capsys, "--model", laser_dir, *base, "--push-to-hub")
     assert not os.path.exists(tmp_path / "never")
     plain = str(tmp_path / "plain")
     answering_model(tokenizer).save_pretrained(plain)

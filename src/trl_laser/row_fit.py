@@ -32,6 +32,7 @@ from .core import class_weights, group_centred_system, least_squares_row_step, s
 from .evaluation.prompts import Prompt
 from .evaluation.sampling import Sampling, SelfRewardOverrides, default_device, load_for_sampling
 from .evaluation.summary import BASELINES, ranking
+from .hub import ROW_FIT_FILE, write_row_fit_card
 from .probe import (
     _check_options,
     _eos_states,
@@ -45,7 +46,6 @@ from .readout import grouped_folds
 from .settings import resolve_settings
 
 
-ROW_FIT_FILE = "row_fit.json"
 # Ridges relative to trace(B) / d (as the training-time row update). The step starts from the trained row, so a small
 # ridge keeps it where the samples say nothing; on SmolLM2-135M's arithmetic miniature (2,000 samples, d = 576) the
 # cross-validated choices were the smallest of 0.003-1 (docs/miniature.md), hence the grid reaches below.
@@ -257,6 +257,7 @@ def fit_row(
     progress: bool = True,
     tolerance: float = 1e-3,
     overwrite: bool = False,
+    hub_model_id: str | None = None,
 ) -> dict[str, Any]:
     """Sample the model on training problems, fit z_c's row to its answers, save the model with it to `output_dir`.
 
@@ -270,8 +271,9 @@ def fit_row(
     reports the expected number of z_c tokens sampled per answer, unsuppressed, before and after. `output_dir` gets the
     whole model (every file of a local model directory, the weights saved again) with the same self-reward settings,
     and `row_fit.json`: the choice, the table, and every signal on the fitting samples before and after. A folder that
-    already holds files is refused unless `overwrite` (then the fit's files replace theirs). Bad input raises
-    `ValueError` before the model loads.
+    already holds files is refused unless `overwrite` (then the fit's files replace theirs). The model card gains a
+    section on the fit (`trl_laser.hub.write_row_fit_card`; its code names `hub_model_id` when given, for a push with
+    `trl_laser.hub.push_row_fit`). Bad input raises `ValueError` before the model loads.
     """
     sampling, self_reward = _probe_sampling(sampling), self_reward or SelfRewardOverrides()
     _check_options(sampling, max_problems, folds, [1.0], self_reward.self_reward_ref_constant)
@@ -358,6 +360,7 @@ def fit_row(
     with open(os.path.join(output_dir, ROW_FIT_FILE), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
+    write_row_fit_card(output_dir, hub_model_id)
     return result
 
 

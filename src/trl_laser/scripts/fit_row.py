@@ -4,7 +4,8 @@ Samples N completions per training problem at temperature 1, reads each finished
 log pi(z_c), and solves LaSeR's class-balanced MSE for z_c's row in closed form, with the ridge and the weight of the
 part between problems chosen by cross-validation grouped by problem (`trl_laser.row_fit`). Saves the whole model with
 the new row to `--output-dir` (never over `--model`) with `row_fit.json`, and prints the cross-validated table and
-the chosen fit. The score keeps its definition, c_ref and beta_v: evaluate the output with `trl-laser eval`.
+the chosen fit, and adds the fit to the model card. The score keeps its definition, c_ref and beta_v: evaluate the
+output with `trl-laser eval`. `--push-to-hub --hub-model-id ID` then uploads the folder, as `trl-laser train` does.
 """
 
 from __future__ import annotations
@@ -55,6 +56,17 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
         "--overwrite", action="store_true", help="Replace the files in a used --output-dir (else refused)."
     )
     parser.add_argument("--json", action="store_true", help="Print the result as JSON instead of a summary.")
+    hub = parser.add_argument_group("Hub (as `trl-laser train --push_to_hub`)")
+    hub.add_argument(
+        "--push-to-hub",
+        action="store_true",
+        help="Upload the fitted model (weights, self-reward settings, row_fit.json, card) to --hub-model-id.",
+    )
+    hub.add_argument(
+        "--hub-model-id", default=None, help="The Hub repository, e.g. you/SmolLM2-135M-LaSeR (created if needed)."
+    )
+    hub.add_argument("--hub-token", default=None, help="Hub token (default: HF_TOKEN or the cached login).")
+    hub.add_argument("--hub-private", action="store_true", help="Create the repository private.")
     add_self_reward_arguments(
         parser,
         "self-reward settings (default: the model's self_reward_config.json)",
@@ -66,6 +78,7 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
 def main(args: argparse.Namespace) -> int:
     """Fit the row and print what was chosen; bad input exits with one line on stderr and status 1."""
     from trl_laser.evaluation import Prompt, Sampling, SelfRewardOverrides
+    from trl_laser.hub import push_row_fit
     from trl_laser.row_fit import (
         DEFAULT_BETWEEN_WEIGHTS,
         DEFAULT_OTHER_WEIGHT,
@@ -75,6 +88,8 @@ def main(args: argparse.Namespace) -> int:
     )
 
     def fit() -> dict:
+        if args.push_to_hub and not args.hub_model_id:
+            raise ValueError("--push-to-hub needs --hub-model-id, the repository to upload to (e.g. you/model-fit).")
         return fit_row(
             args.model,
             args.dataset,
@@ -92,10 +107,26 @@ def main(args: argparse.Namespace) -> int:
             folds=args.folds,
             device=args.device,
             overwrite=args.overwrite,
+            hub_model_id=args.hub_model_id,
         )
+
+    def push() -> str:
+        try:
+            return push_row_fit(args.output_dir, args.hub_model_id, args.hub_token, True if args.hub_private else None)
+        except OSError as err:
+            raise OSError(
+                f"{err} The fitted model is saved in {args.output_dir}: upload it with "
+                f"`hf upload {args.hub_model_id} {args.output_dir}` once the Hub is reachable."
+            ) from None
 
     result = report_errors("fit-row", fit)
     print(json.dumps(result, indent=2) if args.json else format_row_fit(result))
+    if args.push_to_hub:
+        repo_id = report_errors("fit-row", push)
+        print(
+            f"Model pushed to the Hub in https://huggingface.co/{repo_id}.",
+            file=sys.stderr if args.json else sys.stdout,
+        )
     return 0
 
 

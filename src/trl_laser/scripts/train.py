@@ -158,7 +158,10 @@ def main(
         model = os.path.normpath(training_args.output_dir) + "-fit"
         report(
             "Its score's row was trained alone (self_reward_row_only): refit it to the final model's own answers on "
-            "training problems:\n  " + fit_row_command(script_args, training_args, model)
+            "training problems:\n  "
+            + fit_row_command(
+                script_args, training_args, model, trainer.hub_model_id if training_args.push_to_hub else None
+            )
         )
     report(
         "Check its self-verification on problems it never saw, beside the free mean-token-log-prob baseline:\n  "
@@ -186,13 +189,19 @@ def _columns(script_args: LaSeRScriptArguments) -> list[str]:
     return command
 
 
-def fit_row_command(script_args: LaSeRScriptArguments, training_args: LaSeRConfig, fitted: str) -> str:
+def fit_row_command(
+    script_args: LaSeRScriptArguments, training_args: LaSeRConfig, fitted: str, hub_model_id: str | None = None
+) -> str:
     """The `trl-laser fit-row` command that refits z_c's row of the saved model on 128 training problems, into
-    `fitted` (the quickstart's settings)."""
+    `fitted` (the quickstart's settings), then pushes it to `hub_model_id` when given (a new commit over the trained
+    model's: the fitted model is the one to score with)."""
     command = ["trl-laser", "fit-row", "--model", training_args.output_dir, "--dataset", str(script_args.dataset_name)]
     command += ["--split", script_args.dataset_train_split, "--max-problems", "128", "--num-samples", "8"]
     command += ["--max-new-tokens", str(training_args.max_completion_length), *_columns(script_args)]
-    return shlex.join([*command, "--output-dir", fitted])
+    command += ["--output-dir", fitted]
+    if hub_model_id:
+        command += ["--push-to-hub", "--hub-model-id", hub_model_id]
+    return shlex.join(command)
 
 
 def eval_command(script_args: LaSeRScriptArguments, training_args: LaSeRConfig, model: str) -> str:
