@@ -63,14 +63,17 @@ def test_python_push_to_hub_as_in_trl(tiny_model_dir, tmp_path, uploads):
         assert f.read().count(CARD_START) == 1
 
 
-def test_cli_push_to_hub(tiny_model_dir, tmp_path, uploads):
+def test_cli_push_to_hub(tiny_model_dir, tmp_path, uploads, capsys):
     out = tmp_path / "out"
     argv = ["train", "--config", QUICKSTART, "--model_name_or_path", tiny_model_dir, "--output_dir", str(out)]
     argv += ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1", "--num_generations", "4"]
     argv += ["--max_completion_length", "12", "--max_steps", "1"]
     argv += ["--push_to_hub", "--hub_model_id", "someone/laser-quickstart", "--hub_token", "hf_not_a_token"]
     assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
     assert len(uploads) == 1  # one upload at the end, not one per save
+    # The recipe trains the row alone: the printed refit pushes the fitted model to the same repository.
+    assert f"--output-dir {out}-fit --push-to-hub --hub-model-id someone/laser-quickstart" in printed
     call = uploads[0]
     assert call["repo_id"] == "someone/laser-quickstart" and call["commit_message"] == "End of training"
     files = call["files"]
