@@ -420,9 +420,14 @@ def summarize(args: argparse.Namespace, out: str, c_ref: dict, seconds: dict[str
             shutil.copy(
                 os.path.join(out, f"eval_{arm}", f"{name}.png"), os.path.join(args.figures_dir, f"{name}_{arm}.png")
             )
-    if GOAL_ARM in results["arms"] and "grpo" in results["arms"]:
-        results["goal_arm"] = GOAL_ARM
-        results["goals"] = goals(results["arms"][GOAL_ARM], results["arms"]["grpo"])
+    if "grpo" in results["arms"]:  # the goals of every LaSeR arm against the GRPO arm of the same run
+        grpo = results["arms"]["grpo"]
+        results["goals_by_arm"] = {
+            arm: goals(entry, grpo) for arm, entry in results["arms"].items() if arm not in ("initial", "grpo")
+        }
+        if GOAL_ARM in results["arms"]:
+            results["goal_arm"] = GOAL_ARM
+            results["goals"] = results["goals_by_arm"][GOAL_ARM]
     results["c_ref"] = c_ref
     results["command"] = shlex.join(["python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
     results["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jobs": args.jobs}

@@ -1,5 +1,5 @@
 """The pure parts of the benchmark scripts (no model, no training): the miniature's per-band AUROC, second verifier
-rules and results table; the overhead benchmark's aggregation, ratios and identical-batch check."""
+rules, results table and seeds comparison; the overhead benchmark's aggregation, ratios and identical-batch check."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from conftest import load_benchmark as load
 
 miniature = load("miniature")
 overhead = load("bench_overhead")
+seeds = load("miniature_seeds")
 
 
 def record(problem_index: int, score: float | None, correct: bool, completion: str = "", gold: str = "0") -> dict:
@@ -215,3 +216,34 @@ def test_a_training_seed_reaches_every_trained_arm_and_nothing_else():
         assert command[command.index("--seed") + 1] == "0"  # evaluation sampling and the fit keep --seed
     default = miniature.make_parser().parse_args(["--arms", "grpo"])
     assert "--seed" not in miniature.train_commands(default, "/out", -16.5)["train_grpo"]  # the recipe's own seed
+
+
+def _arm(accuracy: float, within: float, seed: int | None) -> dict:
+    train = {"recipe": "recipes/SmolLM2-135M-Instruct/grpo/config_arithmetic.yaml", "seed": seed}
+    free = {"mean_token_logprob": {"auroc_within_problem": 0.6}}
+    figures = {"majority_at_n": 0.5, "weighted_at_n": 0.52, "best_of_n": 0.51, "auroc": 0.9}
+    return {"accuracy": accuracy, "auroc_within_problem": within, "baselines": free, "train": train, **figures}
+
+
+def test_seeds_are_compared_per_seed_and_on_the_mean():
+    # seed 42 from the recipe (a run without --train-seed), seed 1 recorded; LaSeR -3.5 and +0.5 points: mean -1.5
+    first = {"arms": {"grpo": _arm(0.517, 0.53, None), "laser": _arm(0.482, 0.84, None), "other": _arm(0.9, 0.9, 0)}}
+    second = {"arms": {"grpo": _arm(0.50, 0.55, 1), "laser": _arm(0.505, 0.80, 1)}}
+    rows = seeds.seed_rows([first, second], ["grpo", "laser"])
+    assert [(r["arm"], r["seed"]) for r in rows] == [("grpo", 42), ("laser", 42), ("grpo", 1), ("laser", 1)]
+    assert rows[1]["within_mean_token_logprob"] == 0.6
+    means = {m["arm"]: m for m in seeds.mean_rows(rows, ["grpo", "laser"])}
+    assert means["laser"]["accuracy"] == pytest.approx((0.482 + 0.505) / 2) and means["laser"]["n_seeds"] == 2
+    assert means["laser"]["auroc_within_problem"] == pytest.approx(0.82)
+    goal = seeds.accuracy_goal(rows, "laser", "grpo")
+    assert goal["seeds"] == [1, 42]
+    assert goal["difference_by_seed"][42] == pytest.approx(-0.035) and goal["difference_by_seed"][1] == pytest.approx(
+        0.005
+    )
+    assert goal["mean_difference"] == pytest.approx(-0.015) and goal["met"]
+    worse = seeds.seed_rows(
+        [first, {"arms": {"grpo": _arm(0.50, 0.5, 1), "laser": _arm(0.49, 0.8, 1)}}], ["grpo", "laser"]
+    )
+    assert not seeds.accuracy_goal(worse, "laser", "grpo")["met"]  # -3.5 and -1 points: mean -2.25
+    table = seeds.format_table(rows).splitlines()
+    assert table[2].startswith("| `grpo` | 42 | 0.517 | 0.530 | 0.600 |")
