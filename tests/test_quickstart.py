@@ -93,6 +93,47 @@ def test_quickstart_logs_self_reward_metrics_every_step(tiny_model_dir, tmp_path
     assert parsed.training_args.self_reward_row_only and parsed.training_args.self_reward_advantage_coef == 0
 
 
+def test_the_refit_after_training_is_the_fit_row_command(tiny_model_dir, tmp_path, capsys):
+    """`--fit_row_problems N` (as `make quickstart`) ends training with `trl-laser fit-row`'s fit, byte for byte."""
+    from safetensors.torch import load_file
+
+    from trl_laser.hub import ROW_FIT_FILE, ROW_FIT_START
+
+    out = tmp_path / "run"
+    argv = ["train", "--config", QUICKSTART, "--model_name_or_path", tiny_model_dir, "--output_dir", str(out), *SHORT]
+    assert cli_main([*argv, "--fit_row_problems", "6"]) == 0
+    lines = [line.strip() for line in capsys.readouterr().out.strip().splitlines()]
+    assert lines[-3] == f"Model with the refitted row saved to {out}-fit."
+    assert lines[-1].startswith(f"trl-laser eval --model {out}-fit ")  # the fitted model is the one evaluated
+    assert "<- chosen" in "\n".join(lines) and not any(line.startswith("trl-laser fit-row") for line in lines)
+    fitted = tmp_path / "run-fit"
+    assert ROW_FIT_START in (fitted / "README.md").read_text()
+    # The same fit by the command, with the training's length and generation batch (8 here) and its defaults.
+    command = ["fit-row", "--model", str(out), "--dataset", "builtin:arithmetic", "--max-problems", "6"]
+    command += ["--max-new-tokens", "12", "--batch-size", "8", "--output-dir", str(tmp_path / "cli-fit")]
+    assert cli_main(command) == 0
+    in_training, by_command = (json.loads((d / ROW_FIT_FILE).read_text()) for d in (fitted, tmp_path / "cli-fit"))
+    assert in_training["chosen"] == by_command["chosen"] and in_training["n_finished"] == by_command["n_finished"]
+    assert in_training["step_norm"] == by_command["step_norm"] > 0
+    weights = load_file(fitted / "model.safetensors")
+    assert all(t.equal(weights[k]) for k, t in load_file(tmp_path / "cli-fit" / "model.safetensors").items())
+
+    # A used OUTPUT-fit is refused before training, unless --overwrite_output_dir.
+    other = tmp_path / "other"
+    (tmp_path / "other-fit").mkdir()
+    (tmp_path / "other-fit" / "keep.txt").write_text("an earlier fit")
+    again = [*argv[: -len(SHORT) - 2], "--output_dir", str(other), *SHORT, "--fit_row_problems", "6"]
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(again)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "`fit_row_problems`" in err and f"{other}-fit" in err and "--overwrite_output_dir true" in err
+    assert not other.exists() and (tmp_path / "other-fit" / "keep.txt").is_file()
+    with pytest.raises(SystemExit):
+        cli_main([*argv, "--fit_row_problems", "4"])
+    assert "`fit_row_problems` must be an integer >= 5" in capsys.readouterr().err
+
+
 def test_the_printed_commands_follow_the_recipe():
     """The commands training prints last: columns and splits from the recipe; a model trained with the MSE reaching
     the whole model (no row-only) is evaluated as it is."""
@@ -116,8 +157,9 @@ def test_the_printed_commands_follow_the_recipe():
 
 @pytest.mark.slow
 def test_quickstart_full(tmp_path):
-    """`make quickstart` as shipped: SmolLM2-135M-Instruct, 64 steps of 4 prompts x 8 completions, `fit-row` on 128
-    training problems, then the held-out evaluation of the fitted model (about 50 minutes)."""
+    """`make quickstart` as shipped: SmolLM2-135M-Instruct, 64 steps of 4 prompts x 8 completions, the row refitted
+    on 128 training problems at the end of training, then the held-out evaluation of the fitted model (about 50
+    minutes)."""
 
     def run(*argv: str) -> str:
         result = subprocess.run(
@@ -127,20 +169,23 @@ def test_quickstart_full(tmp_path):
         return result.stdout
 
     out, fitted = tmp_path / "quickstart", tmp_path / "quickstart-fit"
-    printed = run("train", "--config", QUICKSTART, "--output_dir", str(out))
+    printed = run("train", "--config", QUICKSTART, "--output_dir", str(out), "--fit_row_problems", "128")
     assert "Final self-verification metrics (step 64)" in printed
     assert (out / SELF_REWARD_CONFIG_NAME).is_file()
     assert (out / "tokenizer.json").is_file()
-    fit_command = printed.strip().splitlines()[-3].split()
-    assert fit_command[:4] == ["trl-laser", "fit-row", "--model", str(out)]
-    common = ["--dataset", "builtin:arithmetic", "--max-new-tokens", "40", "--batch-size", "32"]
-    printed = run("fit-row", "--model", str(out), *common, "--max-problems", "128", "--output-dir", str(fitted))
     assert "<- chosen" in printed and (fitted / "row_fit.json").is_file()
+    eval_command = printed.strip().splitlines()[-1].split()
+    assert eval_command[:4] == ["trl-laser", "eval", "--model", str(fitted)]
     printed = run(
         "eval",
         "--model",
         str(fitted),
-        *common,
+        "--dataset",
+        "builtin:arithmetic",
+        "--max-new-tokens",
+        "40",
+        "--batch-size",
+        "32",
         "--split",
         "test",
         "--max-problems",

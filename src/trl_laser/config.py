@@ -51,9 +51,13 @@ def check_zero3_generation(zero_stage: int | None, ds3_gather_for_generation: bo
         )
 
 
+FIT_ROW_FOLDS = 5  # `trl-laser fit-row`'s default folds, which the refit after training uses
+
+
 @dataclass
 class LaSeRScriptArguments:
-    """Data and reward settings of `trl-laser train` (the training settings are `LaSeRConfig`'s)."""
+    """Data and reward settings of `trl-laser train`, and what it does after training (the training settings are
+    `LaSeRConfig`'s)."""
 
     dataset_name: str | None = field(
         default=None,
@@ -104,6 +108,16 @@ class LaSeRScriptArguments:
             "one \\boxed{}, no fallback), or dotted import paths such as `my_lib.rewards.my_reward`."
         },
     )
+    fit_row_problems: int | None = field(
+        default=None,
+        metadata={
+            "help": "After training, refit z_c's output row in closed form to the final model's own answers (8 per "
+            "problem, temperature 1) on the first N problems of the training split, as `trl-laser fit-row` does, into "
+            "`<output_dir>-fit`; with `push_to_hub`, that model is pushed to the same repository after the trained "
+            "one. It pays most after a `self_reward_row_only` run (the quickstart recipe: 128). At least 5 (the folds "
+            "of its cross-validation). Default: off."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -113,6 +127,15 @@ class LaSeRScriptArguments:
             "`resume_from_checkpoint: true` (the latest checkpoint in `output_dir`)."
         },
     )
+
+    def __post_init__(self):
+        if self.fit_row_problems is not None and (
+            isinstance(self.fit_row_problems, bool) or self.fit_row_problems < FIT_ROW_FOLDS
+        ):
+            raise ValueError(
+                f"`fit_row_problems` must be an integer >= {FIT_ROW_FOLDS} (the folds of the refit's cross-validation, "
+                f"grouped by problem), got {self.fit_row_problems!r}; leave it unset for no refit."
+            )
 
 
 @dataclass

@@ -222,19 +222,26 @@ def push_row_fit(
     output_dir: str | os.PathLike, repo_id: str, token: str | None = None, private: bool | None = None
 ) -> str:
     """Upload a folder that `fit_row` wrote to the Hub repository `repo_id` (created if needed), its card naming the
-    repository, as `Trainer.push_to_hub` uploads a trained model; return the full repository id."""
+    repository, as `Trainer.push_to_hub` uploads a trained model; return the full repository id. A failed upload is
+    an `OSError` that says the model is kept and gives the command that uploads it later."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    write_row_fit_card(output_dir, repo_id)
-    api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(output_dir),
-        commit_message="trl-laser fit-row: z_c's row refitted",
-        ignore_patterns=["_*", "checkpoint-*"],
-    )
-    return repo_id
+    try:
+        full_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        write_row_fit_card(output_dir, full_id)
+        api.upload_folder(
+            repo_id=full_id,
+            folder_path=str(output_dir),
+            commit_message="trl-laser fit-row: z_c's row refitted",
+            ignore_patterns=["_*", "checkpoint-*"],
+        )
+    except OSError as err:  # offline, no token, no rights: the Hub's own errors are OSErrors
+        raise OSError(
+            f"{' '.join(str(err).split())} The fitted model is saved in {output_dir}: upload it with "
+            f"`hf upload {repo_id} {output_dir}` once the Hub is reachable."
+        ) from err
+    return full_id
 
 
 def _read_json(folder: str | os.PathLike, name: str) -> Any:

@@ -378,7 +378,8 @@ def check_output_dir(
 ) -> list[str]:
     """Resolve `resume_from_checkpoint` (`true`: the latest complete checkpoint) and check that resuming from it
     continues the run as it ran (`check_resume`), or refuse a new run into an `output_dir` that holds a trained model
-    or checkpoints unless `overwrite_output_dir`; returns the old checkpoints that the new run replaces. Only reads:
+    or checkpoints unless `overwrite_output_dir` (and, with `fit_row_problems`, a used `<output_dir>-fit`); returns the
+    old checkpoints that the new run replaces. Only reads:
     nothing is written before training starts. `say` prints the checkpoints skipped (default: the main process).
     """
     output_dir = training_args.output_dir
@@ -395,6 +396,7 @@ def check_output_dir(
     if resume is not None:
         check_resume(training_args, resume)
     training_args.resume_from_checkpoint = resume
+    _check_fit_dir(script_args, output_dir)
     if resume is not None or not os.path.isdir(output_dir):
         return []
     old = checkpoints(output_dir)
@@ -408,6 +410,22 @@ def check_output_dir(
             "latest checkpoint, `--overwrite_output_dir true` to replace it, or another `output_dir`."
         )
     return old
+
+
+def fit_dir(output_dir: str) -> str:
+    """Where the model with z_c's row refitted after training goes (`fit_row_problems`, or the printed `fit-row`)."""
+    return os.path.normpath(output_dir) + "-fit"
+
+
+def _check_fit_dir(script_args: LaSeRScriptArguments, output_dir: str) -> None:
+    """Refuse, before training, a refit after it into a folder that holds files, unless `overwrite_output_dir`."""
+    fitted = fit_dir(output_dir)
+    if script_args.fit_row_problems and not script_args.overwrite_output_dir:
+        if os.path.isdir(fitted) and os.listdir(fitted):
+            raise RecipeError(
+                f"`fit_row_problems`: '{fitted}', where the row refitted after training goes, already holds files (an "
+                "earlier fit?). Pass `--overwrite_output_dir true` to replace them, or another `output_dir`."
+            )
 
 
 class OutputDirWriter(TrainerCallback):

@@ -111,13 +111,7 @@ def main(args: argparse.Namespace) -> int:
         )
 
     def push() -> str:
-        try:
-            return push_row_fit(args.output_dir, args.hub_model_id, args.hub_token, True if args.hub_private else None)
-        except OSError as err:
-            raise OSError(
-                f"{err} The fitted model is saved in {args.output_dir}: upload it with "
-                f"`hf upload {args.hub_model_id} {args.output_dir}` once the Hub is reachable."
-            ) from None
+        return push_row_fit(args.output_dir, args.hub_model_id, args.hub_token, True if args.hub_private else None)
 
     result = report_errors("fit-row", fit)
     print(json.dumps(result, indent=2) if args.json else format_row_fit(result))

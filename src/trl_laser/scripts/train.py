@@ -15,7 +15,7 @@ import os
 import shlex
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from trl import ModelConfig
 
@@ -28,6 +28,7 @@ from trl_laser.run_dir import (
     RunFinished,
     check_output_dir,
     checkpoints,
+    fit_dir,
     is_complete,
     resumed_recipe,
 )
@@ -154,14 +155,15 @@ def main(
         trainer.create_model_card(dataset_name=_hub_dataset_name(script_args.dataset_name))
     report(f"Model, tokenizer, self-reward settings and model card saved to {training_args.output_dir}.")
     model = training_args.output_dir
-    if training_args.self_reward_row_only:  # the row was trained alone: its refit on the final states is the next step
-        model = os.path.normpath(training_args.output_dir) + "-fit"
+    hub_model_id = trainer.hub_model_id if training_args.push_to_hub else None
+    if script_args.fit_row_problems:
+        model = refit_row(script_args, training_args, trainer, report)
+    elif training_args.self_reward_row_only:  # the row was trained alone: its refit on the final states comes next
+        model = fit_dir(training_args.output_dir)
         report(
             "Its score's row was trained alone (self_reward_row_only): refit it to the final model's own answers on "
-            "training problems:\n  "
-            + fit_row_command(
-                script_args, training_args, model, trainer.hub_model_id if training_args.push_to_hub else None
-            )
+            "training problems (`--fit_row_problems 128` does it at the end of training):\n  "
+            + fit_row_command(script_args, training_args, model, hub_model_id)
         )
     report(
         "Check its self-verification on problems it never saw, beside the free mean-token-log-prob baseline:\n  "
@@ -171,6 +173,59 @@ def main(
     # another still used it was aborted by the C++ runtime ("terminate called without an active exception").
     trainer.accelerator.wait_for_everyone()
     trainer.end()
+
+
+class RowRefitFailed(RuntimeError):
+    """The refit after training (`fit_row_problems`) failed; the trained model is saved."""
+
+
+def refit_row(
+    script_args: LaSeRScriptArguments, training_args: LaSeRConfig, trainer, report: Callable[[str], None]
+) -> str:
+    """`trl-laser fit-row` on the saved model, by the main process while the others wait: z_c's row refitted to the
+    final model's answers on the first `fit_row_problems` training problems, with the command's defaults (8 answers
+    each, sampling seed 0, 5 folds), into `<output_dir>-fit`, then pushed after the trained model with `push_to_hub`.
+    It loads a second copy of the model on the main process's device. Returns the fitted model's directory."""
+    from trl_laser.evaluation import Sampling
+    from trl_laser.hub import push_row_fit
+    from trl_laser.row_fit import fit_row, format_row_fit
+
+    fitted = fit_dir(training_args.output_dir)
+    hub_model_id = trainer.hub_model_id if training_args.push_to_hub else None
+    if trainer.accelerator.is_main_process:
+        report(f"Refitting z_c's row on {script_args.fit_row_problems} training problems (fit_row_problems) ...")
+        sampling = Sampling(
+            num_samples=8,
+            max_new_tokens=training_args.max_completion_length,
+            batch_size=training_args.generation_batch_size,
+        )
+        try:
+            result = fit_row(
+                training_args.output_dir,
+                str(script_args.dataset_name),
+                fitted,
+                split=script_args.dataset_train_split,
+                problem_column=script_args.problem_column,
+                answer_column=script_args.answer_column,
+                max_problems=script_args.fit_row_problems,
+                sampling=sampling,
+                device=str(trainer.accelerator.device),
+                overwrite=True,  # a used folder was refused before training, unless overwrite_output_dir
+                hub_model_id=hub_model_id,
+            )
+        except (ValueError, OSError) as err:
+            command = fit_row_command(script_args, training_args, fitted, hub_model_id)
+            raise RowRefitFailed(
+                f"the refit after training (fit_row_problems) failed: {err} The trained model is saved in "
+                f"{training_args.output_dir}; refit it with: {command}"
+            ) from err
+        report(format_row_fit(result))
+        if hub_model_id:  # a failed upload says how to upload the saved fit later
+            repo_id = push_row_fit(fitted, hub_model_id, training_args.hub_token, training_args.hub_private_repo)
+            report(f"Model with the refitted row pushed to the Hub in https://huggingface.co/{repo_id}.")
+        report(f"Model with the refitted row saved to {fitted}.")
+    trainer.accelerator.wait_for_everyone()
+    return fitted
 
 
 def _hub_dataset_name(name: str | None) -> str | None:
