@@ -83,3 +83,26 @@ def test_cli_push_to_hub(tiny_model_dir, tmp_path, uploads, capsys):
     assert "### Recipe" in card and "self_reward_token: <gh_stars>" in card
     assert "hf_not_a_token" not in card and "hf_not_a_token" not in files[RECIPE_FILE]
     assert "builtin:arithmetic" not in card.split("---")[1]  # not a Hub dataset: not in the card's metadata
+
+
+def test_cli_push_to_hub_with_the_refit_after_training(tiny_model_dir, tmp_path, uploads, capsys):
+    from trl_laser.hub import ROW_FIT_FILE, ROW_FIT_START
+
+    out = tmp_path / "out"
+    argv = ["train", "--config", QUICKSTART, "--model_name_or_path", tiny_model_dir, "--output_dir", str(out)]
+    argv += ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1", "--num_generations", "4"]
+    argv += ["--max_completion_length", "12", "--max_steps", "1", "--fit_row_problems", "5"]
+    argv += ["--push_to_hub", "--hub_model_id", "someone/laser-quickstart", "--hub_private_repo", "true"]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    # The trained model first, then the fitted one over it, in the same repository.
+    assert [call["repo_id"] for call in uploads] == ["someone/laser-quickstart"] * 2
+    trained, fitted = (call["files"] for call in uploads)
+    assert ROW_FIT_FILE not in trained and ROW_FIT_START not in trained["README.md"]
+    assert ROW_FIT_FILE in fitted and fitted["README.md"].count(ROW_FIT_START) == 1
+    assert 'from_pretrained("someone/laser-quickstart")' in fitted["README.md"]
+    assert uploads[1]["commit_message"] == "trl-laser fit-row: z_c's row refitted"
+    assert uploads.created[-1]["private"] is True
+    assert (
+        "Model with the refitted row pushed to the Hub in https://huggingface.co/someone/laser-quickstart." in printed
+    )
