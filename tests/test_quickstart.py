@@ -134,6 +134,23 @@ def test_the_refit_after_training_is_the_fit_row_command(tiny_model_dir, tmp_pat
     assert "`fit_row_problems` must be an integer >= 5" in capsys.readouterr().err
 
 
+def test_a_failed_refit_keeps_the_trained_model_and_says_how_to_retry(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "four.jsonl"  # 4 problems cannot fill the refit's 5 folds: it fails after training
+    data.write_text(
+        "".join(json.dumps({"problem": f"What is {i} plus 2?", "answer": str(i + 2)}) + "\n" for i in range(4))
+    )
+    out = tmp_path / "run"
+    argv = ["train", "--config", QUICKSTART, "--model_name_or_path", tiny_model_dir, "--output_dir", str(out), *SHORT]
+    assert cli_main([*argv, "--dataset_name", str(data), "--fit_row_problems", "5"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("trl-laser train: error:")]
+    assert len(err) == 1 and "RowRefitFailed" in err[0] and "cannot fill 5 folds" in err[0]
+    assert f"The trained model is saved in {out}; refit it with: trl-laser fit-row --model {out} " in err[0]
+    assert err[0].endswith(
+        f"--output-dir {out}-fit --batch-size 8 --overwrite (run with TRL_LASER_TRACEBACK=1 for the full traceback)"
+    )
+    assert (out / "model.safetensors").is_file() and (out / SELF_REWARD_CONFIG_NAME).is_file()
+
+
 def test_the_printed_commands_follow_the_recipe():
     """The commands training prints last: columns and splits from the recipe; a model trained with the MSE reaching
     the whole model (no row-only) is evaluated as it is."""

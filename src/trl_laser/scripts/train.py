@@ -214,10 +214,11 @@ def refit_row(
                 hub_model_id=hub_model_id,
             )
         except (ValueError, OSError) as err:
-            command = fit_row_command(script_args, training_args, fitted, hub_model_id)
+            command = fit_row_command(script_args, training_args, fitted, hub_model_id, script_args.fit_row_problems)
             raise RowRefitFailed(
                 f"the refit after training (fit_row_problems) failed: {err} The trained model is saved in "
-                f"{training_args.output_dir}; refit it with: {command}"
+                f"{training_args.output_dir}; refit it with: {command} --batch-size "
+                f"{training_args.generation_batch_size} --overwrite"
             ) from err
         report(format_row_fit(result))
         if hub_model_id:  # a failed upload says how to upload the saved fit later
@@ -245,13 +246,17 @@ def _columns(script_args: LaSeRScriptArguments) -> list[str]:
 
 
 def fit_row_command(
-    script_args: LaSeRScriptArguments, training_args: LaSeRConfig, fitted: str, hub_model_id: str | None = None
+    script_args: LaSeRScriptArguments,
+    training_args: LaSeRConfig,
+    fitted: str,
+    hub_model_id: str | None = None,
+    max_problems: int = 128,
 ) -> str:
-    """The `trl-laser fit-row` command that refits z_c's row of the saved model on 128 training problems, into
-    `fitted` (the quickstart's settings), then pushes it to `hub_model_id` when given (a new commit over the trained
+    """The `trl-laser fit-row` command that refits z_c's row of the saved model on `max_problems` training problems
+    (the quickstart's 128), into `fitted`, then pushes it to `hub_model_id` when given (a new commit over the trained
     model's: the fitted model is the one to score with)."""
     command = ["trl-laser", "fit-row", "--model", training_args.output_dir, "--dataset", str(script_args.dataset_name)]
-    command += ["--split", script_args.dataset_train_split, "--max-problems", "128", "--num-samples", "8"]
+    command += ["--split", script_args.dataset_train_split, "--max-problems", str(max_problems), "--num-samples", "8"]
     command += ["--max-new-tokens", str(training_args.max_completion_length), *_columns(script_args)]
     command += ["--output-dir", fitted]
     if hub_model_id:
