@@ -181,7 +181,7 @@ def run_parallel(commands: dict[str, list[str]], jobs: int, log_dir: str) -> dic
 
     Output goes to `log_dir/<name>.log`; a failed command stops the benchmark with the end of its log.
     """
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, (os.cpu_count() or 1) // min(jobs, max(1, len(commands))))  # a lone command gets every core
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     pending, running, seconds = list(commands.items()), {}, {}
     while pending or running:
@@ -276,6 +276,18 @@ def eval_commands(args: argparse.Namespace, out: str, c_ref: float) -> dict[str,
             command += ["--self-reward-token", TOKEN, "--self-reward-ref-constant", f"{c_ref:.4f}"]
         commands[f"eval_{arm}"] = command
     return commands
+
+
+def stages(args: argparse.Namespace, out: str, c_ref: float) -> list[dict[str, list[str]]]:
+    """The commands in the order they can run: training; the row fits beside the evals of arms that need no fit; the
+    evals of the fitted arms. Each stage's commands run side by side; an empty stage is left out."""
+    train = {} if args.skip_train else train_commands(args, out, c_ref)
+    fits = {} if args.skip_train else fit_commands(args, out)
+    evals = {} if args.skip_eval else eval_commands(args, out, c_ref)
+    waiting = {f"eval_{name.removeprefix('fit_')}" for name in fits}
+    ready = {name: command for name, command in evals.items() if name not in waiting}
+    after_fit = {name: command for name, command in evals.items() if name in waiting}
+    return [stage for stage in (train, {**fits, **ready}, after_fit) if stage]
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -515,11 +527,8 @@ def main(args: argparse.Namespace) -> None:
     print(
         f"[miniature] c_ref = {c_ref['mean']:.3f} +- {c_ref['std']:.3f} ({c_ref['n_finished']} finished)", flush=True
     )
-    if not args.skip_train:
-        seconds.update(run_parallel(train_commands(args, out, c_ref["mean"]), args.jobs, out))
-        seconds.update(run_parallel(fit_commands(args, out), args.jobs, out))
-    if not args.skip_eval:
-        seconds.update(run_parallel(eval_commands(args, out, c_ref["mean"]), args.jobs, out))
+    for stage in stages(args, out, c_ref["mean"]):
+        seconds.update(run_parallel(stage, args.jobs, out))
     with open(timings, "w", encoding="utf-8") as f:
         json.dump(seconds, f, indent=2)
     results = summarize(args, out, c_ref, seconds)

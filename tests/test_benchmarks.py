@@ -205,6 +205,19 @@ def test_a_fitted_arm_trains_its_base_once_then_fits_its_row():
     assert evaluated["eval_laser_fit"][evaluated["eval_laser_fit"].index("--model") + 1] == "/out/laser_fit"
 
 
+def test_fits_run_beside_the_evals_that_do_not_wait_for_them():
+    args = miniature.make_parser().parse_args(["--arms", "grpo,laser_row_only_no_mix_fit"])
+    assert [list(stage) for stage in miniature.stages(args, "/out", -16.5)] == [
+        ["train_grpo", "train_laser_row_only_no_mix"],
+        ["fit_laser_row_only_no_mix_fit", "eval_initial", "eval_grpo"],
+        ["eval_laser_row_only_no_mix_fit"],
+    ]
+    skip_train = miniature.make_parser().parse_args(["--arms", "grpo,laser_fit", "--skip-initial", "--skip-train"])
+    assert [list(stage) for stage in miniature.stages(skip_train, "/out", -16.5)] == [["eval_grpo", "eval_laser_fit"]]
+    summary_only = miniature.make_parser().parse_args(["--skip-train", "--skip-eval"])
+    assert miniature.stages(summary_only, "/out", -16.5) == []
+
+
 def test_a_training_seed_reaches_every_trained_arm_and_nothing_else():
     args = miniature.make_parser().parse_args(["--arms", "grpo,laser_row_only_no_mix_fit", "--train-seed", "7"])
     for command in miniature.train_commands(args, "/out", -16.5).values():
