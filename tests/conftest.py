@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 from types import SimpleNamespace
@@ -170,3 +171,16 @@ def uploads(monkeypatch):
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     return calls
+
+
+def dataset_with_configs(root, configs: dict[str, list[tuple[str, str]]], split: str = "test") -> str:
+    """A local dataset folder with several configurations (as GSM8K's `main` and `socratic`), declared in its README."""
+    folder = root / "with_configs"
+    header = ["---", "configs:"]
+    for name, problems in configs.items():
+        (folder / name).mkdir(parents=True)
+        lines = "".join(json.dumps({"question": p, "solution": a}) + "\n" for p, a in problems)
+        (folder / name / f"{split}.jsonl").write_text(lines)
+        header += [f"- config_name: {name}", "  data_files:", f"  - split: {split}", f"    path: {name}/{split}.jsonl"]
+    (folder / "README.md").write_text("\n".join([*header, "---", ""]))
+    return str(folder)

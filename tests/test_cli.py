@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import yaml
+from conftest import dataset_with_configs
 
 from trl_laser.cli import main as cli_main
 from trl_laser.config import LaSeRScriptArguments
@@ -228,6 +229,19 @@ def test_local_dataset_columns_system_prompt_and_prompt_filter(tmp_path, tokeniz
     assert len(filter_long_prompts(dataset, tokenizer, 100, None)) == 1
     with pytest.raises(RecipeError, match="max_prompt_length=5"):
         filter_long_prompts(dataset, tokenizer, 5, None)
+
+
+def test_a_hub_dataset_configuration_is_passed_and_a_missing_one_named(tmp_path):
+    folder = dataset_with_configs(
+        tmp_path, {"main": [("What is 2 plus 2?", "4")], "other": [("Write 7.", "7")]}, "train"
+    )
+    columns = {"problem_column": "question", "answer_column": "solution"}
+    dataset = load_split(
+        LaSeRScriptArguments(dataset_name=folder, dataset_config="other", **columns), "train", None, 0
+    )
+    assert dataset["answer"] == ["7"]
+    with pytest.raises(ValueError, match=r"needs a configuration: set `dataset_config` .* \['main', 'other'\]"):
+        load_split(LaSeRScriptArguments(dataset_name=folder, **columns), "train", None, 0)
 
 
 def test_builtin_arithmetic_uses_its_own_instruction():

@@ -8,13 +8,14 @@ import os
 import shutil
 
 import pytest
-from conftest import SELF_REWARD_TOKEN, answering_model
+from conftest import SELF_REWARD_TOKEN, answering_model, dataset_with_configs
 from PIL import Image
 
 from trl_laser import SelfRewardSettings
 from trl_laser.data import PAPER_INSTRUCTION, make_conversation
 from trl_laser.evaluation import format_table, scaling_curves, summarize
 from trl_laser.metrics import auroc
+from trl_laser.probe import load_problems as probe_problems
 from trl_laser.scoring import score_completions
 from trl_laser.scripts.eval import main, make_parser
 
@@ -329,6 +330,29 @@ def test_errors_are_one_line_and_name_the_problem(workdir, capsys, tmp_path):
     assert "self_reward_config.json" in message and "--self-reward-ref-constant" in message
     assert "missing.jsonl" in error_of(capsys, "--model", model, "--dataset", str(tmp_path / "missing.jsonl"))
     assert not os.path.exists(tmp_path / "never")  # nothing was written
+
+
+def test_a_dataset_configuration_is_chosen_by_name(workdir, capsys, tmp_path):
+    folder = dataset_with_configs(tmp_path, {"main": PROBLEMS[:2], "other": PROBLEMS[2:]})
+    cols = ["--problem-column", "question", "--answer-column", "solution", "--max-new-tokens", "4"]
+    out = str(tmp_path / "main")
+    model = ["--model", workdir["trained"], "--num-samples", "1"]
+    assert run(*model, "--dataset", folder, "--dataset-config", "main", *cols, "--output-dir", out) == 0
+    assert [s["problem"] for s in read_samples(out)] == [p for p, _ in PROBLEMS[:2]]
+    benchmark = f"b={folder},config=other,problem_column=question,answer_column=solution"
+    out = str(tmp_path / "other")
+    assert run(*model, "--benchmark", benchmark, "--max-new-tokens", "4", "--output-dir", out) == 0
+    assert [s["problem"] for s in read_samples(os.path.join(out, "b"))] == [p for p, _ in PROBLEMS[2:]]
+    message = error_of(capsys, *model, "--dataset", folder, *cols, "--output-dir", str(tmp_path / "never"))
+    assert "needs a configuration" in message and "--dataset-config" in message and "['main', 'other']" in message
+    message = error_of(capsys, *model, "--dataset", folder, "--dataset-config", "nope", *cols)
+    assert "has no configuration 'nope'" in message and "['main', 'other']" in message
+    assert not os.path.exists(tmp_path / "never")
+    # probe and fit-row read their problems the same way
+    _, _, problems = probe_problems(
+        workdir["trained"], folder, "test", ("question", "solution", "other"), None, None, 2
+    )
+    assert [p["problem"] for p in problems] == [p for p, _ in PROBLEMS[2:]]
 
 
 def test_overrides_score_a_model_saved_without_settings(workdir):

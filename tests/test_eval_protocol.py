@@ -73,6 +73,9 @@ def test_benchmark_syntax():
     assert parse_benchmark("m=data/m.jsonl,n=3,problem_column=q,answer_column=a") == Benchmark(
         "m", "data/m.jsonl", 3, None, "q", "a"
     )
+    assert parse_benchmark("gsm8k=openai/gsm8k,config=main,split=test") == Benchmark(
+        "gsm8k", "openai/gsm8k", None, "test", config="main"
+    )
     for bad, needle in (
         ("just/a/path", "NAME=SOURCE"),
         ("a b=x", "name"),

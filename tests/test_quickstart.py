@@ -157,18 +157,19 @@ def test_the_printed_commands_follow_the_recipe():
     from trl_laser.recipe import parse_args
     from trl_laser.scripts.train import eval_command, fit_row_command
 
-    argv = ["--config", QUICKSTART, "--output_dir", "runs/q/", "--problem_column", "question"]
+    argv = ["--config", QUICKSTART, "--output_dir", "runs/q/", "--problem_column", "question", "--dataset_config", "c"]
     parsed = parse_args([*argv, "--dataset_train_split", "validation", "--self_reward_row_only", "false"])
     script, training = parsed.script_args, parsed.training_args
     assert fit_row_command(script, training, "runs/q-fit").split() == [
         *("trl-laser", "fit-row", "--model", "runs/q/", "--dataset", "builtin:arithmetic", "--split", "validation"),
-        *("--max-problems", "128", "--num-samples", "8", "--max-new-tokens", "40", "--problem-column", "question"),
-        *("--output-dir", "runs/q-fit"),
+        *("--max-problems", "128", "--num-samples", "8", "--max-new-tokens", "40", "--dataset-config", "c"),
+        *("--problem-column", "question", "--output-dir", "runs/q-fit"),
     ]
     pushed = fit_row_command(script, training, "runs/q-fit", "me/q").split()  # a run pushed to the Hub: its fit too
     assert pushed[-4:] == ["runs/q-fit", "--push-to-hub", "--hub-model-id", "me/q"]
-    assert eval_command(script, training, "runs/q/").split()[-6:] == [
-        *("--max-new-tokens", "40", "--problem-column", "question", "--output-dir", "runs/q-eval"),
+    assert eval_command(script, training, "runs/q/").split()[-8:] == [
+        *("--max-new-tokens", "40", "--dataset-config", "c", "--problem-column", "question"),
+        *("--output-dir", "runs/q-eval"),
     ]
 
 

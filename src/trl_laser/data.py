@@ -9,7 +9,7 @@ import os
 import random
 from typing import TYPE_CHECKING, Any
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset, get_dataset_config_names, load_dataset
 
 from trl_laser.recipe import RecipeError
 from trl_laser.settings import PromptSettings
@@ -47,8 +47,9 @@ def load_problems(
 ) -> Dataset:
     """Load a Hub dataset by name or a local JSON/JSONL/parquet/CSV file, with `problem` and `answer` columns.
 
-    Raises a `ValueError` naming the missing column (and the columns there are), saying the dataset is empty, or
-    naming the file and line of malformed JSON / JSON Lines.
+    `config_name` is the configuration of a dataset that has several (GSM8K's `main`). Raises a `ValueError` naming
+    the missing column (and the columns there are) or configuration (and the ones there are), saying the dataset is
+    empty, or naming the file and line of malformed JSON / JSON Lines.
     `builtin:arithmetic` is the generated arithmetic set (seed 0; it also has a `difficulty` column).
     """
     if name_or_path == ARITHMETIC_DATASET:
@@ -72,7 +73,16 @@ def load_problems(
     elif extension in _LOCAL_FORMATS:
         raise FileNotFoundError(f"Data file {name_or_path!r} does not exist.")
     else:
-        dataset = load_dataset(name_or_path, config_name, split=split)
+        try:
+            dataset = load_dataset(name_or_path, config_name, split=split)
+        except ValueError as err:  # `datasets` names its own call, not the setting: name it
+            if "Config name is missing" not in str(err) and "BuilderConfig" not in str(err):
+                raise
+            problem = "needs a configuration" if config_name is None else f"has no configuration {config_name!r}"
+            raise ValueError(
+                f"Dataset {name_or_path!r} {problem}: set `dataset_config` (--dataset-config) to one of "
+                f"{get_dataset_config_names(name_or_path)}."
+            ) from None
     for column, option in ((problem_column, "problem_column"), (answer_column, "answer_column")):
         if column not in dataset.column_names:
             raise ValueError(

@@ -101,6 +101,7 @@ def run_probe(
     split: str = "test",
     problem_column: str = "problem",
     answer_column: str = "answer",
+    dataset_config: str | None = None,
     max_problems: int | None = None,
     sampling: Sampling | None = None,
     prompt: Prompt | None = None,
@@ -122,7 +123,13 @@ def run_probe(
     sampling, self_reward = _probe_sampling(sampling), self_reward or SelfRewardOverrides()
     _check_options(sampling, max_problems, folds, c_values, self_reward.self_reward_ref_constant)
     prompt, origins, problems = load_problems(
-        model_name_or_path, dataset, split, problem_column, answer_column, max_problems, prompt, folds
+        model_name_or_path,
+        dataset,
+        split,
+        (problem_column, answer_column, dataset_config),
+        max_problems,
+        prompt,
+        folds,
     )
 
     start = time.perf_counter()
@@ -158,16 +165,19 @@ def load_problems(
     model_name_or_path: str,
     dataset: str,
     split: str,
-    problem_column: str,
-    answer_column: str,
+    columns: tuple[str, str, str | None],
     max_problems: int | None,
     prompt: Prompt | None,
     folds: int,
 ) -> tuple[Prompt, dict[str, str], list[dict]]:
     """The prompt settings (the model's saved ones unless given) with their origins, and the problems, enough of them
-    to fill `folds` folds grouped by problem (else a `ValueError`)."""
+    to fill `folds` folds grouped by problem (else a `ValueError`). `columns`: the problem and answer columns and the
+    dataset's configuration."""
     prompt, origins = resolve_prompt(saved_settings(model_name_or_path), prompt or Prompt(), [dataset])
-    benchmark = Benchmark(dataset, dataset, split=split, problem_column=problem_column, answer_column=answer_column)
+    problem_column, answer_column, config = columns
+    benchmark = Benchmark(
+        dataset, dataset, split=split, problem_column=problem_column, answer_column=answer_column, config=config
+    )
     problems = load_benchmark(benchmark, max_problems, prompt.dataset_seed)
     if len(problems) < folds:
         raise ValueError(f"{len(problems)} problems cannot fill {folds} folds grouped by problem: use more problems.")

@@ -120,6 +120,7 @@ def run_estimate(
     split: str = "train",
     problem_column: str = "problem",
     answer_column: str = "answer",
+    dataset_config: str | None = None,
     instruction: str | None = None,
     system_prompt: str | None = None,
     num_samples: int = 64,
@@ -146,7 +147,7 @@ def run_estimate(
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
     # Without an answer column the problem column stands in for it, and correctness is not measured.
-    problems = load_problems(dataset, split, problem_column, answer_column or problem_column)
+    problems = load_problems(dataset, split, problem_column, answer_column or problem_column, dataset_config)
     num_prompts = min(len(problems), math.ceil(num_samples / samples_per_prompt))
     problems = problems.shuffle(seed=seed).select(range(num_prompts))
     instruction = instruction if instruction is not None else default_instruction(dataset)

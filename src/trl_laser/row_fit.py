@@ -245,6 +245,7 @@ def fit_row(
     split: str = "train",
     problem_column: str = "problem",
     answer_column: str = "answer",
+    dataset_config: str | None = None,
     max_problems: int | None = None,
     sampling: Sampling | None = None,
     prompt: Prompt | None = None,
@@ -288,7 +289,13 @@ def fit_row(
             "--output-dir, or pass --overwrite to replace them."
         )
     prompt, _, problems = load_problems(
-        model_name_or_path, dataset, split, problem_column, answer_column, max_problems, prompt, folds
+        model_name_or_path,
+        dataset,
+        split,
+        (problem_column, answer_column, dataset_config),
+        max_problems,
+        prompt,
+        folds,
     )
 
     start = time.perf_counter()

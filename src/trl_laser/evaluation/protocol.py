@@ -21,8 +21,8 @@ PAPER_NUM_SAMPLES = {"math500": 2, "aime24": 32, "aime25": 32, "amc23": 32, "oly
 PAPER_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8192}
 DEFAULT_SAMPLING = {"num_samples": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 1024}
 _YEARS = {"aime2024": "aime24", "aime2025": "aime25", "amc2023": "amc23"}
-_BENCHMARK_KEYS = ("n", "split", "problem_column", "answer_column")
-BENCHMARK_SYNTAX = "NAME=SOURCE[:N][,split=SPLIT][,problem_column=COL][,answer_column=COL]"
+_BENCHMARK_KEYS = ("n", "split", "config", "problem_column", "answer_column")
+BENCHMARK_SYNTAX = "NAME=SOURCE[:N][,split=SPLIT][,config=NAME][,problem_column=COL][,answer_column=COL]"
 
 
 @dataclasses.dataclass
@@ -35,6 +35,7 @@ class Benchmark:
     split: str | None = None
     problem_column: str | None = None
     answer_column: str | None = None
+    config: str | None = None  # the configuration of a Hub dataset that has several (GSM8K's `main`)
 
 
 def base_name(source: str) -> str:
@@ -50,7 +51,7 @@ def paper_benchmark_key(name: str) -> str | None:
 
 
 def parse_benchmark(spec: str) -> Benchmark:
-    """Parse `--benchmark NAME=SOURCE[:N][,key=value ...]` (keys: n, split, problem_column, answer_column).
+    """Parse `--benchmark NAME=SOURCE[:N][,key=value ...]` (keys: n, split, config, problem_column, answer_column).
 
     SOURCE is a local file, a Hub dataset or `builtin:arithmetic`; a trailing `:N` (digits) is the samples per problem.
     """
@@ -81,7 +82,13 @@ def parse_benchmark(spec: str) -> Benchmark:
             raise ValueError(f"`--benchmark {spec}`: the samples per problem must be an integer >= 1.")
         num_samples = int(values["n"])
     return Benchmark(
-        name, source, num_samples, values.get("split"), values.get("problem_column"), values.get("answer_column")
+        name,
+        source,
+        num_samples,
+        values.get("split"),
+        values.get("problem_column"),
+        values.get("answer_column"),
+        values.get("config"),
     )
 
 
@@ -108,7 +115,9 @@ def load_benchmark(benchmark: Benchmark, max_problems: int | None, dataset_seed:
     if benchmark.source == ARITHMETIC_DATASET:
         data = make_arithmetic_dataset(benchmark.split, seed=dataset_seed)
     else:
-        data = load_problems(benchmark.source, benchmark.split, benchmark.problem_column, benchmark.answer_column)
+        data = load_problems(
+            benchmark.source, benchmark.split, benchmark.problem_column, benchmark.answer_column, benchmark.config
+        )
     if max_problems is not None:
         data = data.select(range(min(max_problems, len(data))))
     return data.to_list()

@@ -73,6 +73,7 @@ def run_evaluation(
     split: str = "test",
     problem_column: str = "problem",
     answer_column: str = "answer",
+    dataset_config: str | None = None,
     max_problems: int | None = None,
     sampling: Sampling | None = None,
     prompt: Prompt | None = None,
@@ -105,7 +106,8 @@ def run_evaluation(
     sampling, prompt, self_reward = sampling or Sampling(), prompt or Prompt(), self_reward or SelfRewardOverrides()
     _check_options(protocol, sampling, num_subsets, max_problems)
     _check_backend(backend, device, vllm_kwargs)
-    items = _benchmarks(dataset, benchmarks, split, problem_column, answer_column, protocol, sampling.num_samples)
+    columns = (problem_column, answer_column, dataset_config)
+    items = _benchmarks(dataset, benchmarks, split, *columns, protocol, sampling.num_samples)
     plan = plan_evaluation(
         model_name_or_path,
         items,
@@ -192,6 +194,7 @@ def _benchmarks(
     split: str,
     problem_column: str,
     answer_column: str,
+    dataset_config: str | None,
     protocol: str,
     num_samples: int | None,
 ) -> list[Benchmark]:
@@ -212,6 +215,7 @@ def _benchmarks(
         b.split = b.split or split
         b.problem_column = b.problem_column or problem_column
         b.answer_column = b.answer_column or answer_column
+        b.config = b.config or dataset_config
         b.num_samples = b.num_samples or num_samples or protocol_num_samples(protocol, b)
     return items
 

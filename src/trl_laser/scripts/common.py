@@ -43,6 +43,9 @@ def add_sampling_arguments(
         help="Hub dataset, local JSON/JSONL/parquet/CSV file, or builtin:arithmetic.",
     )
     parser.add_argument("--split", default=split, help=f"Dataset split (default: {split}).")
+    parser.add_argument(
+        "--dataset-config", default=None, help="Configuration of a Hub dataset that has several (GSM8K: main)."
+    )
     parser.add_argument("--problem-column", default="problem", help="Column with the problem text.")
     parser.add_argument("--answer-column", default="answer", help="Column with the gold answer (LaTeX or a number).")
     samples_default = "4; --protocol paper: the paper's n per benchmark" if num_samples is None else num_samples

@@ -41,6 +41,9 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
         help="Problems to sample on: Hub dataset, local JSON/JSONL/parquet/CSV file, or builtin:arithmetic (default).",
     )
     parser.add_argument("--split", default="train", help="Dataset split (default: train).")
+    parser.add_argument(
+        "--dataset-config", default=None, help="Configuration of a Hub dataset that has several (GSM8K: main)."
+    )
     parser.add_argument("--problem-column", default="problem", help="Column with the problem text.")
     parser.add_argument("--answer-column", default="answer", help="Column with the gold answer ('' if none).")
     parser.add_argument("--instruction", default=None, help="Appended to each problem (default: the dataset's).")
@@ -68,6 +71,7 @@ def main(args: argparse.Namespace) -> int:
             split=args.split,
             problem_column=args.problem_column,
             answer_column=args.answer_column,
+            dataset_config=args.dataset_config,
             instruction=args.instruction,
             system_prompt=args.system_prompt,
             num_samples=args.num_samples,

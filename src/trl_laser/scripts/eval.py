@@ -41,8 +41,8 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
         action="append",
         default=None,
         metavar="NAME=SOURCE[:N]",
-        help="A benchmark (repeatable): NAME=SOURCE[:N][,split=S][,problem_column=C][,answer_column=C], SOURCE a "
-        "local file, Hub dataset or builtin:arithmetic, N its samples per problem. Instead of --dataset.",
+        help="A benchmark (repeatable): NAME=SOURCE[:N][,split=S][,config=C][,problem_column=C][,answer_column=C], "
+        "SOURCE a local file, Hub dataset or builtin:arithmetic, N its samples per problem. Instead of --dataset.",
     )
     parser.add_argument(
         "--protocol",
@@ -128,6 +128,7 @@ def main(args: argparse.Namespace) -> int:
             split=args.split,
             problem_column=args.problem_column,
             answer_column=args.answer_column,
+            dataset_config=args.dataset_config,
             max_problems=args.max_problems,
             sampling=options_from_args(Sampling, args),
             prompt=options_from_args(Prompt, args),

@@ -97,6 +97,7 @@ def main(args: argparse.Namespace) -> int:
             split=args.split,
             problem_column=args.problem_column,
             answer_column=args.answer_column,
+            dataset_config=args.dataset_config,
             max_problems=args.max_problems,
             sampling=options_from_args(Sampling, args),
             prompt=options_from_args(Prompt, args),

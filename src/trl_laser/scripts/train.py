@@ -207,6 +207,7 @@ def refit_row(
                 split=script_args.dataset_train_split,
                 problem_column=script_args.problem_column,
                 answer_column=script_args.answer_column,
+                dataset_config=script_args.dataset_config,
                 max_problems=script_args.fit_row_problems,
                 sampling=sampling,
                 device=str(trainer.accelerator.device),
@@ -237,7 +238,10 @@ def _hub_dataset_name(name: str | None) -> str | None:
 
 
 def _columns(script_args: LaSeRScriptArguments) -> list[str]:
+    """The dataset options of a command that reads the run's dataset, where they differ from the command's defaults."""
     command = []
+    if script_args.dataset_config is not None:
+        command += ["--dataset-config", script_args.dataset_config]
     if script_args.problem_column != "problem":
         command += ["--problem-column", script_args.problem_column]
     if script_args.answer_column != "answer":
