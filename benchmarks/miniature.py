@@ -258,6 +258,7 @@ def fit_commands(args: argparse.Namespace, out: str) -> dict[str, list[str]]:
             command += ["--max-problems", str(args.fit_problems), "--num-samples", "8"]
             command += ["--max-new-tokens", str(args.max_new_tokens), "--batch-size", "32", "--seed", str(args.seed)]
             command.append("--overwrite")  # a rerun refits: it replaces the earlier fit
+            command += ["--save-states", os.path.join(out, f"{arm}_states.pt")]  # for row_fit_selection.py
             commands[f"fit_{arm}"] = [*command, "--output-dir", os.path.join(out, arm)]
     return commands
 

@@ -201,6 +201,7 @@ def test_a_fitted_arm_trains_its_base_once_then_fits_its_row():
     assert (
         command[-2:] == ["--output-dir", "/out/laser_fit"] and "--max-problems" in command and "--overwrite" in command
     )
+    assert command[command.index("--save-states") + 1] == "/out/laser_fit_states.pt"
     evaluated = miniature.eval_commands(args, "/out", -16.5)
     assert evaluated["eval_laser_fit"][evaluated["eval_laser_fit"].index("--model") + 1] == "/out/laser_fit"
 
@@ -260,3 +261,40 @@ def test_seeds_are_compared_per_seed_and_on_the_mean():
     assert not seeds.accuracy_goal(worse, "laser", "grpo")["met"]  # -3.5 and -1 points: mean -2.25
     table = seeds.format_table(rows).splitlines()
     assert table[2].startswith("| `grpo` | 42 | 0.517 | 0.530 | 0.600 |")
+
+
+selection = load("row_fit_selection")
+
+
+def test_a_fixed_choice_nested_is_the_plain_cross_validation_of_that_cell():
+    import torch
+
+    from trl_laser.row_fit import cross_validate_row_fit
+
+    generator = torch.Generator().manual_seed(0)
+    n_groups, per_group = 15, 6
+    groups = torch.arange(n_groups).repeat_interleave(per_group)
+    labels = torch.tensor([float((i * 7 + g) % 3 == 0) for i, g in enumerate(groups.tolist())])
+    states = torch.randn(len(labels), 4, generator=generator, dtype=torch.float64) + labels[:, None]
+    logps = torch.full((len(labels),), -20.0, dtype=torch.float64) + 0.1 * groups
+    fitting = {"states": states, "logps": logps, "labels": labels, "groups": groups, "beta": 0.1, "ref": -20.0}
+    fixed = {"ridge": 0.1, "between_weight": 0.5, "auroc": 0.0, "auroc_within_problem": 0.0}
+    nested = selection.nested_selection(fitting, {"fixed": lambda table: fixed}, (0.1, 1.0), (1.0, 0.5), 3, 3)
+    plain = cross_validate_row_fit(
+        states, logps, labels.bool().tolist(), groups.tolist(), 0.1, -20.0, (0.1,), (0.5,), 3
+    )
+    assert nested["fixed"]["auroc"] == pytest.approx(plain[0]["auroc"])
+    assert nested["fixed"]["auroc_within_problem"] == pytest.approx(plain[0]["auroc_within_problem"])
+    assert nested["fixed"]["chosen"] == [{"ridge": 0.1, "between_weight": 0.5}] * 3
+
+
+def test_choice_rules_by_hand():
+    table = [
+        {"ridge": 0.001, "between_weight": 1.0, "auroc": 0.90, "auroc_within_problem": 0.80},  # mean 0.850: best
+        {"ridge": 0.01, "between_weight": 1.0, "auroc": 0.90, "auroc_within_problem": 0.79},  # 0.845: within 0.01
+        {"ridge": 0.1, "between_weight": 1.0, "auroc": 0.88, "auroc_within_problem": 0.78},  # 0.830: too far
+        {"ridge": 0.001, "between_weight": 0.5, "auroc": 0.80, "auroc_within_problem": 0.84},  # best within
+    ]
+    assert selection.RULES["mean (fit-row's)"](table) is table[0]
+    assert selection.larger_ridge(table) is table[1]
+    assert selection.within_only(table) is table[3]

@@ -18,6 +18,7 @@ from trl_laser.row_fit import (
     ROW_FIT_FILE,
     choice,
     cross_validate_row_fit,
+    load_fitting_states,
     refitted_logps,
     row_fit_step,
 )
@@ -212,10 +213,23 @@ def test_cli_fits_the_row_and_changes_nothing_else(laser_dir, tmp_path, capsys):
         "6",
     ]
     argv += ["--num-samples", "8", "--max-new-tokens", "6", "--folds", "3", "--ridges", "0.01", "0.1"]
-    assert cli_main([*argv, "--output-dir", out, "--json"]) == 0
+    states_file = str(tmp_path / "states.pt")
+    assert cli_main([*argv, "--output-dir", out, "--json", "--save-states", states_file]) == 0
     printed = json.loads(capsys.readouterr().out)
     with open(os.path.join(out, ROW_FIT_FILE), encoding="utf-8") as f:
         result = json.load(f)
+    # What the fit read, saved: the cross-validation and the step come back from it without sampling.
+    saved = load_fitting_states(states_file)
+    assert len(saved["states"]) == result["n_finished"] and int(saved["labels"].sum()) == result["n_correct_finished"]
+    args = (saved["states"], saved["logps"], saved["labels"].bool().tolist(), saved["groups"].tolist())
+    kwargs = {"folds": saved["folds"], "seed": saved["seed"], "other_gram": saved["other_gram"]}
+    assert (
+        cross_validate_row_fit(*args, saved["beta"], saved["ref"], (0.01, 0.1), **kwargs)
+        == result["cross_validation"]["table"]
+    )
+    fit_args = (saved["beta"], saved["ref"], result["chosen"]["ridge"], result["chosen"]["between_weight"])
+    step = row_fit_step(saved["states"], saved["logps"], saved["labels"], saved["groups"], *fit_args)
+    assert float(step.norm()) == pytest.approx(result["step_norm"], rel=1e-9)
     assert printed["chosen"] == result["chosen"] and result["split"] == "test"
     assert len(result["cross_validation"]["table"]) == 2 * 4  # 2 ridges x the 4 default between weights
     assert result["chosen"] == choice(result["cross_validation"]["table"])
@@ -261,6 +275,15 @@ def test_cli_fits_the_row_and_changes_nothing_else(laser_dir, tmp_path, capsys):
     assert cli_main([*argv, "--output-dir", out]) == 1
     err = capsys.readouterr().err
     assert "already holds files" in err and "--overwrite" in err and "Traceback" not in err
+    fresh = str(tmp_path / "fresh")
+    for states_argv, needle in (
+        ([fresh, states_file], "exists"),
+        ([out, os.path.join(out, "s.pt"), "--overwrite"], "inside"),
+    ):
+        assert cli_main([*argv, "--output-dir", states_argv[0], "--save-states", *states_argv[1:]]) == 1
+        err = capsys.readouterr().err
+        assert "--save-states" in err and needle in err and "Traceback" not in err
+    assert not os.path.exists(fresh)
     assert load_file(os.path.join(out, "model.safetensors"))["lm_head.weight"].equal(after["lm_head.weight"])
     assert cli_main([*argv, "--output-dir", out, "--overwrite"]) == 0
     table = capsys.readouterr().out

@@ -259,6 +259,7 @@ def fit_row(
     tolerance: float = 1e-3,
     overwrite: bool = False,
     hub_model_id: str | None = None,
+    save_states: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Sample the model on training problems, fit z_c's row to its answers, save the model with it to `output_dir`.
 
@@ -274,7 +275,9 @@ def fit_row(
     and `row_fit.json`: the choice, the table, and every signal on the fitting samples before and after. A folder that
     already holds files is refused unless `overwrite` (then the fit's files replace theirs). The model card gains a
     section on the fit (`trl_laser.hub.write_row_fit_card`; its code names `hub_model_id` when given, for a push with
-    `trl_laser.hub.push_row_fit`). Bad input raises `ValueError` before the model loads.
+    `trl_laser.hub.push_row_fit`). `save_states` names a file (outside the model's folder) for what the fit read: the
+    EOS states, log pi(z_c), labels, problem ids and the other positions' Gram matrix (`load_fitting_states`), to
+    study the fit's choice without sampling again. Bad input raises `ValueError` before the model loads.
     """
     sampling, self_reward = _probe_sampling(sampling), self_reward or SelfRewardOverrides()
     _check_options(sampling, max_problems, folds, [1.0], self_reward.self_reward_ref_constant)
@@ -288,6 +291,7 @@ def fit_row(
             f"`output_dir` (--output-dir) {output_dir} already holds files (an earlier fit?): give another "
             "--output-dir, or pass --overwrite to replace them."
         )
+    _check_states_file(save_states, output_dir, overwrite)
     prompt, _, problems = load_problems(
         model_name_or_path,
         dataset,
@@ -368,7 +372,35 @@ def fit_row(
         json.dump(result, f, indent=2)
         f.write("\n")
     write_row_fit_card(output_dir, hub_model_id)
+    if save_states is not None:
+        fitting = {
+            "states": states,
+            "logps": logps,
+            "labels": y,
+            "groups": torch.tensor(groups),
+            "other_gram": other[0],
+        }
+        torch.save({**fitting, "beta": beta, "ref": ref, "folds": folds, "seed": sampling.seed}, save_states)
     return result
+
+
+def load_fitting_states(path: str | os.PathLike) -> dict[str, Any]:
+    """What `fit_row(save_states=...)` saved: `states` (N, d), `logps`, `labels`, `groups` (N,), `other_gram` (d, d),
+    and `beta`, `ref`, `folds`, `seed`, the arguments `cross_validate_row_fit` and `row_fit_step` take."""
+    return torch.load(path, weights_only=True)
+
+
+def _check_states_file(path: str | os.PathLike | None, output_dir: str | os.PathLike, overwrite: bool) -> None:
+    if path is None:
+        return
+    inside = os.path.commonpath([os.path.abspath(path), os.path.abspath(output_dir)]) == os.path.abspath(output_dir)
+    if inside:
+        raise ValueError(
+            f"`save_states` (--save-states) {path} is inside the output folder, which is the model to upload: "
+            "give a file elsewhere."
+        )
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"`save_states` (--save-states) {path} exists: give another file, or pass --overwrite.")
 
 
 def _check_grid(ridges: Sequence[float], between_weights: Sequence[float], other_weight: float) -> None:

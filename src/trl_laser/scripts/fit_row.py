@@ -55,6 +55,13 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
     parser.add_argument(
         "--overwrite", action="store_true", help="Replace the files in a used --output-dir (else refused)."
     )
+    parser.add_argument(
+        "--save-states",
+        default=None,
+        metavar="FILE",
+        help="Also save what the fit read (EOS states, log pi(z_c), labels, problem ids) to FILE (torch.save), to "
+        "study the fit's choice without sampling again; outside --output-dir.",
+    )
     parser.add_argument("--json", action="store_true", help="Print the result as JSON instead of a summary.")
     hub = parser.add_argument_group("Hub (as `trl-laser train --push_to_hub`)")
     hub.add_argument(
@@ -109,6 +116,7 @@ def main(args: argparse.Namespace) -> int:
             device=args.device,
             overwrite=args.overwrite,
             hub_model_id=args.hub_model_id,
+            save_states=args.save_states,
         )
 
     def push() -> str:

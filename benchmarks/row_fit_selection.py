@@ -1,0 +1,173 @@
+"""Does `trl-laser fit-row`'s cross-validated choice hold on problems it did not choose on? Training problems only.
+
+`fit-row` picks the ridge and the between-problem weight whose out-of-fold scores rank best on the fitting samples
+(`row_fit.choice`), then reports that cell's cross-validated AUROCs. Picking the best of 32 cells on a few hundred
+problems is itself a fit: its figures are optimistic, and the smallest ridges may win on noise. This script nests the
+choice: each outer fold of problems is scored by a row whose ridge and weight were chosen by cross-validation on the
+other folds alone, with each choice rule, so the pooled outer figures are what the rule delivers on problems it never
+saw. All of it runs on what `fit-row --save-states` saved (the fitting samples of *training* problems): nothing is
+sampled, and the held-out split is never read.
+
+    python benchmarks/row_fit_selection.py outputs/miniature_seed2/laser_row_only_no_mix_fit_states.pt
+
+Writes the rules' outer figures, each outer fold's choices and the plain cross-validation table to
+`benchmarks/results/row_fit_selection.json` (or `--output`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from trl_laser.evaluation.summary import ranking
+from trl_laser.readout import grouped_folds
+from trl_laser.row_fit import (
+    DEFAULT_BETWEEN_WEIGHTS,
+    DEFAULT_RIDGES,
+    choice,
+    cross_validate_row_fit,
+    load_fitting_states,
+    refitted_logps,
+    row_fit_step,
+)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NEAR_BEST = 0.01  # `larger_ridge`: the largest ridge whose mean AUROC is within this of the best cell's
+
+
+def _mean(row: dict[str, Any]) -> float:
+    known = [v for v in (row["auroc"], row["auroc_within_problem"]) if v is not None]
+    return sum(known) / len(known) if known else float("-inf")
+
+
+def larger_ridge(table: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The cell with the largest ridge among those within `NEAR_BEST` of the best mean AUROC (ties: the best mean):
+    a smaller ridge must earn its extra freedom by more than the noise of the estimate."""
+    best = _mean(choice(table))
+    near = [row for row in table if _mean(row) >= best - NEAR_BEST]
+    return max(near, key=lambda row: (row["ridge"], _mean(row)))
+
+
+def within_only(table: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The cell that ranks best within a problem, what best-of-N and weighted voting need."""
+    return max(table, key=lambda row: -1.0 if row["auroc_within_problem"] is None else row["auroc_within_problem"])
+
+
+RULES: dict[str, Callable[[Sequence[dict[str, Any]]], dict[str, Any]]] = {
+    "mean (fit-row's)": choice,
+    "within only": within_only,
+    "larger ridge": larger_ridge,
+}
+
+
+def nested_selection(
+    fitting: dict[str, Any],
+    rules: dict[str, Callable[[Sequence[dict[str, Any]]], dict[str, Any]]],
+    ridges: Sequence[float] = DEFAULT_RIDGES,
+    between_weights: Sequence[float] = DEFAULT_BETWEEN_WEIGHTS,
+    outer_folds: int = 5,
+    inner_folds: int = 5,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Per rule: the pooled outer AUROC overall and within a problem, and each outer fold's chosen cell.
+
+    Each outer fold (grouped by problem, stratified) is scored by the row fitted on the other folds with the cell the
+    rule picks from `cross_validate_row_fit` run on those other folds only (`inner_folds`).
+    """
+    states, logps, labels, groups = fitting["states"], fitting["logps"], fitting["labels"], fitting["groups"]
+    beta, ref, other = fitting["beta"], fitting["ref"], fitting.get("other_gram")
+    label_list, group_list = labels.bool().tolist(), groups.tolist()
+    fold_of = torch.tensor(grouped_folds(group_list, outer_folds, seed, label_list))
+    scores = {name: torch.empty(len(labels), dtype=torch.float64) for name in rules}
+    chosen: dict[str, list[dict[str, float]]] = {name: [] for name in rules}
+    for k in range(outer_folds):
+        train, test = fold_of != k, fold_of == k
+        inner_labels = [y for y, t in zip(label_list, train.tolist()) if t]
+        inner_groups = [g for g, t in zip(group_list, train.tolist()) if t]
+        table = cross_validate_row_fit(
+            states[train],
+            logps[train],
+            inner_labels,
+            inner_groups,
+            beta,
+            ref,
+            ridges,
+            between_weights,
+            inner_folds,
+            seed,
+            other,
+        )
+        for name, rule in rules.items():
+            cell = rule(table)
+            step = row_fit_step(
+                states[train], logps[train], labels[train], groups[train], beta, ref, cell["ridge"],
+                cell["between_weight"], other,
+            )  # fmt: skip
+            scores[name][test] = refitted_logps(states[test], logps[test], step)
+            chosen[name].append({"ridge": cell["ridge"], "between_weight": cell["between_weight"]})
+    results = {}
+    for name in rules:
+        rank = ranking(scores[name].tolist(), label_list, group_list)
+        results[name] = {
+            "auroc": rank["auroc"],
+            "auroc_within_problem": rank["auroc_within_problem"],
+            "chosen": chosen[name],
+        }
+    return results
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("states", help="A file written by `trl-laser fit-row --save-states`.")
+    parser.add_argument("--outer-folds", type=int, default=5, help="Outer folds, grouped by problem.")
+    parser.add_argument(
+        "--output", default=os.path.join(ROOT, "benchmarks", "results", "row_fit_selection.json"), help="JSON file."
+    )
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    fitting = load_fitting_states(args.states)
+    labels, groups = fitting["labels"].bool().tolist(), fitting["groups"].tolist()
+    before = ranking(fitting["logps"].tolist(), labels, groups)
+    table = cross_validate_row_fit(
+        fitting["states"], fitting["logps"], labels, groups, fitting["beta"], fitting["ref"],
+        folds=fitting["folds"], seed=fitting["seed"], other_gram=fitting["other_gram"],
+    )  # fmt: skip
+    rules = nested_selection(fitting, RULES, outer_folds=args.outer_folds, inner_folds=fitting["folds"])
+    mixed = len({g for g, y in zip(groups, labels) if y} & {g for g, y in zip(groups, labels) if not y})
+    results = {
+        "states": args.states,
+        "n_samples": len(labels),
+        "n_problems": len(set(groups)),
+        "n_problems_with_both_classes": mixed,
+        "before_fit": {"auroc": before["auroc"], "auroc_within_problem": before["auroc_within_problem"]},
+        "cross_validation": {"chosen": choice(table), "table": table},
+        "nested": rules,
+        "command": f"python benchmarks/row_fit_selection.py {args.states}",
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")
+    cv = results["cross_validation"]["chosen"]
+    print(f"{results['n_problems']} problems, {mixed} with right and wrong answers, {len(labels)} samples")
+    print(
+        f"fit-row's cross-validated figures of its choice: AUROC {cv['auroc']:.3f}, within {cv['auroc_within_problem']:.3f}"
+    )
+    print("| rule | outer AUROC | outer within a problem | chosen (ridge, between weight) per outer fold |")
+    print("|---|---|---|---|")
+    for name, r in rules.items():
+        cells = ", ".join(f"({c['ridge']:g}, {c['between_weight']:g})" for c in r["chosen"])
+        print(f"| {name} | {r['auroc']:.3f} | {r['auroc_within_problem']:.3f} | {cells} |")
+    print(f"[row_fit_selection] wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main(make_parser().parse_args())
