@@ -122,10 +122,25 @@ def nested_selection(
     return results
 
 
+def subset(fitting: dict[str, Any], num_problems: int) -> dict[str, Any]:
+    """The fitting samples of the first `num_problems` problems (in the order they were sampled)."""
+    keep = list(dict.fromkeys(fitting["groups"].tolist()))[:num_problems]
+    mask = torch.isin(fitting["groups"], torch.tensor(keep))
+    per_sample = ("states", "logps", "labels", "groups")
+    return {**fitting, **{key: fitting[key][mask] for key in per_sample}}
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("states", help="A file written by `trl-laser fit-row --save-states`.")
     parser.add_argument("--outer-folds", type=int, default=5, help="Outer folds, grouped by problem.")
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="*",
+        default=[64, 128, 192],
+        help="Also nest fit-row's rule on the first N problems only, for each N (how the fit grows with problems).",
+    )
     parser.add_argument(
         "--output", default=os.path.join(ROOT, "benchmarks", "results", "row_fit_selection.json"), help="JSON file."
     )
@@ -141,6 +156,10 @@ def main(args: argparse.Namespace) -> None:
         folds=fitting["folds"], seed=fitting["seed"], other_gram=fitting["other_gram"],
     )  # fmt: skip
     rules = nested_selection(fitting, RULES, outer_folds=args.outer_folds, inner_folds=fitting["folds"])
+    curve = {}
+    for size in args.sizes:
+        nested = nested_selection(subset(fitting, size), {"mean": choice}, outer_folds=args.outer_folds)
+        curve[str(size)] = {key: nested["mean"][key] for key in ("auroc", "auroc_within_problem")}
     mixed = len({g for g, y in zip(groups, labels) if y} & {g for g, y in zip(groups, labels) if not y})
     results = {
         "states": args.states,
@@ -150,6 +169,7 @@ def main(args: argparse.Namespace) -> None:
         "before_fit": {"auroc": before["auroc"], "auroc_within_problem": before["auroc_within_problem"]},
         "cross_validation": {"chosen": choice(table), "table": table},
         "nested": rules,
+        "nested_by_problems": curve,
         "command": f"python benchmarks/row_fit_selection.py {args.states}",
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
@@ -166,6 +186,10 @@ def main(args: argparse.Namespace) -> None:
     for name, r in rules.items():
         cells = ", ".join(f"({c['ridge']:g}, {c['between_weight']:g})" for c in r["chosen"])
         print(f"| {name} | {r['auroc']:.3f} | {r['auroc_within_problem']:.3f} | {cells} |")
+    for size, r in curve.items():
+        print(
+            f"fit-row's rule on the first {size} problems: outer AUROC {r['auroc']:.3f}, within {r['auroc_within_problem']:.3f}"
+        )
     print(f"[row_fit_selection] wrote {args.output}")
 
 

@@ -288,6 +288,16 @@ def test_a_fixed_choice_nested_is_the_plain_cross_validation_of_that_cell():
     assert nested["fixed"]["chosen"] == [{"ridge": 0.1, "between_weight": 0.5}] * 3
 
 
+def test_a_subset_keeps_the_first_problems_samples():
+    import torch
+
+    groups = torch.tensor([5, 5, 2, 2, 9])
+    fitting = {"states": torch.arange(10.0).reshape(5, 2), "logps": torch.zeros(5), "labels": torch.ones(5)}
+    part = selection.subset({**fitting, "groups": groups, "beta": 0.1}, 2)
+    assert part["groups"].tolist() == [5, 5, 2, 2] and part["states"][:, 0].tolist() == [0, 2, 4, 6]
+    assert part["beta"] == 0.1
+
+
 def test_choice_rules_by_hand():
     table = [
         {"ridge": 0.001, "between_weight": 1.0, "auroc": 0.90, "auroc_within_problem": 0.80},  # mean 0.850: best
