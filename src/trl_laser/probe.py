@@ -122,15 +122,8 @@ def run_probe(
     """
     sampling, self_reward = _probe_sampling(sampling), self_reward or SelfRewardOverrides()
     _check_options(sampling, max_problems, folds, c_values, self_reward.self_reward_ref_constant)
-    prompt, origins, problems = load_problems(
-        model_name_or_path,
-        dataset,
-        split,
-        (problem_column, answer_column, dataset_config),
-        max_problems,
-        prompt,
-        folds,
-    )
+    columns = (problem_column, answer_column, dataset_config)
+    prompt, origins, problems = load_problems(model_name_or_path, dataset, split, columns, max_problems, prompt, folds)
 
     start = time.perf_counter()
     device = default_device(device)

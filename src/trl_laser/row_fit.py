@@ -292,15 +292,8 @@ def fit_row(
             "--output-dir, or pass --overwrite to replace them."
         )
     _check_states_file(save_states, output_dir, overwrite)
-    prompt, _, problems = load_problems(
-        model_name_or_path,
-        dataset,
-        split,
-        (problem_column, answer_column, dataset_config),
-        max_problems,
-        prompt,
-        folds,
-    )
+    columns = (problem_column, answer_column, dataset_config)
+    prompt, _, problems = load_problems(model_name_or_path, dataset, split, columns, max_problems, prompt, folds)
 
     start = time.perf_counter()
     device = default_device(device)
