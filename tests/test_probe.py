@@ -301,9 +301,12 @@ def test_bad_input_is_a_one_line_error_before_loading(answering_dir, tmp_path, c
 def test_too_few_problems_for_the_folds_is_said_in_good_english():
     from trl_laser.probe import finished_records
 
-    one = [{"finished": True, "problem_index": 0}, {"finished": False, "problem_index": 1}]
+    one = [
+        {"finished": True, "problem_index": 0, "problem": "a"},
+        {"finished": False, "problem_index": 1, "problem": "b"},
+    ]
     with pytest.raises(ValueError, match=r"^Only 1 problem has a finished completion, fewer than the 5 folds"):
         finished_records(one, max_new_tokens=8, folds=5)
-    two = [{"finished": True, "problem_index": p} for p in (0, 1)]
-    with pytest.raises(ValueError, match=r"^Only 2 problems have a finished completion"):
+    two = [{"finished": True, "problem_index": p, "problem": text} for p, text in enumerate("abab")]
+    with pytest.raises(ValueError, match=r"^Only 2 problems have a finished completion"):  # copies count once
         finished_records(two, max_new_tokens=8, folds=5)

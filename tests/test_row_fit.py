@@ -371,3 +371,16 @@ def test_bad_input_is_a_one_line_error(laser_dir, tokenizer, tmp_path, capsys):
     tokenizer.save_pretrained(plain)
     line = error_of(capsys, "--model", plain, *base, "--max-problems", "5", "--max-new-tokens", "4")
     assert "self_reward_config.json" in line and "--self-reward-token" in line
+
+
+def test_copies_of_a_problem_share_a_group_and_a_fold():
+    from trl_laser.probe import problem_groups
+    from trl_laser.readout import grouped_folds
+
+    records = [{"problem": text, "problem_index": i} for i, text in enumerate("abacbba")]
+    groups = problem_groups(records)
+    assert groups == [0, 1, 0, 2, 1, 1, 0]
+    folds = grouped_folds(groups, 3, seed=0)
+    assert all(
+        folds[i] == folds[j] for i in range(7) for j in range(7) if records[i]["problem"] == records[j]["problem"]
+    )

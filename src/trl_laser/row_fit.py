@@ -6,8 +6,8 @@ than a fit of that same model's states does (docs/miniature.md, "Third round"). 
 on training problems, reads each finished completion's EOS state and log pi(z_c) (the probe's forward), and solves
 LaSeR's class-balanced MSE for the row in closed form: one Gauss-Newton step from the current row
 (`core.least_squares_row_step`), optionally with the part between problems down-weighted
-(`core.group_centred_system`). The ridge and that weight are chosen by cross-validation grouped by problem, on those
-training samples only.
+(`core.group_centred_system`). The ridge and that weight are chosen by cross-validation grouped by problem text
+(copies of a problem in one fold: `probe.problem_groups`), on those training samples only.
 
 Nothing else changes: the score stays `beta_v * (log pi(z_c | x, y, EOS) - c_ref)` read from the saved model, with
 the same c_ref and beta_v, for one extra token. The math is in pure tensor functions (`row_fit_step`,
@@ -41,6 +41,7 @@ from .probe import (
     eos_sequences,
     finished_records,
     load_problems,
+    problem_groups,
 )
 from .readout import grouped_folds
 from .settings import resolve_settings
@@ -309,7 +310,7 @@ def fit_row(
     beta, ref = settings.self_reward_beta, settings.self_reward_ref_constant
     logps = torch.tensor([r["self_reward_logprob"] for r in finished], dtype=torch.float64)
     labels = [bool(r["correct"]) for r in finished]
-    groups = [r["problem_index"] for r in finished]
+    groups = problem_groups(finished)
     sequences = eos_sequences(tokenizer, finished, conversations, prompt)
     lengths = [len(r["token_ids"]) for r in finished]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else settings.eos_token_ids[0]
