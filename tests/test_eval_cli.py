@@ -8,6 +8,7 @@ import os
 import shutil
 
 import pytest
+import torch
 from conftest import SELF_REWARD_TOKEN, answering_model, dataset_with_configs
 from PIL import Image
 
@@ -353,6 +354,25 @@ def test_a_dataset_configuration_is_chosen_by_name(workdir, capsys, tmp_path):
         workdir["trained"], folder, "test", ("question", "solution", "other"), None, None, 2
     )
     assert [p["problem"] for p in problems] == [p for p, _ in PROBLEMS[2:]]
+
+
+def test_a_model_rewritten_in_place_is_not_resumed(workdir, capsys, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = str(shutil.copytree(workdir["trained"], tmp_path / "model"))
+    out = str(tmp_path / "out")
+    argv = ["--model", model, "--dataset", workdir["data"], "--problem-column", "question", "--answer-column"]
+    argv += ["solution", "--num-samples", "1", "--max-new-tokens", "4", "--output-dir", out]
+    assert run(*argv) == 0
+    assert run(*argv) == 0 and "Resuming the run" in capsys.readouterr().out  # the same model: nothing to sample
+    rewritten = AutoModelForCausalLM.from_pretrained(model)  # a refit into the same folder
+    with torch.no_grad():
+        rewritten.lm_head.weight[ZC] += 1.0
+    rewritten.save_pretrained(model)
+    message = error_of(capsys, *argv)
+    assert "--overwrite" in message
+    assert run(*argv, "--overwrite") == 0 and "Resuming the run" not in capsys.readouterr().out
+    assert len(read_samples(out)) == len(PROBLEMS)
 
 
 def test_overrides_score_a_model_saved_without_settings(workdir):

@@ -136,6 +136,18 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+
+
+def weights_fingerprint(path: str | os.PathLike) -> list[list] | None:
+    """The weight files of a model directory, each with its size and modification time (None for a Hub id): a model
+    rewritten in place (a refit into the same folder) is another model, whose earlier samples must not be resumed."""
+    if not os.path.isdir(path):
+        return None
+    names = sorted(name for name in os.listdir(path) if name.endswith(WEIGHT_SUFFIXES))
+    return [[name, (stat := os.stat(os.path.join(path, name))).st_size, stat.st_mtime_ns] for name in names]
+
+
 def load_model_and_tokenizer(
     name_or_path: str, dtype: torch.dtype | str | None = None, **model_kwargs
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..models import load_lm_head_fp32, load_model, resolve_model_path
+from ..models import load_lm_head_fp32, load_model, resolve_model_path, weights_fingerprint
 from ..scoring import tokenize_prompt
 from ..settings import SelfRewardSettings, resolve_settings
 from ..vllm_scoring import is_vllm_available, load_vllm
@@ -265,6 +265,8 @@ def plan_evaluation(
     }
     if backend != "transformers":  # named only when not the default, so that earlier runs' records still match
         run["backend"] = backend
+    if (weights := weights_fingerprint(model_path)) is not None:  # a model rewritten in place is another model
+        run["weights"] = weights
     dirs = {b.name: output_dir if flat else os.path.join(output_dir, b.name) for b in items}
     totals = {b.name: len(problems[b.name]) * b.num_samples for b in items}
     return EvalPlan(
