@@ -30,6 +30,7 @@ from trl_laser.row_fit import (
     DEFAULT_BETWEEN_WEIGHTS,
     DEFAULT_RIDGES,
     choice,
+    choice_value,
     cross_validate_row_fit,
     load_fitting_states,
     refitted_logps,
@@ -41,17 +42,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEAR_BEST = 0.01  # `larger_ridge`: the largest ridge whose mean AUROC is within this of the best cell's
 
 
-def _mean(row: dict[str, Any]) -> float:
-    known = [v for v in (row["auroc"], row["auroc_within_problem"]) if v is not None]
-    return sum(known) / len(known) if known else float("-inf")
-
-
 def larger_ridge(table: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The cell with the largest ridge among those within `NEAR_BEST` of the best mean AUROC (ties: the best mean):
     a smaller ridge must earn its extra freedom by more than the noise of the estimate."""
-    best = _mean(choice(table))
-    near = [row for row in table if _mean(row) >= best - NEAR_BEST]
-    return max(near, key=lambda row: (row["ridge"], _mean(row)))
+    best = choice_value(choice(table))
+    near = [row for row in table if choice_value(row) >= best - NEAR_BEST]
+    return max(near, key=lambda row: (row["ridge"], choice_value(row)))
 
 
 def within_only(table: Sequence[dict[str, Any]]) -> dict[str, Any]:

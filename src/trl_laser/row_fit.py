@@ -174,15 +174,16 @@ def cross_validate_row_fit(
     return table
 
 
+def choice_value(row: dict[str, Any]) -> float:
+    """What `choice` maximises: the mean of a table row's AUROC overall and within a problem (those known)."""
+    known = [v for v in (row["auroc"], row["auroc_within_problem"]) if v is not None]
+    return sum(known) / len(known) if known else -math.inf
+
+
 def choice(table: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The row of `cross_validate_row_fit`'s table with the best mean of the AUROC overall and within a problem:
     best-of-N and weighted voting need the second, a score read alone (or a threshold) needs the first."""
-
-    def value(row: dict[str, Any]) -> float:
-        known = [v for v in (row["auroc"], row["auroc_within_problem"]) if v is not None]
-        return sum(known) / len(known) if known else -math.inf
-
-    return max(table, key=value)
+    return max(table, key=choice_value)
 
 
 def answer_positions(

@@ -20,6 +20,13 @@ EXPECTED_ERRORS = (ValueError, TypeError, OSError, ImportError)
 T = TypeVar("T")
 
 
+def add_dataset_config_argument(parser: argparse.ArgumentParser) -> None:
+    """`--dataset-config`, for every command that reads problems (the recipes' `dataset_config`)."""
+    parser.add_argument(
+        "--dataset-config", default=None, help="Configuration of a Hub dataset that has several (GSM8K: main)."
+    )
+
+
 def add_sampling_arguments(
     parser: argparse.ArgumentParser,
     *,
@@ -43,9 +50,7 @@ def add_sampling_arguments(
         help="Hub dataset, local JSON/JSONL/parquet/CSV file, or builtin:arithmetic.",
     )
     parser.add_argument("--split", default=split, help=f"Dataset split (default: {split}).")
-    parser.add_argument(
-        "--dataset-config", default=None, help="Configuration of a Hub dataset that has several (GSM8K: main)."
-    )
+    add_dataset_config_argument(parser)
     parser.add_argument("--problem-column", default="problem", help="Column with the problem text.")
     parser.add_argument("--answer-column", default="answer", help="Column with the gold answer (LaTeX or a number).")
     samples_default = "4; --protocol paper: the paper's n per benchmark" if num_samples is None else num_samples

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from trl_laser.scripts.common import add_self_reward_arguments, report_errors
+from trl_laser.scripts.common import add_dataset_config_argument, add_self_reward_arguments, report_errors
 
 
 DESCRIPTION = "Measure log pi(z_c | x, y, EOS) over sampled completions: the c_ref of a constant-reference LaSeR run."
@@ -41,9 +41,7 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
         help="Problems to sample on: Hub dataset, local JSON/JSONL/parquet/CSV file, or builtin:arithmetic (default).",
     )
     parser.add_argument("--split", default="train", help="Dataset split (default: train).")
-    parser.add_argument(
-        "--dataset-config", default=None, help="Configuration of a Hub dataset that has several (GSM8K: main)."
-    )
+    add_dataset_config_argument(parser)
     parser.add_argument("--problem-column", default="problem", help="Column with the problem text.")
     parser.add_argument("--answer-column", default="answer", help="Column with the gold answer ('' if none).")
     parser.add_argument("--instruction", default=None, help="Appended to each problem (default: the dataset's).")
