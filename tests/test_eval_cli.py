@@ -375,6 +375,41 @@ def test_a_model_rewritten_in_place_is_not_resumed(workdir, capsys, tmp_path):
     assert len(read_samples(out)) == len(PROBLEMS)
 
 
+def test_a_model_that_suppresses_z_c_reads_its_free_signals_without_it(workdir, result, tokenizer, tmp_path):
+    """As after `fit-row`: the free signals are the sampler's log-probs, z_c left out; the run record says so, so a
+    folder sampled before (raw log-probs) is not resumed."""
+    from transformers import AutoModelForCausalLM
+
+    model = str(shutil.copytree(workdir["trained"], tmp_path / "model"))
+    fitted = AutoModelForCausalLM.from_pretrained(model)
+    with torch.no_grad():  # z_c as likely as "4" wherever that is sampled: a large share of the raw distribution
+        fitted.lm_head.weight[ZC] = fitted.lm_head.weight[FOUR]
+    fitted.generation_config.suppress_tokens = [ZC]
+    fitted.save_pretrained(model)
+    out = str(tmp_path / "out")
+    argv = ["--model", model, "--dataset", workdir["data"], "--problem-column", "question", "--answer-column"]
+    assert run(*argv, "solution", "--num-samples", "2", "--max-new-tokens", "6", "--output-dir", out) == 0
+    assert read_summary(out)["config"]["free_signals_exclude"] == [ZC]
+    assert "free_signals_exclude" not in result["summary"]["config"]
+    shares = []
+    for s in read_samples(out):
+        conversation = make_conversation(s["problem"])
+        ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
+        prompt = list(ids["input_ids"])
+        completion = tokenizer(s["completion"], add_special_tokens=False)["input_ids"] + (
+            [EOS] if s["finished"] else []
+        )
+        with torch.no_grad():
+            logits = fitted(input_ids=torch.tensor([prompt + completion])).logits[0].double()
+        positions = torch.arange(len(prompt) - 1, len(prompt) + len(completion) - 1)
+        raw = logits.log_softmax(-1)[positions, completion].mean().item()
+        logits[:, ZC] = float("-inf")
+        kept = logits.log_softmax(-1)[positions, completion].mean().item()
+        assert s["mean_token_logprob"] == pytest.approx(kept, abs=1e-3)
+        shares.append(kept - raw)
+    assert max(shares) > 0.1  # the raw log-probs would be far off
+
+
 def test_overrides_score_a_model_saved_without_settings(workdir):
     out = str(workdir["root"] / "override")
     args = "--num-samples 2 --max-problems 2 --max-new-tokens 4 --problem-column question --answer-column solution"

@@ -233,8 +233,9 @@ def test_generation_scores_equal_score_completions(model_and_tokenizer, max_new_
         assert all(c.finished for c in flat)
 
 
-def direct_token_logprobs(model, tokenizer, prompt, completion_ids, temperature=1.0) -> list[float]:
-    """log pi(y_t | x, y_<t) from one unpadded full-logits forward over prompt + completion (logits / temperature)."""
+def direct_token_logprobs(model, tokenizer, prompt, completion_ids, temperature=1.0, excluded=()) -> list[float]:
+    """log pi(y_t | x, y_<t) from one unpadded full-logits forward over prompt + completion (logits / temperature),
+    with the `excluded` tokens' logits set to -inf."""
     if isinstance(prompt, str):
         prompt_ids = list(tokenizer(prompt)["input_ids"])
     else:
@@ -242,7 +243,9 @@ def direct_token_logprobs(model, tokenizer, prompt, completion_ids, temperature=
         prompt_ids = list(out["input_ids"])
     ids = torch.tensor([prompt_ids + list(completion_ids)])
     with torch.no_grad():
-        logps = (model(input_ids=ids).logits[0].double() / temperature).log_softmax(-1)
+        logits = model(input_ids=ids).logits[0].double() / temperature
+    logits[:, list(excluded)] = float("-inf")
+    logps = logits.log_softmax(-1)
     positions = torch.arange(len(prompt_ids) - 1, ids.shape[1] - 1)
     return logps[positions, ids[0, len(prompt_ids) :]].tolist()
 
@@ -285,6 +288,30 @@ def test_generation_token_logprobs_equal_a_full_logits_forward(model_and_tokeniz
     # The paths: a row whose last token comes from the last forward call of `generate` (ended at the last step,
     # or truncated there), a row that ended earlier, and, with a short limit, truncated rows.
     assert_generation_paths_covered(flat, max_new_tokens)
+
+
+def test_generation_token_logprobs_leave_the_suppressed_tokens_out(model_dir, tokenizer):
+    """A model whose generation config suppresses z_c (as `fit-row` saves it) never samples it: the free signals are
+    the log-probs of that distribution, renormalised without z_c; the score still reads the raw logits."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():  # z_c's share of the raw distribution inside answers, as a fitted row can give it
+        model.lm_head.weight[ZC] *= 3.0
+    model.generation_config.suppress_tokens = [ZC]
+    prompts = [PROMPTS[0], PROMPTS[1]]
+    torch.manual_seed(3)
+    flat = [c for s in generate_with_self_rewards(model, tokenizer, prompts, 4, max_new_tokens=12) for c in s]
+    shares = []
+    for c in flat:
+        assert ZC not in c.token_ids
+        kept = direct_token_logprobs(model, tokenizer, prompts[c.prompt_index], c.token_ids, excluded=[ZC])
+        raw = direct_token_logprobs(model, tokenizer, prompts[c.prompt_index], c.token_ids)
+        assert c.mean_token_logprob == pytest.approx(sum(kept) / len(kept), abs=1e-4)
+        assert c.min_token_logprob == pytest.approx(min(kept), abs=1e-4)
+        shares.append(sum(kept) / len(kept) - sum(raw) / len(raw))
+        if c.finished:
+            assert c.self_reward == pytest.approx(direct_score(model, tokenizer, prompts[c.prompt_index], c.token_ids))
+    # Discriminative: z_c holds enough of the raw distribution that leaving it out moves a mean by more than 1e-2.
+    assert max(shares) > 1e-2 and min(shares) >= 0
 
 
 # ------------------------------------------------------------------------------------------ errors

@@ -20,28 +20,34 @@ import torch
 class ZcRecorder:
     """Forward hook on `generate`'s forward calls: z_c's log-prob after each step and each sampled token's log-prob.
 
-    Both come from the raw last-position logits that `generate` itself reads, at temperature 1. Call t predicts
-    generated token t, and under cached generation call t + 1 is fed that token (`input_ids[:, -1]`), so the previous
-    call's log-softmax row is kept until the next call names the token to read from it; the last call's row is read
-    after `generate` returns (`finish`). Memory is one `(rows, vocab)` row plus `(rows,)` floats per step, where
-    `output_logits=True` would keep `(rows, vocab)` per step (e.g. 5 GB per row for 8192 tokens of a 152k vocabulary).
+    Both come from the last-position logits that `generate` itself reads, at temperature 1: z_c's from the raw
+    logits, the sampled tokens' from the distribution without the `excluded` tokens (those `generate` suppresses, as
+    z_c after `trl-laser fit-row`), the one the answers were sampled from. Call t predicts generated token t, and under
+    cached generation call t + 1 is fed that token (`input_ids[:, -1]`), so the previous call's log-softmax row is kept
+    until the next call names the token to read from it; the last call's row is read after `generate` returns
+    (`finish`). Memory is one `(rows, vocab)` row plus `(rows,)` floats per step, where `output_logits=True` would keep
+    `(rows, vocab)` per step (e.g. 5 GB per row for 8192 tokens of a 152k vocabulary).
     """
 
-    def __init__(self, token_id: int):
+    def __init__(self, token_id: int, excluded: Sequence[int] = ()):
         self.token_id = token_id
+        self.excluded = sorted(set(excluded))
         self.steps: list[torch.Tensor] = []  # log pi(z_c | prefix) after each call
         self.token_steps: list[torch.Tensor] = []  # log pi(generated token t | prefix), gathered at call t + 1
         self._previous: torch.Tensor | None = None  # the last call's log-softmax row, (rows, vocab)
 
     def __call__(self, module: Any, args: Any, kwargs: Any, output: Any) -> None:
-        logits = output.logits if hasattr(output, "logits") else output[0]
-        row = logits[:, -1].float().log_softmax(-1)
+        logits = (output.logits if hasattr(output, "logits") else output[0])[:, -1].float()
+        row = logits.log_softmax(-1)
         if self._previous is not None:
             fed = kwargs.get("input_ids", args[0] if args else None)
             if fed is None:
                 raise RuntimeError("generate called the model without `input_ids`: the sampled tokens are unknown.")
             self.token_steps.append(self._gather(fed[:, -1]))
         self.steps.append(row[:, self.token_id])
+        if self.excluded:
+            excluded = torch.tensor(self.excluded, device=logits.device)
+            row = logits.index_fill(1, excluded, float("-inf")).log_softmax(-1)
         self._previous = row
 
     def _gather(self, tokens: torch.Tensor) -> torch.Tensor:

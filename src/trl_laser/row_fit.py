@@ -48,9 +48,10 @@ from .settings import resolve_settings
 
 
 # Ridges relative to trace(B) / d (as the training-time row update). The step starts from the trained row, so a small
-# ridge keeps it where the samples say nothing; on SmolLM2-135M's arithmetic miniature (2,000 samples, d = 576) the
-# cross-validated choices were the smallest of 0.003-1 (docs/miniature.md), hence the grid reaches below.
-DEFAULT_RIDGES = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+# ridge keeps it where the samples say nothing. On SmolLM2-135M's arithmetic miniature (2,000 samples, d = 576) the
+# folds grouped by position chose the smallest of 0.003-1, and grouped by problem text (`probe.problem_groups`) the
+# largest, 1.0 (docs/miniature.md): the grid reaches a decade beyond both.
+DEFAULT_RIDGES = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 # Weights of the part of the fit between problems: 1 is the pooled MSE, lower weights fit more of what separates
 # answers to the same problem (0 alone would leave the level across problems unfitted, so it is not a default).
 DEFAULT_BETWEEN_WEIGHTS = (1.0, 0.5, 0.25, 0.1)

@@ -256,7 +256,8 @@ class ScoredCompletion:
     finished: bool  # ended with an EOS id
     self_reward: float | None  # r_s, None when truncated
     self_reward_logprob: float | None  # log pi(z_c | x, y, EOS), None when truncated
-    # Free confidence signals of the same sample: log pi(token | prefix) at temperature 1 over `token_ids`.
+    # Free confidence signals of the same sample: log pi(token | prefix) at temperature 1 over `token_ids`, with the
+    # tokens the sampler suppresses (z_c after `trl-laser fit-row`) left out of pi.
     mean_token_logprob: float
     min_token_logprob: float
 
@@ -280,7 +281,9 @@ def generate_with_self_rewards(
     context (its attention mask is 1), so the logits of step t + 1 are exactly the distribution after EOS; rows that
     end at the very last step get one extra cached forward of a single token. No prefill of prompt + completion is
     repeated. The same forward calls give each sampled token's log-prob at temperature 1 (the free confidence signals
-    `mean_token_logprob` and `min_token_logprob`, over the tokens up to and including the EOS). Sampling follows
+    `mean_token_logprob` and `min_token_logprob`, over the tokens up to and including the EOS), in the distribution
+    the answers were sampled from: the tokens `generate` suppresses are left out of it (`suppressed_tokens`), so a
+    refit of z_c's row, whose saved generation config suppresses z_c, leaves them as they were. Sampling follows
     `generate_kwargs` (default: `do_sample=True`, temperature 1, top-p 1, no top-k); the score and the token log-probs
     are always at temperature 1. `batch_size` counts sequences per `generate` call. Returns, per prompt, its
     `num_samples` completions.
@@ -390,6 +393,15 @@ def prompt_jobs(
     return prompt_ids, [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
 
 
+def suppressed_tokens(model: Any, generate_kwargs: Mapping[str, Any]) -> list[int]:
+    """The tokens `generate` never samples (`suppress_tokens`: the call's, else the generation config's); the free
+    signals leave them out of the distribution, so that they read the sampler's own log-probs."""
+    tokens = generate_kwargs.get("suppress_tokens")
+    if tokens is None:
+        tokens = getattr(getattr(model, "generation_config", None), "suppress_tokens", None)
+    return list(tokens or [])
+
+
 def batch_seed(seed: int, first_job: int) -> int:
     """The seed of the `generate` call whose first job is `first_job` (a 32-bit value, as numpy accepts)."""
     digest = hashlib.sha256(f"{seed}:{first_job}".encode()).digest()
@@ -416,7 +428,7 @@ def _generate_batch(
         mask[r, width - len(prompt_ids[p]) :] = 1
     input_ids, mask = input_ids.to(device), mask.to(device)
 
-    recorder = ZcRecorder(cfg.self_reward_token_id)
+    recorder = ZcRecorder(cfg.self_reward_token_id, suppressed_tokens(model, kwargs))
     handle = model.register_forward_hook(recorder, with_kwargs=True)
     try:
         out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
