@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -312,6 +313,18 @@ def test_generation_token_logprobs_leave_the_suppressed_tokens_out(model_dir, to
             assert c.self_reward == pytest.approx(direct_score(model, tokenizer, prompts[c.prompt_index], c.token_ids))
     # Discriminative: z_c holds enough of the raw distribution that leaving it out moves a mean by more than 1e-2.
     assert max(shares) > 1e-2 and min(shares) >= 0
+
+
+def test_sampler_logprob_renormalises_without_the_suppressed_tokens():
+    """vLLM's path (raw log-probs of the sampled and the suppressed tokens) against the softmax written out."""
+    from trl_laser.vllm_scoring import sampler_logprob
+
+    e = math.exp
+    total = e(2) + e(1) + e(0) + e(-1)
+    raw = {t: math.log(e(v) / total) for t, v in zip("abcd", (2, 1, 0, -1))}
+    # "a" and "c" suppressed: "b" is sampled from {b, d} alone.
+    assert sampler_logprob(raw["b"], [raw["a"], raw["c"]]) == pytest.approx(math.log(e(1) / (e(1) + e(-1))), 1e-12)
+    assert sampler_logprob(raw["b"], []) == raw["b"]
 
 
 # ------------------------------------------------------------------------------------------ errors

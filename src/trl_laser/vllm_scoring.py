@@ -11,13 +11,16 @@ Same quantities as the transformers path (`scoring`): the score at temperature 1
 and each sampled token's log-prob at temperature 1 for the free confidence signals. Tokens that the model's
 `generation_config.json` suppresses (`suppress_tokens`: z_c after `trl-laser fit-row`), which `generate` never
 samples, vLLM never samples either (a logit bias of -100: vLLM does not read that field). The engine is built with
-`logprobs_mode="raw_logprobs"`, i.e. log-probs of the raw logits, before temperature and top-p. Prompts are tokenized
+`logprobs_mode="raw_logprobs"`, i.e. log-probs of the raw logits, before temperature, top-p and that bias; the
+sampled tokens' are then taken out of the suppressed tokens' share (`sampler_logprob`), as `generate`'s are. Prompts
+are tokenized
 as TRL tokenizes them (`scoring.tokenize_prompt`). vLLM is imported only here, and only when an engine is built.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from types import SimpleNamespace
@@ -81,6 +84,13 @@ class VLLMModel:
         vLLM samples what `generate` samples from the same saved model."""
         tokens = self.generation_config.suppress_tokens or []
         return {int(t): SUPPRESS_BIAS for t in tokens} or None
+
+
+def sampler_logprob(raw_logprob: float, suppressed_logprobs: Sequence[float]) -> float:
+    """A sampled token's log-prob in the distribution without the suppressed tokens, from raw log-probs:
+    `log p - log(1 - sum of the suppressed tokens' p)` (the softmax renormalised without them)."""
+    share = sum(math.exp(v) for v in suppressed_logprobs)
+    return raw_logprob - math.log1p(-share)
 
 
 def load_vllm(
@@ -170,8 +180,9 @@ def iter_generate_with_vllm(
     batch boundary equals an uninterrupted one. `generation` takes `max_new_tokens`, `temperature`, `top_p`, `top_k`,
     `min_p` and `repetition_penalty` (defaults: vLLM's, i.e. temperature 1, top-p 1, no top-k; 16 new tokens).
     After each call, every finished completion is scored with one token (`next_token_logprobs`), while its prefix is
-    still in the cache. The model's suppressed tokens are never sampled (`VLLMModel.suppression_bias`); the token
-    log-probs and the score stay those of the raw logits.
+    still in the cache. The model's suppressed tokens are never sampled (`VLLMModel.suppression_bias`); the score
+    reads the raw logits, the token log-probs the distribution without the suppressed tokens (`sampler_logprob`, from
+    their raw log-probs at each step: `logprob_token_ids`).
     """
     from vllm import SamplingParams
 
@@ -184,12 +195,15 @@ def iter_generate_with_vllm(
     prompt_ids, jobs = prompt_jobs(model, tokenizer, prompts, num_samples, cfg, chat_template_kwargs)
     eos = set(cfg.eos_token_ids)
     bias = model.suppression_bias()
+    suppressed = sorted(bias or ())  # their raw log-probs at every step, to take their share out of the tokens'
     for first in range(start, len(jobs), batch_size):
         batch = jobs[first : first + batch_size]
         params = [
             SamplingParams(
                 n=1,
-                logprobs=0,  # the sampled token's own log-prob
+                # The sampled token's own log-prob, and the suppressed tokens' (vLLM asks `logprobs` to count them).
+                logprobs=len(suppressed),
+                logprob_token_ids=suppressed or None,
                 stop_token_ids=list(cfg.eos_token_ids),
                 seed=None if seed is None else batch_seed(seed, first + j),
                 logit_bias=bias,
@@ -201,7 +215,10 @@ def iter_generate_with_vllm(
         outputs = model.llm.generate([{"prompt_token_ids": prompt_ids[p]} for p, _ in batch], params, use_tqdm=False)
         generated = [list(out.outputs[0].token_ids) for out in outputs]
         token_logps = [
-            [float(position[token].logprob) for position, token in zip(out.outputs[0].logprobs, ids)]
+            [
+                sampler_logprob(position[token].logprob, [position[t].logprob for t in suppressed])
+                for position, token in zip(out.outputs[0].logprobs, ids)
+            ]
             for out, ids in zip(outputs, generated)
         ]
         finished = [bool(ids) and ids[-1] in eos for ids in generated]

@@ -122,12 +122,6 @@ def run_evaluation(
         vllm_kwargs=vllm_kwargs,
     )
     done = open_output(plan, overwrite, log)
-    if backend == "vllm" and _suppressed_tokens(plan.model_path):
-        log(
-            "Note: vLLM reports the sampled tokens' log-probs of the raw logits, so the free signals (mean and minimum "
-            "token log-prob) include the share of the tokens this model suppresses (z_c after fit-row); the "
-            "transformers backend leaves it out (docs/vllm.md)."
-        )
     model, settings = _load(plan, device)
     config = {
         **plan.run,
@@ -273,8 +267,8 @@ def plan_evaluation(
         run["backend"] = backend
     if (weights := weights_fingerprint(model_path)) is not None:  # a model rewritten in place is another model
         run["weights"] = weights
-    if (suppressed := _suppressed_tokens(model_path)) and backend == "transformers":
-        run["free_signals_exclude"] = suppressed  # the sampler's log-probs (`scoring.suppressed_tokens`)
+    if suppressed := _suppressed_tokens(model_path):  # the sampler's log-probs (`scoring.suppressed_tokens`)
+        run["free_signals_exclude"] = suppressed
     dirs = {b.name: output_dir if flat else os.path.join(output_dir, b.name) for b in items}
     totals = {b.name: len(problems[b.name]) * b.num_samples for b in items}
     return EvalPlan(
