@@ -6,8 +6,8 @@ tests/test_vllm.py checks, taken in a process of their own (one engine, released
 TRL's weight sync calls the vLLM model's `load_weights`, which vLLM's CPU model lacks; here, and only here, it is
 replaced by the model runner's `reload_weights` of the trainer's current weights, then `reset_prefix_cache()`. The
 rest is TRL's and the package's own: TRL's colocate engine (vLLM's automatic dtype: bfloat16 for this float32 model),
-the trainer in float32. The verifier is the parity of the completion's length, so that every group holds both classes
-(SmolLM2-135M rarely gets arithmetic right). Writes OUTPUT_DIR/result.json with, in this order:
+the trainer in float32. The verifier calls the longer half of each group right, so that every group holds both classes
+(SmolLM2-135M rarely gets arithmetic right, and often writes one answer four times). Writes OUTPUT_DIR/result.json with, in this order:
 
 1. `config` (the settings a hand computation of the mix needs), `vllm_dtype`, and `trl_sync_error`: what TRL's own
    sync raised on this build (None if it worked).
@@ -58,9 +58,16 @@ def generation_inputs(first: int) -> list[dict]:
     return [{"prompt": make_conversation(p, instruction=INSTRUCTION), "answer": a} for p, a in rows]
 
 
-def parity_reward(completion_ids, **kwargs) -> list[float]:
-    """A 0/1 verifier that groups split on (SmolLM2-135M rarely gets arithmetic right): an even length is right."""
-    return [float(len(ids) % 2 == 0) for ids in completion_ids]
+def longer_half_reward(completion_ids, **kwargs) -> list[float]:
+    """A 0/1 verifier that splits every group of 4 (TRL keeps a prompt's completions together) two to two: the two
+    longest completions are right, ties going to the earlier one. A content-only verifier (say, an even length) left
+    whole groups uniform where the model wrote one answer four times, and then A_v is zero there."""
+    rewards = []
+    for g in range(0, len(completion_ids), 4):
+        group = range(g, min(g + 4, len(completion_ids)))
+        longest = sorted(group, key=lambda i: (-len(completion_ids[i]), i))[:2]
+        rewards += [float(i in longest) for i in group]
+    return rewards
 
 
 def reload_sync(trainer: LaSeRGRPOTrainer) -> None:
@@ -116,7 +123,7 @@ def describe(trainer, batch, tokenizer, initial) -> dict:
     out = {
         "finished": finished,
         "completion_ids": generated,
-        "rewards": parity_reward(generated),
+        "rewards": longer_half_reward(generated),
         "advantages": batch["advantages"].tolist(),
         "plain_zc_logp": plain,
         "old_zc_logp": None
@@ -162,7 +169,7 @@ def main(model_dir: str, output_dir: str) -> None:
         self_reward_token=TOKEN,
         **MIX,
     )
-    trainer = LaSeRGRPOTrainer(model=model, reward_funcs=[parity_reward], args=args, train_dataset=dataset())
+    trainer = LaSeRGRPOTrainer(model=model, reward_funcs=[longer_half_reward], args=args, train_dataset=dataset())
     result: dict = {"config": MIX, "vllm_dtype": str(trainer.vllm_generation.llm.llm_engine.model_config.dtype)}
     try:
         trainer.vllm_generation.sync_weights()
