@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from trl_laser import SELF_REWARD_CONFIG_NAME
 from trl_laser.cli import main as cli_main
@@ -91,6 +92,31 @@ def test_quickstart_logs_self_reward_metrics_every_step(tiny_model_dir, tmp_path
     assert all("self_reward/mse" in entry for entry in logged)
     # Row only, no mix: the MSE moves z_c's row alone, and the policy learns by GRPO alone.
     assert parsed.training_args.self_reward_row_only and parsed.training_args.self_reward_advantage_coef == 0
+
+
+def test_the_refit_starts_from_a_trainer_without_its_optimizer_state(tiny_model_dir, tmp_path):
+    """Before the refit loads its copy of the model, Adam's moments (twice the weights) are freed, not just unnamed."""
+    import gc
+    import weakref
+
+    from trl_laser.recipe import parse_args
+    from trl_laser.scripts.train import build_trainer, release_training_state
+
+    argv = ["--config", QUICKSTART, "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path), *SHORT]
+    parsed = parse_args(argv)
+    trainer = build_trainer(parsed.script_args, parsed.training_args, parsed.model_args)
+    trainer.train()
+    moments = [t for state in trainer.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    assert sum(t.numel() for t in moments) >= 2 * sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    alive = [weakref.ref(t) for t in moments]
+    optimizer = weakref.ref(trainer.optimizer)
+    del moments
+    release_training_state(trainer)
+    gc.collect()
+    assert optimizer() is None and all(ref() is None for ref in alive)
+    assert trainer.accelerator._optimizers == [] and trainer.lr_scheduler is None
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())  # the trained weights stay
+    trainer.end()
 
 
 def test_the_refit_after_training_is_the_fit_row_command(tiny_model_dir, tmp_path, capsys):

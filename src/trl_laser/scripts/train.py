@@ -11,6 +11,7 @@ the launch to a machine without a GPU).
 """
 
 import functools
+import gc
 import os
 import shlex
 import sys
@@ -185,13 +186,15 @@ def refit_row(
     """`trl-laser fit-row` on the saved model, by the main process while the others wait: z_c's row refitted to the
     final model's answers on the first `fit_row_problems` training problems, with the command's defaults (8 answers
     each, sampling seed 0, 5 folds), into `<output_dir>-fit`, then pushed after the trained model with `push_to_hub`.
-    It loads a second copy of the model on the main process's device. Returns the fitted model's directory."""
+    It loads a second copy of the model on the main process's device, once the optimizer's state is released
+    (`release_training_state`). Returns the fitted model's directory."""
     from trl_laser.evaluation import Sampling
     from trl_laser.hub import push_row_fit
     from trl_laser.row_fit import fit_row, format_row_fit
 
     fitted = fit_dir(training_args.output_dir)
     hub_model_id = trainer.hub_model_id if training_args.push_to_hub else None
+    release_training_state(trainer)
     if trainer.accelerator.is_main_process:
         report(f"Refitting z_c's row on {script_args.fit_row_problems} training problems (fit_row_problems) ...")
         sampling = Sampling(
@@ -228,6 +231,19 @@ def refit_row(
         report(f"Model with the refitted row saved to {fitted}.")
     trainer.accelerator.wait_for_everyone()
     return fitted
+
+
+def release_training_state(trainer) -> None:
+    """Drop what only training needs before the refit loads its own copy of the model: the optimizer's state (Adam's
+    is twice the weights in float32), the scheduler, a DeepSpeed engine's partitions and hooks, the reference model.
+    The trainer cannot train afterwards; it can still `end()`."""
+    trainer.optimizer = trainer.lr_scheduler = None
+    trainer.callback_handler.optimizer = trainer.callback_handler.lr_scheduler = None
+    trainer.deepspeed = None
+    trainer.model_wrapped = trainer.model
+    trainer.ref_model = None
+    trainer.accelerator.free_memory()  # its own references (and the DeepSpeed engine's), then gc and the device cache
+    gc.collect()
 
 
 def _hub_dataset_name(name: str | None) -> str | None:
