@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from trl_laser.metrics import auroc, auroc_within_group, expected_calibration_error, self_verification_metrics
+from trl_laser.metrics import (
+    auroc,
+    auroc_within_group,
+    expected_calibration_error,
+    self_verification_metrics,
+    within_group_intervals,
+)
 from trl_laser.voting import accuracy
 
 
@@ -116,3 +122,26 @@ def test_auroc_within_group_equals_brute_force_on_a_fixed_set():
     expected = brute_force_within_group(scores, labels, groups)
     assert expected is not None
     assert auroc_within_group(scores, labels, groups) == pytest.approx(expected, abs=1e-12)
+
+
+def test_within_group_intervals_resample_whole_groups():
+    # Group "a": the score ranks its one pair right, the log-prob wrong; group "b": the reverse; group "c" has one
+    # class only and takes no part. Resampling 2 groups from {a, b} gives the score 1, 1/2 or 0 (probabilities 1/4,
+    # 1/2, 1/4): the 95% interval is [0, 1], the lead of the score over the log-prob (2x - 1 of it) [-1, 1].
+    labels = [1, 0, 1, 0, 1, 1]
+    groups = ["a", "a", "b", "b", "c", "c"]
+    signals = {"score": [0.9, 0.1, 0.2, 0.8, 0.5, None], "logprob": [-2.0, -1.0, -1.0, -2.0, -1.0, -1.0]}
+    out = within_group_intervals(signals, labels, groups, draws=2000, seed=1)
+    assert (out["groups"], out["pairs"]) == (2, 2)
+    score, logprob = out["signals"]["score"], out["signals"]["logprob"]
+    assert score["auroc"] == logprob["auroc"] == pytest.approx(0.5)
+    assert score["interval"] == [0.0, 1.0] and logprob["interval"] == [0.0, 1.0]
+    assert logprob["lead_interval"] == [-1.0, 1.0] and "lead_interval" not in score
+    # Identical groups leave nothing to resample: the interval is the value itself.
+    same = within_group_intervals({"score": [0.9, 0.1, 0.8, 0.2]}, [1, 0, 1, 0], ["a", "a", "b", "b"], draws=50)
+    assert same["signals"]["score"] == {"auroc": 1.0, "interval": [1.0, 1.0]}
+    # No group with both classes: no interval, not a made-up one.
+    none = within_group_intervals({"score": [0.9, 0.1]}, [1, 1], ["a", "b"])
+    assert none["groups"] == 0 and none["signals"]["score"] == {"auroc": None, "interval": None}
+    with pytest.raises(ValueError, match="`level`"):
+        within_group_intervals({"score": [0.9, 0.1]}, [1, 0], ["a", "a"], level=95)

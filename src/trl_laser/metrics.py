@@ -8,7 +8,8 @@ never a made-up value and never NaN, so that it serialises to JSON `null`.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
+import random
+from collections.abc import Hashable, Mapping, Sequence
 
 
 def _clean(scores: Sequence[float | None], labels: Sequence[bool | int]) -> tuple[list[float], list[int]]:
@@ -48,6 +49,22 @@ def auroc(scores: Sequence[float | None], labels: Sequence[bool | int]) -> float
     return right / pairs if pairs else None
 
 
+def _pairs_by_group(
+    scores: Sequence[float | None], labels: Sequence[bool | int], groups: Sequence[Hashable]
+) -> dict[Hashable, tuple[float, int]]:
+    """(pairs ranked right, pairs) of each group that has both classes among its scored rows."""
+    _clean(scores, labels)  # checks the lengths
+    if len(groups) != len(scores):
+        raise ValueError(f"scores and groups must have the same length, got {len(scores)} and {len(groups)}")
+    by_group: dict[Hashable, tuple[list, list]] = {}
+    for score, label, group in zip(scores, labels, groups):
+        rows = by_group.setdefault(group, ([], []))
+        rows[0].append(score)
+        rows[1].append(label)
+    counts = {group: _ranked_pairs(*_clean(*rows)) for group, rows in by_group.items()}
+    return {group: count for group, count in counts.items() if count[1]}
+
+
 def auroc_within_group(
     scores: Sequence[float | None], labels: Sequence[bool | int], groups: Sequence[Hashable]
 ) -> float | None:
@@ -57,19 +74,57 @@ def auroc_within_group(
     which a score that only knows how hard a problem is cannot do (it ranks problems, not answers). Pairs are pooled,
     so a group weighs by its number of pairs. Rows with a `None` score are ignored; `None` if no group has both classes.
     """
-    _clean(scores, labels)  # checks the lengths
-    if len(groups) != len(scores):
-        raise ValueError(f"scores and groups must have the same length, got {len(scores)} and {len(groups)}")
-    by_group: dict[Hashable, tuple[list, list]] = {}
-    for score, label, group in zip(scores, labels, groups):
-        rows = by_group.setdefault(group, ([], []))
-        rows[0].append(score)
-        rows[1].append(label)
-    right, pairs = 0.0, 0
-    for group_scores, group_labels in by_group.values():
-        r, p = _ranked_pairs(*_clean(group_scores, group_labels))
-        right, pairs = right + r, pairs + p
-    return right / pairs if pairs else None
+    counts = _pairs_by_group(scores, labels, groups).values()
+    pairs = sum(p for _, p in counts)
+    return sum(r for r, _ in counts) / pairs if pairs else None
+
+
+def within_group_intervals(
+    signals: Mapping[str, Sequence[float | None]],
+    labels: Sequence[bool | int],
+    groups: Sequence[Hashable],
+    draws: int = 4000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict:
+    """How far the within-group AUROC of each signal can be trusted: percentile bootstrap intervals that resample the
+    groups with both classes (a group's pairs move together: its answers share one problem), for each signal and for
+    the first signal's lead over each other one. With 30 such groups the intervals are about 0.35 wide, wider than
+    most differences between signals: a within-problem comparison needs them beside it.
+
+    Returns `groups` and `pairs` (of the first signal), and per signal its `auroc`, `interval`, and (after the first)
+    `lead_interval`, of the first signal's AUROC minus this one's; intervals are `None` when no group has both classes.
+    """
+    if not signals:
+        raise ValueError("`signals` must name at least one signal")
+    if draws < 1 or not 0.0 < level < 1.0:
+        raise ValueError(f"`draws` must be >= 1 and `level` in (0, 1), got {draws} and {level}")
+    counts = {name: _pairs_by_group(scores, labels, groups) for name, scores in signals.items()}
+    first = next(iter(signals))
+    mixed = sorted(counts[first], key=str)
+    rng = random.Random(seed)
+    resampled: dict[str, list[float]] = {name: [] for name in signals}
+    for _ in range(draws if mixed else 0):
+        sample = [mixed[rng.randrange(len(mixed))] for _ in mixed]
+        for name, by_group in counts.items():
+            right = sum(by_group.get(g, (0.0, 0))[0] for g in sample)
+            pairs = sum(by_group.get(g, (0.0, 0))[1] for g in sample)
+            resampled[name].append(right / pairs if pairs else math.nan)
+
+    def interval(values: list[float]) -> list[float] | None:
+        values = sorted(v for v in values if not math.isnan(v))
+        if not values:
+            return None
+        tail = (1.0 - level) / 2
+        return [values[int(tail * len(values))], values[min(len(values) - 1, int((1.0 - tail) * len(values)))]]
+
+    out: dict = {"groups": len(mixed), "pairs": sum(p for _, p in counts[first].values()), "signals": {}}
+    for name, scores in signals.items():
+        row = {"auroc": auroc_within_group(scores, labels, groups), "interval": interval(resampled[name])}
+        if name != first:
+            row["lead_interval"] = interval([a - b for a, b in zip(resampled[first], resampled[name])])
+        out["signals"][name] = row
+    return out
 
 
 def expected_calibration_error(
