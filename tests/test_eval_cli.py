@@ -230,6 +230,16 @@ def test_summary_auroc_by_difficulty_band():
     assert summary["baselines"]["mean_token_logprob"]["auroc_by_band"] == {"easy": 0.5, "medium": 0.5}
     # Within a problem: LaSeR right on 2 of 2 pairs of problem 0 and 0 of 1 of problem 1 -> 2/3.
     assert summary["auroc_within_problem"] == pytest.approx(2 / 3)
+    # Problems 0 and 1 carry it (3 pairs; problem 2 has one scored sample). Resampling two of them gives the score
+    # 1, 2/3 or 0 and its lead over the mean token log-prob (1/2, 1/3 or 0 of it) 1/2, 1/3 or 0, with probabilities
+    # 1/4, 1/2, 1/4: the 95% intervals run from one extreme to the other.
+    assert summary["within_problem_uncertainty"] == {
+        "problems": 2,
+        "pairs": 3,
+        "level": 0.95,
+        "auroc_interval": [0.0, 1.0],
+        "lead_over_mean_token_logprob_interval": [0.0, 0.5],
+    }
     # Overall: correct .9 .4 .8 vs incorrect .2 .6 .7: 3 + 1 + 3 = 7 of 9.
     assert summary["auroc"] == pytest.approx(7 / 9)
     assert "auroc easy" in format_table(summary) and "mean_token_logprob" in format_table(summary)
@@ -465,4 +475,13 @@ def test_verdict_says_whether_the_score_chooses_within_a_problem():
     summary.update(auroc_within_problem=0.9, weighted_at_n=0.6)
     lines = verdict(summary).splitlines()
     assert "0.900 beats the free mean token log-prob (0.800, +0.100)" in lines[1]
+    summary["within_problem_uncertainty"] = {"problems": 31, "lead_over_mean_token_logprob_interval": [-0.27, 0.24]}
+    assert (
+        verdict(summary)
+        .splitlines()[1]
+        .endswith(
+            "LaSeR AUROC 0.900 beats the free mean token log-prob (0.800, +0.100; 95% interval -0.270 to +0.240 over 31 "
+            "problems)."
+        )
+    )
     assert "0.600 beats majority 0.560 (+0.040)" in lines[2]

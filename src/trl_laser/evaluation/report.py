@@ -109,7 +109,8 @@ def verdict(summary: dict[str, Any]) -> str:
     lines[0] += "." if free.get("auroc") is None else f" {_versus(laser, free['auroc'])}."
     within, free_within = summary.get("auroc_within_problem"), free.get("auroc_within_problem")
     if within is not None:
-        versus = "" if free_within is None else f" {_versus(within, free_within)}"
+        uncertainty = summary.get("within_problem_uncertainty") or {}
+        versus = "" if free_within is None else f" {_versus(within, free_within, uncertainty)}"
         lines.append(f"Within a problem (what best-of-N and weighted voting need): LaSeR AUROC {within:.3f}{versus}.")
     weighted, majority = summary.get("weighted_at_n"), summary.get("majority_at_n")
     if None not in (weighted, majority):
@@ -121,9 +122,16 @@ def verdict(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _versus(laser: float, free: float) -> str:
+def _versus(laser: float, free: float, uncertainty: dict | None = None) -> str:
+    """`uncertainty` (a summary's `within_problem_uncertainty`) adds the lead's bootstrap interval over problems."""
     better = "beats" if laser > free else "does not beat"
-    return f"{better} the free mean token log-prob ({free:.3f}, {laser - free:+.3f})"
+    lead = (uncertainty or {}).get("lead_over_mean_token_logprob_interval")
+    spread = (
+        ""
+        if lead is None
+        else f"; 95% interval {lead[0]:+.3f} to {lead[1]:+.3f} over {uncertainty['problems']} problems"
+    )
+    return f"{better} the free mean token log-prob ({free:.3f}, {laser - free:+.3f}{spread})"
 
 
 def signal_table(signals: dict[str, dict[str, Any]], extra: Sequence[str] = ()) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
 from ..data import ARITHMETIC_DIFFICULTIES
-from ..metrics import auroc, auroc_within_group, self_verification_metrics
+from ..metrics import auroc, auroc_within_group, self_verification_metrics, within_group_intervals
 from ..voting import accuracy, answer_agreement, group_answers, vote_correctness
 
 
@@ -97,9 +97,29 @@ def summarize_subset(records: Sequence[dict], num_problems: int) -> dict[str, An
         "mean_self_reward_correct": sum(scores[True]) / len(scores[True]) if scores[True] else None,
         "mean_self_reward_incorrect": sum(scores[False]) / len(scores[False]) if scores[False] else None,
         "auroc_within_problem": laser["auroc_within_problem"],
+        "within_problem_uncertainty": within_problem_uncertainty(scored, labels, problems),
         "auroc_by_band": laser["auroc_by_band"],
         "baselines": baselines,
         "laser_vs_mean_token_logprob_auroc": None if None in (sv["auroc"], reference) else sv["auroc"] - reference,
+    }
+
+
+def within_problem_uncertainty(scored: Sequence[dict], labels: Sequence[bool], problems: Sequence[Hashable]) -> dict:
+    """How many problems carry the within-problem AUROC (those with right and wrong answers), and 95% bootstrap
+    intervals over them (`metrics.within_group_intervals`, 2,000 draws, seed 0) for the score's AUROC and its lead
+    over the mean token log-prob: a policy that answers most problems the same way leaves few, and the intervals say
+    whether a within-problem difference means anything."""
+    signals = {
+        "self_reward": [r["self_reward"] for r in scored],
+        "mean_token_logprob": [r.get("mean_token_logprob") for r in scored],
+    }
+    result = within_group_intervals(signals, labels, problems, draws=2000)
+    return {
+        "problems": result["groups"],
+        "pairs": result["pairs"],
+        "level": 0.95,
+        "auroc_interval": result["signals"]["self_reward"]["interval"],
+        "lead_over_mean_token_logprob_interval": result["signals"]["mean_token_logprob"]["lead_interval"],
     }
 
 
