@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 
 
 def _clean(scores: Sequence[float | None], labels: Sequence[bool | int]) -> tuple[list[float], list[int]]:
@@ -74,9 +74,15 @@ def auroc_within_group(
     which a score that only knows how hard a problem is cannot do (it ranks problems, not answers). Pairs are pooled,
     so a group weighs by its number of pairs. Rows with a `None` score are ignored; `None` if no group has both classes.
     """
-    counts = _pairs_by_group(scores, labels, groups).values()
-    pairs = sum(p for _, p in counts)
-    return sum(r for r, _ in counts) / pairs if pairs else None
+    return _pooled(_pairs_by_group(scores, labels, groups).values())
+
+
+def _pooled(counts: Iterable[tuple[float, int]]) -> float | None:
+    """The AUROC of (pairs ranked right, pairs) counts pooled over groups; `None` without a pair."""
+    right, pairs = 0.0, 0
+    for r, p in counts:
+        right, pairs = right + r, pairs + p
+    return right / pairs if pairs else None
 
 
 def within_group_intervals(
@@ -107,9 +113,8 @@ def within_group_intervals(
     for _ in range(draws if mixed else 0):
         sample = [mixed[rng.randrange(len(mixed))] for _ in mixed]
         for name, by_group in counts.items():
-            right = sum(by_group.get(g, (0.0, 0))[0] for g in sample)
-            pairs = sum(by_group.get(g, (0.0, 0))[1] for g in sample)
-            resampled[name].append(right / pairs if pairs else math.nan)
+            value = _pooled(by_group[g] for g in sample if g in by_group)
+            resampled[name].append(math.nan if value is None else value)
 
     def interval(values: list[float]) -> list[float] | None:
         values = sorted(v for v in values if not math.isnan(v))
@@ -119,8 +124,8 @@ def within_group_intervals(
         return [values[int(tail * len(values))], values[min(len(values) - 1, int((1.0 - tail) * len(values)))]]
 
     out: dict = {"groups": len(mixed), "pairs": sum(p for _, p in counts[first].values()), "signals": {}}
-    for name, scores in signals.items():
-        row = {"auroc": auroc_within_group(scores, labels, groups), "interval": interval(resampled[name])}
+    for name in signals:
+        row = {"auroc": _pooled(counts[name].values()), "interval": interval(resampled[name])}
         if name != first:
             row["lead_interval"] = interval([a - b for a, b in zip(resampled[first], resampled[name])])
         out["signals"][name] = row

@@ -7,7 +7,8 @@ TRL's weight sync calls the vLLM model's `load_weights`, which vLLM's CPU model 
 replaced by the model runner's `reload_weights` of the trainer's current weights, then `reset_prefix_cache()`. The
 rest is TRL's and the package's own: TRL's colocate engine (vLLM's automatic dtype: bfloat16 for this float32 model),
 the trainer in float32. The verifier calls the longer half of each group right, so that every group holds both classes
-(SmolLM2-135M rarely gets arithmetic right, and often writes one answer four times). Writes OUTPUT_DIR/result.json with, in this order:
+(SmolLM2-135M rarely gets arithmetic right, and often writes one answer four times). Writes OUTPUT_DIR/result.json
+with, in this order:
 
 1. `config` (the settings a hand computation of the mix needs), `vllm_dtype`, and `trl_sync_error`: what TRL's own
    sync raised on this build (None if it worked).

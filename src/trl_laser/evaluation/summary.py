@@ -104,6 +104,9 @@ def summarize_subset(records: Sequence[dict], num_problems: int) -> dict[str, An
     }
 
 
+UNCERTAINTY_DRAWS, UNCERTAINTY_LEVEL = 2000, 0.95  # `within_problem_uncertainty`'s bootstrap
+
+
 def within_problem_uncertainty(scored: Sequence[dict], labels: Sequence[bool], problems: Sequence[Hashable]) -> dict:
     """How many problems carry the within-problem AUROC (those with right and wrong answers), and 95% bootstrap
     intervals over them (`metrics.within_group_intervals`, 2,000 draws, seed 0) for the score's AUROC and its lead
@@ -113,11 +116,11 @@ def within_problem_uncertainty(scored: Sequence[dict], labels: Sequence[bool], p
         "self_reward": [r["self_reward"] for r in scored],
         "mean_token_logprob": [r.get("mean_token_logprob") for r in scored],
     }
-    result = within_group_intervals(signals, labels, problems, draws=2000)
+    result = within_group_intervals(signals, labels, problems, draws=UNCERTAINTY_DRAWS, level=UNCERTAINTY_LEVEL)
     return {
         "problems": result["groups"],
         "pairs": result["pairs"],
-        "level": 0.95,
+        "level": UNCERTAINTY_LEVEL,
         "auroc_interval": result["signals"]["self_reward"]["interval"],
         "lead_over_mean_token_logprob_interval": result["signals"]["mean_token_logprob"]["lead_interval"],
     }
