@@ -24,6 +24,7 @@ from trl_laser.core import least_squares_row_step
 from trl_laser.data import make_arithmetic_dataset
 from trl_laser.evaluation.prompts import Prompt, resolve_prompt, saved_settings
 from trl_laser.evaluation.sampling import Sampling, SelfRewardOverrides
+from trl_laser.evaluation.summary import problem_groups
 from trl_laser.metrics import auroc, auroc_within_group
 from trl_laser.readout import grouped_folds
 
@@ -81,7 +82,7 @@ def main(args: argparse.Namespace) -> dict:
     problems = unseen_problems(args.problems, args.drawn, args.train_seed)
     states, finished = eos_states(args.model, problems, args.seed)
     labels = [bool(r["correct"]) for r in finished]
-    groups = [r["problem_index"] for r in finished]
+    groups = problem_groups(finished)
     y = torch.tensor(labels, dtype=torch.float64)
     folds = torch.tensor(grouped_folds(groups, 5, seed=args.seed, labels=labels))
     signals = {

@@ -196,6 +196,41 @@ def test_eval_reports_the_free_baselines_beside_laser(result):
     assert set(summary["filtered"]["baselines"]) == set(baselines)
 
 
+def test_copies_of_a_problem_are_one_problem_within():
+    # Positions 0 and 1 hold the same text. Copy 0: right (r_s .9) and wrong (.5); copy 1: two right answers (.4, .6).
+    # By text the pairs are .9 > .5, .4 < .5, .6 > .5 -> 2/3 (by position only copy 0's pair would count: 1). The
+    # mean token log-prob: -.1 > -.15, -.2 and -.3 < -.15 -> 1/3. One problem carries it: every draw is that problem.
+    rows = [
+        (0, "1", True, 0.9, -0.1),
+        (0, "2", False, 0.5, -0.15),
+        (1, "1", True, 0.4, -0.2),
+        (1, "1", True, 0.6, -0.3),
+    ]
+    records = [
+        {
+            "problem": "What is 0 + 1?",
+            "problem_index": p,
+            "sample_index": i % 2,
+            "pred": pred,
+            "correct": ok,
+            "finished": True,
+            "self_reward": r_s,
+            "mean_token_logprob": m,
+            "min_token_logprob": m,
+            "answer_agreement": 0.0,
+        }
+        for i, (p, pred, ok, r_s, m) in enumerate(rows)
+    ]
+    summary = summarize(records, 2)
+    assert summary["auroc_within_problem"] == pytest.approx(2 / 3)
+    assert summary["baselines"]["mean_token_logprob"]["auroc_within_problem"] == pytest.approx(1 / 3)
+    uncertainty = summary["within_problem_uncertainty"]
+    assert (uncertainty["problems"], uncertainty["pairs"]) == (1, 3)
+    assert uncertainty["auroc_interval"] == pytest.approx([2 / 3, 2 / 3])
+    assert uncertainty["lead_over_mean_token_logprob_interval"] == pytest.approx([1 / 3, 1 / 3])
+    assert summary["majority_at_n"] == pytest.approx(1.0)  # votes stay per query: copy 1 all right, copy 0 ties to "1"
+
+
 def test_summary_auroc_by_difficulty_band():
     # Problem 0 easy, 1 and 2 medium; one unscored (truncated) sample, left out of every AUROC.
     rows = [
@@ -209,6 +244,7 @@ def test_summary_auroc_by_difficulty_band():
     ]
     records = [
         {
+            "problem": f"problem {p}",
             "problem_index": p,
             "sample_index": i,
             "difficulty": band,
@@ -267,8 +303,24 @@ def test_scaling_curves_average_random_subsets():
     # the drawn sample is the right one: 1/2 in expectation; with k = 2 majority ties (first wins), weighted and
     # best-of-N pick the right one.
     rows = [
-        {"problem_index": 0, "sample_index": 0, "pred": "2", "correct": False, "self_reward": 0.2, "finished": True},
-        {"problem_index": 0, "sample_index": 1, "pred": "1", "correct": True, "self_reward": 0.9, "finished": True},
+        {
+            "problem": "1?",
+            "problem_index": 0,
+            "sample_index": 0,
+            "pred": "2",
+            "correct": False,
+            "self_reward": 0.2,
+            "finished": True,
+        },
+        {
+            "problem": "1?",
+            "problem_index": 0,
+            "sample_index": 1,
+            "pred": "1",
+            "correct": True,
+            "self_reward": 0.9,
+            "finished": True,
+        },
     ]
     curves = scaling_curves(rows, 2, num_subsets=4000, seed=0)
     for key in ("majority", "weighted", "best_of_n"):
@@ -284,6 +336,7 @@ def test_scaling_curves_vote_with_the_mean_token_logprob_too():
     # weighted vote (e^-0.1 > e^-2) and its best-of-N pick "2", where r_s picks "1"; at k = N they equal the summary.
     rows = [
         {
+            "problem": "1?",
             "problem_index": 0,
             "sample_index": 0,
             "pred": "2",
@@ -293,6 +346,7 @@ def test_scaling_curves_vote_with_the_mean_token_logprob_too():
             "mean_token_logprob": -0.1,
         },
         {
+            "problem": "1?",
             "problem_index": 0,
             "sample_index": 1,
             "pred": "1",

@@ -294,3 +294,27 @@ def test_builtin_arithmetic_dataset():
     assert len(load_problems("builtin:arithmetic", split="test")) == 200
     with pytest.raises(ValueError, match="splits"):
         make_arithmetic_dataset("validation")
+
+
+def test_builtin_arithmetic_distinct_test_split():
+    from trl_laser.data import load_problems, make_arithmetic_dataset
+
+    distinct = make_arithmetic_dataset("test_distinct")
+    test, train = make_arithmetic_dataset("test"), make_arithmetic_dataset("train")
+    # Each text once: the 155 one-digit and 64 + 2 x 810 two-digit problems, those the hash puts in the test split.
+    assert len(distinct) == len(set(distinct["problem"])) == 406
+    assert sorted(set(distinct["difficulty"])) == ["easy", "medium"]
+    assert distinct["difficulty"].count("easy") == 32
+    assert not set(distinct["problem"]) & set(train["problem"])
+    sampled = {p for p, band in zip(test["problem"], test["difficulty"]) if band != "hard"}
+    assert sampled <= set(distinct["problem"])  # the 200 sampled ones hold 78 of these texts
+    assert len(sampled) == 78
+    for row in distinct:
+        a, op, b = row["problem"][len("What is ") : -1].split(" ")
+        assert row["answer"] == str({"plus": int(a) + int(b), "minus": int(a) - int(b), "times": int(a) * int(b)}[op])
+    assert distinct["problem"][:5] == load_problems("builtin:arithmetic", split="test_distinct")["problem"][:5]
+    assert make_arithmetic_dataset("test_distinct", num_samples=7)["problem"] == distinct["problem"][:7]
+    other = make_arithmetic_dataset("test_distinct", seed=1)
+    assert set(other["problem"]) != set(distinct["problem"])
+    with pytest.raises(ValueError, match="`difficulties` does not apply to 'test_distinct'"):
+        make_arithmetic_dataset("test_distinct", difficulties={"easy": 1.0})

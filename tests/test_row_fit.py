@@ -374,7 +374,7 @@ def test_bad_input_is_a_one_line_error(laser_dir, tokenizer, tmp_path, capsys):
 
 
 def test_copies_of_a_problem_share_a_group_and_a_fold():
-    from trl_laser.probe import problem_groups
+    from trl_laser.evaluation.summary import problem_groups
     from trl_laser.readout import grouped_folds
 
     records = [{"problem": text, "problem_index": i} for i, text in enumerate("abacbba")]

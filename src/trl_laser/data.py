@@ -148,6 +148,10 @@ ARITHMETIC_DATASET = "builtin:arithmetic"
 ARITHMETIC_INSTRUCTION = "Answer with just the number."
 ARITHMETIC_DIFFICULTIES = {"easy": 0.5, "medium": 0.3, "hard": 0.2}
 _ARITHMETIC_SIZES = {"train": 2000, "test": 200}
+# Every distinct easy and medium problem of the test split, once each (32 + 374 for seed 0): "test" draws its 200 with
+# repeats (110 texts), and within-problem rankings need many distinct problems that the model sometimes gets right,
+# which the hard band (two-digit times, three-digit sums) almost never is.
+ARITHMETIC_DISTINCT_SPLIT, _DISTINCT_BANDS = "test_distinct", ("easy", "medium")
 
 
 def _arithmetic_problem(rng: random.Random, difficulty: str) -> tuple[str, int]:
@@ -178,6 +182,30 @@ def _arithmetic_problem(rng: random.Random, difficulty: str) -> tuple[str, int]:
     raise ValueError(f"Unknown difficulty {difficulty!r}: use one of {sorted(ARITHMETIC_DIFFICULTIES)}.")
 
 
+def _band_problems(difficulty: str) -> list[tuple[str, int]]:
+    """Every problem of a finite band, in the order of `_arithmetic_problem`'s kinds."""
+    if difficulty == "easy":
+        sums = [(f"What is {a} plus {b}?", a + b) for a in range(10) for b in range(10)]
+        return sums + [(f"What is {a} minus {b}?", a - b) for a in range(10) for b in range(a + 1)]
+    if difficulty == "medium":
+        tables = [(f"What is {a} times {b}?", a * b) for a in range(2, 10) for b in range(2, 10)]
+        sums = [(f"What is {a} plus {b}?", a + b) for a in range(10, 100) for b in range(1, 10)]
+        return tables + sums + [(f"What is {a} minus {b}?", a - b) for a in range(10, 100) for b in range(1, 10)]
+    raise ValueError(f"Band {difficulty!r} is not enumerated: {ARITHMETIC_DISTINCT_SPLIT} holds {_DISTINCT_BANDS}.")
+
+
+def _distinct_test_problems(seed: int, test_fraction: float) -> dict[str, list]:
+    """The rows of the `test_distinct` split: every distinct easy and medium test problem once, in a seeded order."""
+    rows = [
+        (problem, str(answer), band)
+        for band in _DISTINCT_BANDS
+        for problem, answer in _band_problems(band)
+        if _in_test_split(problem, seed, test_fraction)
+    ]
+    random.Random(f"{ARITHMETIC_DATASET}:{seed}:{ARITHMETIC_DISTINCT_SPLIT}").shuffle(rows)
+    return {"problem": [r[0] for r in rows], "answer": [r[1] for r in rows], "difficulty": [r[2] for r in rows]}
+
+
 def _in_test_split(problem: str, seed: int, test_fraction: float) -> bool:
     """Which split a problem belongs to: a hash of (seed, problem), so that train and test never share a problem."""
     digest = hashlib.sha256(f"{seed}:{problem}".encode()).digest()
@@ -196,12 +224,20 @@ def make_arithmetic_dataset(
     Each problem belongs to one split, chosen by a hash of (seed, problem): the "train" and "test" splits of one seed
     are disjoint. Problems repeat within a split (there are only 155 one-digit ones). `difficulties` maps "easy",
     "medium" and "hard" to their shares; by default half are easy, which SmolLM2-135M-Instruct answers right about a
-    third of the time at temperature 1, and a fifth hard, which it almost never does.
+    third of the time at temperature 1, and a fifth hard, which it almost never does. "test_distinct" holds every
+    distinct easy and medium problem of the "test" split once (406 for seed 0; `difficulties` does not apply): the
+    held-out set for within-problem rankings, where each problem must count once.
     """
-    if split not in _ARITHMETIC_SIZES:
-        raise ValueError(f"{ARITHMETIC_DATASET} has the splits {sorted(_ARITHMETIC_SIZES)}, not {split!r}.")
+    if split not in (*_ARITHMETIC_SIZES, ARITHMETIC_DISTINCT_SPLIT):
+        splits = sorted((*_ARITHMETIC_SIZES, ARITHMETIC_DISTINCT_SPLIT))
+        raise ValueError(f"{ARITHMETIC_DATASET} has the splits {splits}, not {split!r}.")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"`test_fraction` must be in (0, 1), got {test_fraction}.")
+    if split == ARITHMETIC_DISTINCT_SPLIT:
+        if difficulties is not None:
+            raise ValueError(f"`difficulties` does not apply to {split!r}, which holds every easy and medium problem.")
+        rows = _distinct_test_problems(seed, test_fraction)
+        return Dataset.from_dict({k: v[:num_samples] for k, v in rows.items()})
     shares = difficulties if difficulties is not None else ARITHMETIC_DIFFICULTIES
     num_samples = _ARITHMETIC_SIZES[split] if num_samples is None else num_samples
     rng = random.Random(f"{ARITHMETIC_DATASET}:{seed}:{split}")

@@ -41,7 +41,14 @@ from .evaluation.sampling import (
     load_for_sampling,
     sample_batches,
 )
-from .evaluation.summary import BASELINES, add_answer_agreement, auroc_null_std, band_names, ranking
+from .evaluation.summary import (
+    BASELINES,
+    add_answer_agreement,
+    auroc_null_std,
+    band_names,
+    problem_groups,
+    ranking,
+)
 from .metrics import self_verification_metrics
 from .readout import DEFAULT_C_VALUES, readout_probabilities
 from .ref_constant import c_ref_statistics
@@ -279,15 +286,6 @@ def _sample(
     records = [record for batch in batches for record in batch]
     add_answer_agreement(records)
     return records
-
-
-def problem_groups(records: Sequence[dict]) -> list[int]:
-    """Each record's problem for grouping, by the problem's text: a problem set may hold one problem twice (the first
-    256 training problems of `builtin:arithmetic` hold 196 texts), and a copy in another fold would credit a fit for
-    recognising the problem (on the miniature's seed-2 model, grouping by position chose the smallest ridge and
-    cross-validated 0.905 within a problem; grouped by text, the largest, at 0.878)."""
-    ids: dict[str, int] = {}
-    return [ids.setdefault(r["problem"], len(ids)) for r in records]
 
 
 def finished_records(records: list[dict], max_new_tokens: int, folds: int) -> list[dict]:

@@ -7,7 +7,7 @@ on training problems, reads each finished completion's EOS state and log pi(z_c)
 LaSeR's class-balanced MSE for the row in closed form: one Gauss-Newton step from the current row
 (`core.least_squares_row_step`), optionally with the part between problems down-weighted
 (`core.group_centred_system`). The ridge and that weight are chosen by cross-validation grouped by problem text
-(copies of a problem in one fold: `probe.problem_groups`), on those training samples only.
+(copies of a problem in one fold: `evaluation.summary.problem_groups`), on those training samples only.
 
 Nothing else changes: the score stays `beta_v * (log pi(z_c | x, y, EOS) - c_ref)` read from the saved model, with
 the same c_ref and beta_v, for one extra token. The math is in pure tensor functions (`row_fit_step`,
@@ -31,7 +31,7 @@ from . import scoring
 from .core import class_weights, group_centred_system, least_squares_row_step, self_reward_score
 from .evaluation.prompts import Prompt
 from .evaluation.sampling import Sampling, SelfRewardOverrides, default_device, load_for_sampling
-from .evaluation.summary import BASELINES, ranking
+from .evaluation.summary import BASELINES, problem_groups, ranking
 from .hub import ROW_FIT_FILE, write_row_fit_card
 from .probe import (
     _check_options,
@@ -41,7 +41,6 @@ from .probe import (
     eos_sequences,
     finished_records,
     load_problems,
-    problem_groups,
 )
 from .readout import grouped_folds
 from .settings import resolve_settings
@@ -49,8 +48,8 @@ from .settings import resolve_settings
 
 # Ridges relative to trace(B) / d (as the training-time row update). The step starts from the trained row, so a small
 # ridge keeps it where the samples say nothing. On SmolLM2-135M's arithmetic miniature (2,000 samples, d = 576) the
-# folds grouped by position chose the smallest of 0.003-1, and grouped by problem text (`probe.problem_groups`) the
-# largest, 1.0 (docs/miniature.md): the grid reaches a decade beyond both.
+# folds grouped by position chose the smallest of 0.003-1, and grouped by problem text (`problem_groups`) the largest,
+# 1.0 (docs/miniature.md): the grid reaches a decade beyond both.
 DEFAULT_RIDGES = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 # Weights of the part of the fit between problems: 1 is the pooled MSE, lower weights fit more of what separates
 # answers to the same problem (0 alone would leave the level across problems unfitted, so it is not a default).
