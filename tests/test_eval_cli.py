@@ -298,30 +298,22 @@ def test_eval_writes_png_plots_and_prints_a_table(result, capsys, workdir):
     assert (summary["n_problems"], summary["n_samples"], summary["scaling"]["k"]) == (1, 1, [1])
 
 
+def two_answers(mean_token_logprobs: tuple[float, float] | None = None) -> list[dict]:
+    """One problem's records: "2" (wrong, r_s 0.2) then "1" (right, r_s 0.9), with their mean token log-probs."""
+    rows = [
+        {"problem": "1?", "problem_index": 0, "sample_index": i, "pred": pred, "correct": ok, "self_reward": r_s}
+        for i, (pred, ok, r_s) in enumerate((("2", False, 0.2), ("1", True, 0.9)))
+    ]
+    for row, value in zip(rows, mean_token_logprobs or ()):
+        row["mean_token_logprob"] = value
+    return [dict(row, finished=True) for row in rows]
+
+
 def test_scaling_curves_average_random_subsets():
     # One problem, 2 samples: "1" (right, r_s 0.9) and "2" (wrong, r_s 0.2). With k = 1 every vote is right iff
     # the drawn sample is the right one: 1/2 in expectation; with k = 2 majority ties (first wins), weighted and
     # best-of-N pick the right one.
-    rows = [
-        {
-            "problem": "1?",
-            "problem_index": 0,
-            "sample_index": 0,
-            "pred": "2",
-            "correct": False,
-            "self_reward": 0.2,
-            "finished": True,
-        },
-        {
-            "problem": "1?",
-            "problem_index": 0,
-            "sample_index": 1,
-            "pred": "1",
-            "correct": True,
-            "self_reward": 0.9,
-            "finished": True,
-        },
-    ]
+    rows = two_answers()
     curves = scaling_curves(rows, 2, num_subsets=4000, seed=0)
     for key in ("majority", "weighted", "best_of_n"):
         assert curves[key][0] == pytest.approx(0.5, abs=0.03)
@@ -334,28 +326,7 @@ def test_scaling_curves_average_random_subsets():
 def test_scaling_curves_vote_with_the_mean_token_logprob_too():
     # The free signal prefers the wrong answer "2" (mean token log-prob -0.1 against -2.0): with both samples its
     # weighted vote (e^-0.1 > e^-2) and its best-of-N pick "2", where r_s picks "1"; at k = N they equal the summary.
-    rows = [
-        {
-            "problem": "1?",
-            "problem_index": 0,
-            "sample_index": 0,
-            "pred": "2",
-            "correct": False,
-            "self_reward": 0.2,
-            "finished": True,
-            "mean_token_logprob": -0.1,
-        },
-        {
-            "problem": "1?",
-            "problem_index": 0,
-            "sample_index": 1,
-            "pred": "1",
-            "correct": True,
-            "self_reward": 0.9,
-            "finished": True,
-            "mean_token_logprob": -2.0,
-        },
-    ]
+    rows = two_answers(mean_token_logprobs=(-0.1, -2.0))
     curves = scaling_curves(rows, 2, num_subsets=4000, seed=0)
     assert (curves["weighted_mean_token_logprob"][1], curves["best_of_n_mean_token_logprob"][1]) == (0.0, 0.0)
     assert curves["weighted_mean_token_logprob"][0] == pytest.approx(0.5, abs=0.03)
