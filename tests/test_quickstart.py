@@ -318,3 +318,8 @@ def test_builtin_arithmetic_distinct_test_split():
     assert set(other["problem"]) != set(distinct["problem"])
     with pytest.raises(ValueError, match="`difficulties` does not apply to 'test_distinct'"):
         make_arithmetic_dataset("test_distinct", difficulties={"easy": 1.0})
+    # train_distinct: the rest of the two bands, 155 + 1,684 in all, disjoint from the held-out ones.
+    fitting = make_arithmetic_dataset("train_distinct")
+    assert len(fitting) == len(set(fitting["problem"])) == 1433 == 155 + 1684 - 406
+    assert not set(fitting["problem"]) & set(distinct["problem"])
+    assert {p for p, band in zip(train["problem"], train["difficulty"]) if band != "hard"} <= set(fitting["problem"])

@@ -119,7 +119,8 @@ def test_answer_positions_against_plain_forwards(tokenizer):
 
     model = answering_model(tokenizer).eval()
     generator = torch.Generator().manual_seed(6)
-    prompts = [torch.randint(10, 200, (n,), generator=generator).tolist() for n in (5, 9, 7)]
+    # Lengths 12, 7 and 12, forwarded shortest first (similar lengths share a batch): the results keep their order.
+    prompts = [torch.randint(10, 200, (n,), generator=generator).tolist() for n in (9, 5, 7)]
     answers = [[36, 36, EOS], [36, EOS], [36, 36, 36, 36, EOS]]
     sequences = [p + a for p, a in zip(prompts, answers)]
     lengths = [len(a) for a in answers]
@@ -134,6 +135,8 @@ def test_answer_positions_against_plain_forwards(tokenizer):
             span = slice(len(seq) - n - 1, len(seq) - 1)  # the positions that sampled the answer's n tokens
             assert out["draws"][i] == pytest.approx(float(logps[span].exp().sum()), rel=1e-4)
             assert out["max_logprob"][i] == pytest.approx(float(logps[span].max()), abs=1e-4)
+            assert out["eos_logps"][i] == pytest.approx(float(logps[-1]), abs=1e-4)  # the EOS's: the score's
+            torch.testing.assert_close(out["eos_states"][i], head_input[-1][0, -1], rtol=1e-4, atol=1e-4)
             h = head_input[-1][0, span].double()
             gram += h.T @ h
             positions += n

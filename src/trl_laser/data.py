@@ -148,10 +148,10 @@ ARITHMETIC_DATASET = "builtin:arithmetic"
 ARITHMETIC_INSTRUCTION = "Answer with just the number."
 ARITHMETIC_DIFFICULTIES = {"easy": 0.5, "medium": 0.3, "hard": 0.2}
 _ARITHMETIC_SIZES = {"train": 2000, "test": 200}
-# Every distinct easy and medium problem of the test split, once each (32 + 374 for seed 0): "test" draws its 200 with
-# repeats (110 texts), and within-problem rankings need many distinct problems that the model sometimes gets right,
-# which the hard band (two-digit times, three-digit sums) almost never is.
-ARITHMETIC_DISTINCT_SPLIT, _DISTINCT_BANDS = "test_distinct", ("easy", "medium")
+# Every distinct easy and medium problem of a split, once each (test: 32 + 374 for seed 0, train: 123 + 1310): "test"
+# draws its 200 with repeats (110 texts), and within-problem rankings (and a row fitted to them) need many distinct
+# problems that the model sometimes gets right, which the hard band (two-digit times, three-digit sums) almost never is.
+ARITHMETIC_DISTINCT_SPLITS, _DISTINCT_BANDS = {"train_distinct": "train", "test_distinct": "test"}, ("easy", "medium")
 
 
 def _arithmetic_problem(rng: random.Random, difficulty: str) -> tuple[str, int]:
@@ -191,18 +191,19 @@ def _band_problems(difficulty: str) -> list[tuple[str, int]]:
         tables = [(f"What is {a} times {b}?", a * b) for a in range(2, 10) for b in range(2, 10)]
         sums = [(f"What is {a} plus {b}?", a + b) for a in range(10, 100) for b in range(1, 10)]
         return tables + sums + [(f"What is {a} minus {b}?", a - b) for a in range(10, 100) for b in range(1, 10)]
-    raise ValueError(f"Band {difficulty!r} is not enumerated: {ARITHMETIC_DISTINCT_SPLIT} holds {_DISTINCT_BANDS}.")
+    raise ValueError(f"Band {difficulty!r} is not enumerated: the distinct splits hold {_DISTINCT_BANDS}.")
 
 
-def _distinct_test_problems(seed: int, test_fraction: float) -> dict[str, list]:
-    """The rows of the `test_distinct` split: every distinct easy and medium test problem once, in a seeded order."""
+def _distinct_problems(split: str, seed: int, test_fraction: float) -> dict[str, list]:
+    """The rows of a distinct split: every distinct easy and medium problem of its split once, in a seeded order."""
+    test = ARITHMETIC_DISTINCT_SPLITS[split] == "test"
     rows = [
         (problem, str(answer), band)
         for band in _DISTINCT_BANDS
         for problem, answer in _band_problems(band)
-        if _in_test_split(problem, seed, test_fraction)
+        if _in_test_split(problem, seed, test_fraction) == test
     ]
-    random.Random(f"{ARITHMETIC_DATASET}:{seed}:{ARITHMETIC_DISTINCT_SPLIT}").shuffle(rows)
+    random.Random(f"{ARITHMETIC_DATASET}:{seed}:{split}").shuffle(rows)
     return {"problem": [r[0] for r in rows], "answer": [r[1] for r in rows], "difficulty": [r[2] for r in rows]}
 
 
@@ -226,17 +227,18 @@ def make_arithmetic_dataset(
     "medium" and "hard" to their shares; by default half are easy, which SmolLM2-135M-Instruct answers right about a
     third of the time at temperature 1, and a fifth hard, which it almost never does. "test_distinct" holds every
     distinct easy and medium problem of the "test" split once (406 for seed 0; `difficulties` does not apply): the
-    held-out set for within-problem rankings, where each problem must count once.
+    held-out set for within-problem rankings, where each problem must count once; "train_distinct" (1,433) those of
+    "train", to fit a row (`trl-laser fit-row`) on many distinct problems.
     """
-    if split not in (*_ARITHMETIC_SIZES, ARITHMETIC_DISTINCT_SPLIT):
-        splits = sorted((*_ARITHMETIC_SIZES, ARITHMETIC_DISTINCT_SPLIT))
+    if split not in (*_ARITHMETIC_SIZES, *ARITHMETIC_DISTINCT_SPLITS):
+        splits = sorted((*_ARITHMETIC_SIZES, *ARITHMETIC_DISTINCT_SPLITS))
         raise ValueError(f"{ARITHMETIC_DATASET} has the splits {splits}, not {split!r}.")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"`test_fraction` must be in (0, 1), got {test_fraction}.")
-    if split == ARITHMETIC_DISTINCT_SPLIT:
+    if split in ARITHMETIC_DISTINCT_SPLITS:
         if difficulties is not None:
             raise ValueError(f"`difficulties` does not apply to {split!r}, which holds every easy and medium problem.")
-        rows = _distinct_test_problems(seed, test_fraction)
+        rows = _distinct_problems(split, seed, test_fraction)
         return Dataset.from_dict({k: v[:num_samples] for k, v in rows.items()})
     shares = difficulties if difficulties is not None else ARITHMETIC_DIFFICULTIES
     num_samples = _ARITHMETIC_SIZES[split] if num_samples is None else num_samples

@@ -333,13 +333,19 @@ def _eos_states(
         logps, states = scoring.last_position(
             model, sequences, settings.self_reward_token_id, pad_id, batch_size, hidden_states=True
         )
+    check_eos_logps(logps, finished, tolerance)
+    return states
+
+
+def check_eos_logps(logps: Sequence[float], finished: list[dict], tolerance: float) -> None:
+    """The forward's log pi(z_c) at each EOS must be the one captured while sampling: else its EOS states are not
+    the ones that predict z_c (a different prompt, padding or position ids), and a read-out or fit of them is wrong."""
     gap = max(abs(a - r["self_reward_logprob"]) for a, r in zip(logps, finished))
     if gap > tolerance:
         raise RuntimeError(
             f"log pi(z_c) from the forward over prompt + completion differs from the one captured during generation "
             f"by up to {gap:.2e} (> {tolerance:g}): the EOS states read are not the ones that predict z_c."
         )
-    return states
 
 
 def _rank(

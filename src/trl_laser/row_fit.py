@@ -35,9 +35,9 @@ from .evaluation.summary import BASELINES, problem_groups, ranking
 from .hub import ROW_FIT_FILE, write_row_fit_card
 from .probe import (
     _check_options,
-    _eos_states,
     _probe_sampling,
     _sample,
+    check_eos_logps,
     eos_sequences,
     finished_records,
     load_problems,
@@ -194,12 +194,14 @@ def answer_positions(
     pad_id: int,
     batch_size: int,
 ) -> dict[str, Any]:
-    """z_c at the positions that sample each answer's tokens (the last prompt token's to the one before the EOS's).
+    """z_c at the positions that sample each answer's tokens (the last prompt token's to the one before the EOS's),
+    and at the EOS's, where the score is read.
 
-    Returns `gram`, the mean of `h h^T` over their final states (float64, for `row_fit_step`), `positions`, their
-    number, and per answer `draws`, the expected number of z_c tokens sampled inside it (sum of pi(z_c) over its
-    positions), and `max_logprob`, its largest log pi(z_c). One forward per left-padded batch, keeping the logits of
-    the answers' positions only.
+    Returns `gram`, the mean of `h h^T` over the answers' final states (float64, for `row_fit_step`), `positions`,
+    their number, and per answer `draws`, the expected number of z_c tokens sampled inside it (sum of pi(z_c) over
+    its positions), and `max_logprob`, its largest log pi(z_c); and the EOS's final states (`eos_states`, `(N, d)`
+    float32, as `scoring.last_position` reads them) and log pi(z_c) there (`eos_logps`), so that the fit forwards each
+    answer once. One forward per left-padded batch of similar lengths, keeping the logits of those positions only.
     """
     device = next(model.parameters()).device
     head = model.get_output_embeddings()
@@ -207,9 +209,12 @@ def answer_positions(
     handle = head.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
     gram = torch.zeros(head.weight.shape[1], head.weight.shape[1], dtype=torch.float64)
     draws, max_logprob, positions = [0.0] * len(sequences), [0.0] * len(sequences), 0
+    eos_states = torch.zeros(len(sequences), head.weight.shape[1])
+    eos_logps = [0.0] * len(sequences)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths: little padding
     try:
-        for start in range(0, len(sequences), batch_size):
-            rows = range(start, min(start + batch_size, len(sequences)))
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
             width = max(len(sequences[i]) for i in rows)
             keep = max(completion_lengths[i] for i in rows) + 1  # the EOS's position and the answer's before it
             ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -227,8 +232,10 @@ def answer_positions(
                     **scoring._supported(model, position_ids=position_ids.to(device), logits_to_keep=keep),
                 ).logits[:, -keep:]
             logps = logits.float().log_softmax(-1)[..., token_id].cpu()
+            eos_states[rows] = captured[-1][:, -1].float().cpu()
             hidden = captured[-1][:, -keep:].double().cpu()
             for r, i in enumerate(rows):
+                eos_logps[i] = float(logps[r, -1])
                 span = slice(keep - 1 - completion_lengths[i], keep - 1)  # not the EOS's own position
                 gram += hidden[r, span].T @ hidden[r, span]
                 positions += completion_lengths[i]
@@ -236,7 +243,14 @@ def answer_positions(
                 max_logprob[i] = float(logps[r, span].max())
     finally:
         handle.remove()
-    return {"gram": gram / max(positions, 1), "positions": positions, "draws": draws, "max_logprob": max_logprob}
+    return {
+        "gram": gram / max(positions, 1),
+        "positions": positions,
+        "draws": draws,
+        "max_logprob": max_logprob,
+        "eos_states": eos_states,
+        "eos_logps": eos_logps,
+    }
 
 
 def fit_row(
@@ -307,16 +321,17 @@ def fit_row(
     conversations = [prompt.conversation(p["problem"], dataset) for p in problems]
     records = _sample(model, tokenizer, settings, problems, conversations, prompt, sampling, progress)
     finished = finished_records(records, sampling.max_new_tokens, folds)
-    states = _eos_states(model, tokenizer, settings, finished, conversations, prompt, sampling.batch_size, tolerance)
-    beta, ref = settings.self_reward_beta, settings.self_reward_ref_constant
-    logps = torch.tensor([r["self_reward_logprob"] for r in finished], dtype=torch.float64)
-    labels = [bool(r["correct"]) for r in finished]
-    groups = problem_groups(finished)
     sequences = eos_sequences(tokenizer, finished, conversations, prompt)
     lengths = [len(r["token_ids"]) for r in finished]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else settings.eos_token_ids[0]
     token_id = settings.self_reward_token_id
     inside = answer_positions(model, sequences, lengths, token_id, pad_id, sampling.batch_size)
+    check_eos_logps(inside["eos_logps"], finished, tolerance)
+    states = inside["eos_states"]
+    beta, ref = settings.self_reward_beta, settings.self_reward_ref_constant
+    logps = torch.tensor([r["self_reward_logprob"] for r in finished], dtype=torch.float64)
+    labels = [bool(r["correct"]) for r in finished]
+    groups = problem_groups(finished)
     other = (inside["gram"], other_weight)
     table = cross_validate_row_fit(
         states, logps, labels, groups, beta, ref, ridges, between_weights, folds, sampling.seed, *other
