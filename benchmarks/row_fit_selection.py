@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from trl_laser.data import make_arithmetic_dataset
 from trl_laser.evaluation.summary import ranking
 from trl_laser.readout import grouped_folds
 from trl_laser.row_fit import (
@@ -70,8 +71,10 @@ def nested_selection(
     outer_folds: int = 5,
     inner_folds: int = 5,
     seed: int = 0,
+    bands: Sequence[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Per rule: the pooled outer AUROC overall and within a problem, and each outer fold's chosen cell.
+    """Per rule: the pooled outer AUROC overall and within a problem (and per band, given each sample's), and each
+    outer fold's chosen cell.
 
     Each outer fold (grouped by problem, stratified) is scored by the row fitted on the other folds with the cell the
     rule picks from `cross_validate_row_fit` run on those other folds only (`inner_folds`).
@@ -115,14 +118,58 @@ def nested_selection(
             "auroc_within_problem": rank["auroc_within_problem"],
             "chosen": chosen[name],
         }
+        if bands is not None:
+            results[name]["by_band"] = band_rankings(scores[name].tolist(), label_list, group_list, bands)
     return results
+
+
+def band_rankings(
+    scores: Sequence[float], labels: Sequence[bool], groups: Sequence[int], bands: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Per difficulty band: its problems, those with right and wrong answers, and the AUROC within a problem."""
+    out = {}
+    for band in dict.fromkeys(bands):
+        rows = [i for i, b in enumerate(bands) if b == band]
+        band_groups = [groups[i] for i in rows]
+        right = {groups[i] for i in rows if labels[i]}
+        wrong = {groups[i] for i in rows if not labels[i]}
+        rank = ranking([scores[i] for i in rows], [labels[i] for i in rows], band_groups)
+        out[band] = {
+            "problems": len(set(band_groups)),
+            "problems_with_both_classes": len(right & wrong),
+            "auroc_within_problem": rank["auroc_within_problem"],
+        }
+    return out
+
+
+def free_by_band(
+    fitting: dict[str, Any], labels: Sequence[bool], groups: Sequence[int], bands: Sequence[str] | None
+) -> dict[str, dict[str, Any]] | None:
+    """The mean token log-prob's `band_rankings`, for states files that hold it (`fit-row` since 2026-12-04)."""
+    if bands is None or "mean_token_logprobs" not in fitting:
+        return None
+    return band_rankings(fitting["mean_token_logprobs"].tolist(), labels, groups, bands)
+
+
+def arithmetic_bands(groups: Sequence[int], split: str, num_problems: int) -> list[str]:
+    """Each sample's band, for states fitted on the first `num_problems` of a `builtin:arithmetic` split: the
+    states hold problem ids in the order of first appearance, which the generated split reproduces."""
+    data = make_arithmetic_dataset(split).select(range(num_problems))
+    band_of = dict(zip(data["problem"], data["difficulty"]))
+    texts = list(band_of)
+    if len(texts) != len(set(groups)):
+        raise ValueError(
+            f"The states hold {len(set(groups))} problems, the first {num_problems} of {split!r} {len(texts)} texts: "
+            "give the split and --max-problems the fit used."
+        )
+    return [band_of[texts[g]] for g in groups]
 
 
 def subset(fitting: dict[str, Any], num_problems: int) -> dict[str, Any]:
     """The fitting samples of the first `num_problems` problems (in the order they were sampled)."""
     keep = list(dict.fromkeys(fitting["groups"].tolist()))[:num_problems]
     mask = torch.isin(fitting["groups"], torch.tensor(keep))
-    per_sample = ("states", "logps", "labels", "groups")
+    per_sample = [key for key in ("states", "logps", "labels", "groups", "mean_token_logprobs") if key in fitting]
     return {**fitting, **{key: fitting[key][mask] for key in per_sample}}
 
 
@@ -138,6 +185,14 @@ def make_parser() -> argparse.ArgumentParser:
         help="Also nest fit-row's rule on the first N problems only, for each N (how the fit grows with problems).",
     )
     parser.add_argument(
+        "--arithmetic-split",
+        default=None,
+        help="The builtin:arithmetic split the fit sampled (train, train_distinct): also report each band.",
+    )
+    parser.add_argument(
+        "--max-problems", type=int, default=None, help="With --arithmetic-split: the problems the fit sampled."
+    )
+    parser.add_argument(
         "--output", default=os.path.join(ROOT, "benchmarks", "results", "row_fit_selection.json"), help="JSON file."
     )
     return parser
@@ -147,11 +202,14 @@ def main(args: argparse.Namespace) -> None:
     fitting = load_fitting_states(args.states)
     labels, groups = fitting["labels"].bool().tolist(), fitting["groups"].tolist()
     before = ranking(fitting["logps"].tolist(), labels, groups)
+    bands = None
+    if args.arithmetic_split is not None:
+        bands = arithmetic_bands(groups, args.arithmetic_split, args.max_problems)
     table = cross_validate_row_fit(
         fitting["states"], fitting["logps"], labels, groups, fitting["beta"], fitting["ref"],
         folds=fitting["folds"], seed=fitting["seed"], other_gram=fitting["other_gram"],
     )  # fmt: skip
-    rules = nested_selection(fitting, RULES, outer_folds=args.outer_folds, inner_folds=fitting["folds"])
+    rules = nested_selection(fitting, RULES, outer_folds=args.outer_folds, inner_folds=fitting["folds"], bands=bands)
     curve = {}
     for size in args.sizes:
         nested = nested_selection(subset(fitting, size), {"mean": choice}, outer_folds=args.outer_folds)
@@ -182,6 +240,11 @@ def main(args: argparse.Namespace) -> None:
     for name, r in rules.items():
         cells = ", ".join(f"({c['ridge']:g}, {c['between_weight']:g})" for c in r["chosen"])
         print(f"| {name} | {r['auroc']:.3f} | {r['auroc_within_problem']:.3f} | {cells} |")
+    for band, r in (rules["mean (fit-row's)"].get("by_band") or {}).items():
+        print(
+            f"fit-row's rule, {band}: within {r['auroc_within_problem']} over {r['problems_with_both_classes']} of "
+            f"{r['problems']} problems with both classes"
+        )
     for size, r in curve.items():
         print(
             f"fit-row's rule on the first {size} problems: outer AUROC {r['auroc']:.3f}, within {r['auroc_within_problem']:.3f}"

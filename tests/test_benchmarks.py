@@ -298,6 +298,31 @@ def test_a_subset_keeps_the_first_problems_samples():
     assert part["beta"] == 0.1
 
 
+def test_band_rankings_and_the_bands_of_a_fit_by_hand():
+    import torch
+
+    from trl_laser.data import make_arithmetic_dataset
+
+    # Problem 0 (easy): right .9, wrong .2 and .95 -> 1/2; problem 1 (easy): all right; problem 2 (medium): .3 < .4.
+    scores, labels = [0.9, 0.2, 0.95, 0.5, 0.3, 0.4], [True, False, False, True, True, False]
+    bands = ["easy", "easy", "easy", "easy", "medium", "medium"]
+    out = selection.band_rankings(scores, labels, [0, 0, 0, 1, 2, 2], bands)
+    assert out == {
+        "easy": {"problems": 2, "problems_with_both_classes": 1, "auroc_within_problem": 0.5},
+        "medium": {"problems": 1, "problems_with_both_classes": 1, "auroc_within_problem": 0.0},
+    }
+    # A fit's problem ids follow the first appearance of each text among the first N problems of its split.
+    data = make_arithmetic_dataset("train").select(range(40))
+    texts = list(dict.fromkeys(data["problem"]))
+    groups = [texts.index(p) for p in data["problem"] for _ in range(2)]
+    expected = [band for band in data["difficulty"] for _ in range(2)]
+    assert selection.arithmetic_bands(groups, "train", 40) == expected
+    with pytest.raises(ValueError, match="give the split and --max-problems the fit used"):
+        selection.arithmetic_bands(groups, "train", 60)
+    part = selection.subset({"groups": torch.tensor([3, 1]), "mean_token_logprobs": torch.tensor([-1.0, -2.0])}, 1)
+    assert part["mean_token_logprobs"].tolist() == [-1.0]
+
+
 def test_choice_rules_by_hand():
     table = [
         {"ridge": 0.001, "between_weight": 1.0, "auroc": 0.90, "auroc_within_problem": 0.80},  # mean 0.850: best

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from trl_laser.cli import main as cli_main
 from trl_laser.hub import CARD_START, ROW_FIT_END, ROW_FIT_START, write_row_fit_card
-from trl_laser.metrics import auroc_within_group
+from trl_laser.metrics import auroc, auroc_within_group
 from trl_laser.row_fit import (
     ROW_FIT_FILE,
     choice,
@@ -224,6 +224,8 @@ def test_cli_fits_the_row_and_changes_nothing_else(laser_dir, tmp_path, capsys):
     # What the fit read, saved: the cross-validation and the step come back from it without sampling.
     saved = load_fitting_states(states_file)
     assert len(saved["states"]) == result["n_finished"] and int(saved["labels"].sum()) == result["n_correct_finished"]
+    free = auroc(saved["mean_token_logprobs"].tolist(), saved["labels"].bool().tolist())
+    assert free == pytest.approx(result["fitting_samples"]["mean_token_logprob"]["auroc"])
     args = (saved["states"], saved["logps"], saved["labels"].bool().tolist(), saved["groups"].tolist())
     kwargs = {"folds": saved["folds"], "seed": saved["seed"], "other_gram": saved["other_gram"]}
     assert (

@@ -389,6 +389,7 @@ def fit_row(
             "labels": y,
             "groups": torch.tensor(groups),
             "other_gram": other[0],
+            "mean_token_logprobs": torch.tensor(signals["mean_token_logprob"], dtype=torch.float64),
         }
         torch.save({**fitting, "beta": beta, "ref": ref, "folds": folds, "seed": sampling.seed}, save_states)
     return result
@@ -396,7 +397,8 @@ def fit_row(
 
 def load_fitting_states(path: str | os.PathLike) -> dict[str, Any]:
     """What `fit_row(save_states=...)` saved: `states` (N, d), `logps`, `labels`, `groups` (N,), `other_gram` (d, d),
-    and `beta`, `ref`, `folds`, `seed`, the arguments `cross_validate_row_fit` and `row_fit_step` take."""
+    and `beta`, `ref`, `folds`, `seed`, the arguments `cross_validate_row_fit` and `row_fit_step` take; and
+    `mean_token_logprobs` (N,), the free signal of the same answers (files saved before 2026-12-04 lack it)."""
     return torch.load(path, weights_only=True)
 
 
