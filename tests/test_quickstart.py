@@ -127,7 +127,7 @@ def test_the_refit_after_training_is_the_fit_row_command(tiny_model_dir, tmp_pat
 
     out = tmp_path / "run"
     argv = ["train", "--config", QUICKSTART, "--model_name_or_path", tiny_model_dir, "--output_dir", str(out), *SHORT]
-    assert cli_main([*argv, "--fit_row_problems", "6"]) == 0
+    assert cli_main([*argv, "--fit_row_problems", "6", "--fit_row_split", "train_distinct"]) == 0
     lines = [line.strip() for line in capsys.readouterr().out.strip().splitlines()]
     assert lines[-3] == f"Model with the refitted row saved to {out}-fit."
     assert lines[-1].startswith(f"trl-laser eval --model {out}-fit ")  # the fitted model is the one evaluated
@@ -135,7 +135,8 @@ def test_the_refit_after_training_is_the_fit_row_command(tiny_model_dir, tmp_pat
     fitted = tmp_path / "run-fit"
     assert ROW_FIT_START in (fitted / "README.md").read_text()
     # The same fit by the command, with the training's length and generation batch (8 here) and its defaults.
-    command = ["fit-row", "--model", str(out), "--dataset", "builtin:arithmetic", "--max-problems", "6"]
+    command = ["fit-row", "--model", str(out), "--dataset", "builtin:arithmetic", "--split", "train_distinct"]
+    command += ["--max-problems", "6"]
     command += ["--max-new-tokens", "12", "--batch-size", "8", "--output-dir", str(tmp_path / "cli-fit")]
     assert cli_main(command) == 0
     in_training, by_command = (json.loads((d / ROW_FIT_FILE).read_text()) for d in (fitted, tmp_path / "cli-fit"))
@@ -191,6 +192,8 @@ def test_the_printed_commands_follow_the_recipe():
         *("--max-problems", "128", "--num-samples", "8", "--max-new-tokens", "40", "--dataset-config", "c"),
         *("--problem-column", "question", "--output-dir", "runs/q-fit"),
     ]
+    distinct = parse_args([*argv, "--fit_row_split", "train_distinct"]).script_args
+    assert fit_row_command(distinct, training, "runs/q-fit").split()[6:8] == ["--split", "train_distinct"]
     pushed = fit_row_command(script, training, "runs/q-fit", "me/q").split()  # a run pushed to the Hub: its fit too
     assert pushed[-4:] == ["runs/q-fit", "--push-to-hub", "--hub-model-id", "me/q"]
     assert eval_command(script, training, "runs/q/").split()[-8:] == [

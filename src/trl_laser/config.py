@@ -118,6 +118,15 @@ class LaSeRScriptArguments:
             "of its cross-validation). Default: off."
         },
     )
+    fit_row_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "The split whose first `fit_row_problems` problems the refit samples (default: "
+            "`dataset_train_split`). The row learns to rank a problem's answers from problems that got both right and "
+            "wrong ones: builtin:arithmetic's `train_distinct` holds each distinct easy and medium training problem "
+            "once (the quickstart's), where `train` draws with repeats."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={

@@ -207,7 +207,7 @@ def refit_row(
                 training_args.output_dir,
                 str(script_args.dataset_name),
                 fitted,
-                split=script_args.dataset_train_split,
+                split=fit_row_split(script_args),
                 problem_column=script_args.problem_column,
                 answer_column=script_args.answer_column,
                 dataset_config=script_args.dataset_config,
@@ -231,6 +231,11 @@ def refit_row(
         report(f"Model with the refitted row saved to {fitted}.")
     trainer.accelerator.wait_for_everyone()
     return fitted
+
+
+def fit_row_split(script_args: LaSeRScriptArguments) -> str:
+    """The split the refit samples: `fit_row_split`, else the training split."""
+    return script_args.fit_row_split or script_args.dataset_train_split
 
 
 def release_training_state(trainer) -> None:
@@ -276,7 +281,7 @@ def fit_row_command(
     (the quickstart's 128), into `fitted`, then pushes it to `hub_model_id` when given (a new commit over the trained
     model's: the fitted model is the one to score with)."""
     command = ["trl-laser", "fit-row", "--model", training_args.output_dir, "--dataset", str(script_args.dataset_name)]
-    command += ["--split", script_args.dataset_train_split, "--max-problems", str(max_problems), "--num-samples", "8"]
+    command += ["--split", fit_row_split(script_args), "--max-problems", str(max_problems), "--num-samples", "8"]
     command += ["--max-new-tokens", str(training_args.max_completion_length), *_columns(script_args)]
     command += ["--output-dir", fitted]
     if hub_model_id:
