@@ -278,7 +278,7 @@ def fit_row_command(
     max_problems: int = 128,
 ) -> str:
     """The `trl-laser fit-row` command that refits z_c's row of the saved model on `max_problems` training problems
-    (the quickstart's 128), into `fitted`, then pushes it to `hub_model_id` when given (a new commit over the trained
+    (128 by default), into `fitted`, then pushes it to `hub_model_id` when given (a new commit over the trained
     model's: the fitted model is the one to score with)."""
     command = ["trl-laser", "fit-row", "--model", training_args.output_dir, "--dataset", str(script_args.dataset_name)]
     command += ["--split", fit_row_split(script_args), "--max-problems", str(max_problems), "--num-samples", "8"]
