@@ -211,19 +211,10 @@ def answer_positions(
     draws, max_logprob, positions = [0.0] * len(sequences), [0.0] * len(sequences), 0
     eos_states = torch.zeros(len(sequences), head.weight.shape[1])
     eos_logps = [0.0] * len(sequences)
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths: little padding
     try:
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            width = max(len(sequences[i]) for i in rows)
+        for rows, ids, mask, position_ids in scoring.left_padded_batches(sequences, pad_id, batch_size):
             keep = max(completion_lengths[i] for i in rows) + 1  # the EOS's position and the answer's before it
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                ids[r, width - len(sequences[i]) :] = torch.tensor(sequences[i])
-                mask[r, width - len(sequences[i]) :] = 1
             captured.clear()
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as `generate`: positions count real tokens only
             with torch.inference_mode():
                 logits = model(
                     input_ids=ids.to(device),

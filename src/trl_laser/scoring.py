@@ -124,6 +124,23 @@ def _check_ids(name: str, ids: list[int], model: Any) -> None:
     )
 
 
+def left_padded_batches(
+    sequences: list[list[int]], pad_id: int, batch_size: int
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Batches of sequences of similar lengths (little padding), left-padded as `generate` pads: each batch's indices
+    into `sequences`, then its input ids, attention mask and position ids (counting real tokens only)."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(len(sequences[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, width - len(sequences[i]) :] = torch.tensor(sequences[i])
+            mask[r, width - len(sequences[i]) :] = 1
+        yield rows, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def last_position(
     model: Any, sequences: list[list[int]], token_id: int, pad_id: int, batch_size: int, hidden_states: bool = False
 ) -> tuple[list[float], torch.Tensor | None]:
@@ -143,17 +160,8 @@ def last_position(
             "The model has no output embedding (`get_output_embeddings()`): its final state cannot be read."
         )
     handle = None if head is None else head.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths: little padding
     try:
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            width = max(len(sequences[i]) for i in rows)
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                ids[r, width - len(sequences[i]) :] = torch.tensor(sequences[i])
-                mask[r, width - len(sequences[i]) :] = 1
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as `generate`: positions count real tokens only
+        for rows, ids, mask, position_ids in left_padded_batches(sequences, pad_id, batch_size):
             captured.clear()
             logits = model(
                 input_ids=ids.to(device),
