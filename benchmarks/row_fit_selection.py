@@ -123,6 +123,11 @@ def nested_selection(
     return results
 
 
+def mixed_problems(labels: Sequence[bool], groups: Sequence[int]) -> set[int]:
+    """The problems with both right and wrong answers: the only ones a within-problem ranking pairs."""
+    return {g for g, y in zip(groups, labels) if y} & {g for g, y in zip(groups, labels) if not y}
+
+
 def band_rankings(
     scores: Sequence[float], labels: Sequence[bool], groups: Sequence[int], bands: Sequence[str]
 ) -> dict[str, dict[str, Any]]:
@@ -130,13 +135,11 @@ def band_rankings(
     out = {}
     for band in dict.fromkeys(bands):
         rows = [i for i, b in enumerate(bands) if b == band]
-        band_groups = [groups[i] for i in rows]
-        right = {groups[i] for i in rows if labels[i]}
-        wrong = {groups[i] for i in rows if not labels[i]}
-        rank = ranking([scores[i] for i in rows], [labels[i] for i in rows], band_groups)
+        band_groups, band_labels = [groups[i] for i in rows], [labels[i] for i in rows]
+        rank = ranking([scores[i] for i in rows], band_labels, band_groups)
         out[band] = {
             "problems": len(set(band_groups)),
-            "problems_with_both_classes": len(right & wrong),
+            "problems_with_both_classes": len(mixed_problems(band_labels, band_groups)),
             "auroc_within_problem": rank["auroc_within_problem"],
         }
     return out
@@ -214,7 +217,7 @@ def main(args: argparse.Namespace) -> None:
     for size in args.sizes:
         nested = nested_selection(subset(fitting, size), {"mean": choice}, outer_folds=args.outer_folds)
         curve[str(size)] = {key: nested["mean"][key] for key in ("auroc", "auroc_within_problem")}
-    mixed = len({g for g, y in zip(groups, labels) if y} & {g for g, y in zip(groups, labels) if not y})
+    mixed = len(mixed_problems(labels, groups))
     results = {
         "states": args.states,
         "n_samples": len(labels),
