@@ -14,7 +14,10 @@ Rerun (about 45 minutes on 2 cores: c_ref 2, training 35, evaluation 8):
 
     python benchmarks/miniature.py
 
-`--skip-train` re-evaluates existing models; `--skip-eval` re-summarises existing evaluations.
+`--skip-train` re-evaluates existing models; `--skip-eval` re-summarises existing evaluations. The row fits and the
+held-out check on distinct problems (each problem once: the default splits repeat problems, docs/miniature.md):
+
+    python benchmarks/miniature.py --fit-split train_distinct --eval-split test_distinct
 """
 
 from __future__ import annotations
@@ -148,6 +151,16 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--fit-problems", type=int, default=256, help="Training problems `fit-row` samples (8 each) for the _fit arms."
     )
+    parser.add_argument(
+        "--fit-split",
+        default="train",
+        help="The split whose first --fit-problems problems `fit-row` samples (train_distinct: each problem once).",
+    )
+    parser.add_argument(
+        "--eval-split",
+        default="test",
+        help="The held-out split (test_distinct: its 406 distinct easy and medium problems, each once).",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the c_ref estimate and of evaluation sampling.")
     parser.add_argument(
         "--train-seed",
@@ -255,6 +268,7 @@ def fit_commands(args: argparse.Namespace, out: str) -> dict[str, list[str]]:
     for arm in arms(args):
         if arm in FITTED:
             command = cli("fit-row", "--model", os.path.join(out, FITTED[arm]), "--dataset", DATASET)
+            command += ["--split", args.fit_split]
             command += ["--max-problems", str(args.fit_problems), "--num-samples", "8"]
             command += ["--max-new-tokens", str(args.max_new_tokens), "--batch-size", "32", "--seed", str(args.seed)]
             command.append("--overwrite")  # a rerun refits: it replaces the earlier fit
@@ -267,7 +281,7 @@ def eval_commands(args: argparse.Namespace, out: str, c_ref: float) -> dict[str,
     commands = {}
     for arm in arms(args):
         model = MODEL if arm == "initial" else os.path.join(out, arm)
-        command = cli("eval", "--model", model, "--dataset", DATASET, "--split", "test")
+        command = cli("eval", "--model", model, "--dataset", DATASET, "--split", args.eval_split)
         command += ["--num-samples", str(args.eval_samples), "--max-new-tokens", str(args.max_new_tokens)]
         command += ["--batch-size", "32", "--seed", str(args.seed), "--output-dir", os.path.join(out, f"eval_{arm}")]
         command.append("--overwrite")  # a rerun re-evaluates: it replaces the earlier evaluation
@@ -380,8 +394,7 @@ def plot_curves(histories: dict[str, list[dict]], path: str) -> None:
 def summarize(args: argparse.Namespace, out: str, c_ref: dict, seconds: dict[str, float]) -> dict[str, Any]:
     from trl_laser.data import make_arithmetic_dataset
 
-    test = make_arithmetic_dataset("test")
-    bands = test["difficulty"]
+    bands = make_arithmetic_dataset(args.eval_split)["difficulty"]
     histories = {}
     results: dict[str, Any] = {"arms": {}}
     for arm in arms(args):
@@ -442,6 +455,7 @@ def summarize(args: argparse.Namespace, out: str, c_ref: dict, seconds: dict[str
             results["goal_arm"] = GOAL_ARM
             results["goals"] = results["goals_by_arm"][GOAL_ARM]
     results["c_ref"] = c_ref
+    results["splits"] = {"fit": args.fit_split, "eval": args.eval_split}
     results["command"] = shlex.join(["python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
     results["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jobs": args.jobs}
     results["date"] = date.today().isoformat()

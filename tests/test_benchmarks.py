@@ -232,6 +232,19 @@ def test_a_training_seed_reaches_every_trained_arm_and_nothing_else():
     assert "--seed" not in miniature.train_commands(default, "/out", -16.5)["train_grpo"]  # the recipe's own seed
 
 
+def test_the_splits_reach_the_fit_and_the_evals():
+    args = miniature.make_parser().parse_args(
+        ["--arms", "grpo,laser_fit", "--fit-split", "train_distinct", "--eval-split", "test_distinct"]
+    )
+    (fit,) = miniature.fit_commands(args, "/out").values()
+    assert fit[fit.index("--split") + 1] == "train_distinct"
+    evaluated = miniature.eval_commands(args, "/out", -16.5)
+    assert list(evaluated) == ["eval_initial", "eval_grpo", "eval_laser_fit"]
+    assert {command[command.index("--split") + 1] for command in evaluated.values()} == {"test_distinct"}
+    default = miniature.make_parser().parse_args(["--arms", "laser_fit"])
+    assert (default.fit_split, default.eval_split) == ("train", "test")  # the splits of the recorded runs
+
+
 def _arm(accuracy: float, within: float, seed: int | None) -> dict:
     train = {"recipe": "recipes/SmolLM2-135M-Instruct/grpo/config_arithmetic.yaml", "seed": seed}
     free = {"mean_token_logprob": {"auroc_within_problem": 0.6}}
