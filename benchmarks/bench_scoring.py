@@ -3,7 +3,10 @@
 Times, on the same prompts and the same sampled completions (same seed):
 
 - `generate`: plain `model.generate` (the baseline);
-- `generate_with_self_rewards`: generation with the scores captured on the way (one extra token at most);
+- `generate_with_self_rewards`: generation with the scores captured on the way (one extra token at most), each
+  distinct prompt's prefill shared by its samples (`scoring.shared_prompt_cache`);
+- `generate_with_self_rewards_own_prefill`: the same with every row's own prefill, as plain `generate` does it
+  (`cache_implementation="dynamic"`): against plain `generate`, what capturing the scores costs;
 - `score_completions`: scoring the finished completions afterwards, one prefill of prompt + completion + EOS, reading
   only the last position's logits;
 - `full_logits_rescoring`: the official code's way, a forward of prompt + completion + EOS + z_c with the log-probs
@@ -222,20 +225,23 @@ def main() -> None:
     generate_kwargs = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
     generate_kwargs["max_new_tokens"] = args.max_new_tokens
 
-    times: dict[str, list[float]] = {k: [] for k in ("generate", "generate_with_self_rewards", "score_completions")}
+    captured = ("generate_with_self_rewards", "generate_with_self_rewards_own_prefill")
+    times: dict[str, list[float]] = {k: [] for k in ("generate", *captured, "score_completions")}
     times["full_logits_rescoring"] = []
     checks = []
     pair_ratios = []
     # Warm-up (allocator, kernels), not timed.
     plain_generate(model, tokenizer, prompts[:1], 1, settings, {**generate_kwargs, "max_new_tokens": 8})
+    sampled: dict[str, list[list[int]]] = {}
     for repeat in range(args.repeats):
         # The same seed every time, so the same completions and the same work in every run; the order alternates so
         # that drifts of the machine fall on both.
-        for name in ("generate", "generate_with_self_rewards")[:: 1 if repeat % 2 == 0 else -1]:
+        for name in ("generate", *captured)[:: 1 if repeat % 2 == 0 else -1]:
             torch.manual_seed(args.seed)
             if name == "generate":
                 t, plain = timed(plain_generate, model, tokenizer, prompts, args.samples, settings, generate_kwargs)
             else:
+                own = {"cache_implementation": "dynamic"} if name.endswith("own_prefill") else {}
                 t, results = timed(
                     generate_with_self_rewards,
                     model,
@@ -245,9 +251,11 @@ def main() -> None:
                     batch_size=rows,
                     overrides=overrides,
                     **generate_kwargs,
+                    **own,
                 )
+                sampled[name] = [c.token_ids for r in results for c in r]
             times[name].append(t)
-        pair_ratios.append(times["generate_with_self_rewards"][-1] / times["generate"][-1])
+        pair_ratios.append(times["generate_with_self_rewards_own_prefill"][-1] / times["generate"][-1])
         flat = [c for samples in results for c in samples]
         finished = [c for c in flat if c.finished]
         row_prompts = [prompts[c.prompt_index] for c in flat]
@@ -267,6 +275,7 @@ def main() -> None:
                 "same_completions_as_plain_generate": all(
                     row[: len(c.token_ids)] == c.token_ids for row, c in zip(plain, flat)
                 ),
+                "same_completions_shared_and_own_prefill": sampled[captured[0]] == sampled[captured[1]],
                 "finished": len(finished),
                 "rows": rows,
                 "mean_completion_tokens": statistics.mean(len(c.token_ids) for c in flat),
@@ -302,7 +311,7 @@ def main() -> None:
         "seconds": times,
         "median_seconds": median,
         "ratio_to_generate": {k: v / base for k, v in median.items()},
-        "median_of_paired_ratios_generate_with_self_rewards": statistics.median(pair_ratios),
+        "median_of_paired_ratios_generate_with_self_rewards_own_prefill": statistics.median(pair_ratios),
         "min_seconds": fastest,
         "ratio_to_generate_of_min": {k: v / fastest["generate"] for k, v in fastest.items()},
         "checks": checks,

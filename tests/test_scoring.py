@@ -22,8 +22,8 @@ from conftest import (
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_laser import SELF_REWARD_CONFIG_NAME, LaSeRConfig, LaSeRGRPOTrainer, SelfRewardSettings
-from trl_laser.scoring import generate_with_self_rewards, last_position, score_completions
+from trl_laser import SELF_REWARD_CONFIG_NAME, LaSeRConfig, LaSeRGRPOTrainer, SelfRewardSettings, scoring
+from trl_laser.scoring import generate_with_self_rewards, last_position, score_completions, shared_prompt_cache
 from trl_laser.settings import resolve_settings
 
 
@@ -232,6 +232,57 @@ def test_generation_scores_equal_score_completions(model_and_tokenizer, max_new_
     assert_generation_paths_covered(flat, max_new_tokens)
     if max_new_tokens >= 10:
         assert all(c.finished for c in flat)
+
+
+def test_shared_prompt_cache_holds_each_rows_own_prefill(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    ids = [scoring.tokenize_prompt(tokenizer, p) for p in (PROMPTS[0], "A plain text prompt")]
+    width = max(map(len, ids))
+    rows = [1, 0, 1, 1]  # the second prompt is shorter: left padding in its rows
+    input_ids = torch.full((4, width), EOS)
+    mask = torch.zeros_like(input_ids)
+    for r, p in enumerate(rows):
+        input_ids[r, width - len(ids[p]) :], mask[r, width - len(ids[p]) :] = torch.tensor(ids[p]), 1
+    with torch.no_grad():
+        cache = shared_prompt_cache(model, input_ids, mask, rows, {})
+        for r, p in enumerate(rows):  # each row alone, unpadded: its keys and values at its own positions
+            alone = model(input_ids=torch.tensor([ids[p][:-1]]), use_cache=True).past_key_values
+            for layer, own in zip(cache.layers, alone.layers):
+                assert torch.allclose(layer.keys[r, :, width - len(ids[p]) :], own.keys[0], atol=1e-5)
+                assert torch.allclose(layer.values[r, :, width - len(ids[p]) :], own.values[0], atol=1e-5)
+        assert cache.get_seq_length() == width - 1
+        assert shared_prompt_cache(model, input_ids[:2], mask[:2], [1, 0], {}) is None  # nothing to share
+        assert shared_prompt_cache(model, input_ids, mask, rows, {"cache_implementation": "static"}) is None
+
+
+def test_shared_prompt_prefill_samples_what_every_rows_own_prefill_samples(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    prompts = [PROMPTS[0], PROMPTS[1], "A plain text prompt"]
+
+    def sample(**kwargs):
+        torch.manual_seed(3)
+        results = generate_with_self_rewards(
+            model, tokenizer, prompts, num_samples=4, batch_size=6, max_new_tokens=16, **kwargs
+        )
+        return [c for samples in results for c in samples]
+
+    real, shared_batches = scoring.shared_prompt_cache, []
+
+    def spy(*args):
+        cache = real(*args)
+        shared_batches.append(cache is not None)
+        return cache
+
+    monkeypatch.setattr(scoring, "shared_prompt_cache", spy)
+    shared = sample()
+    assert shared_batches == [True, True]  # both generate calls (rows 0-5, 6-11) started from a shared prefill
+    own = sample(cache_implementation="dynamic")  # the same cache, built by `generate` from every row's own prefill
+    assert shared_batches == [True, True, False, False]
+    assert [c.token_ids for c in shared] == [c.token_ids for c in own]
+    assert len({tuple(c.token_ids) for c in own}) >= 6  # sampled, not one answer repeated
+    for a, b in zip(shared, own):
+        assert a.self_reward == pytest.approx(b.self_reward, abs=1e-5) if b.finished else a.self_reward is None
+        assert a.mean_token_logprob == pytest.approx(b.mean_token_logprob, abs=1e-5)
 
 
 def direct_token_logprobs(model, tokenizer, prompt, completion_ids, temperature=1.0, excluded=()) -> list[float]:

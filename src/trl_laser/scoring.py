@@ -416,6 +416,37 @@ def batch_seed(seed: int, first_job: int) -> int:
     return int.from_bytes(digest[:4], "big")
 
 
+def shared_prompt_cache(
+    model: Any, input_ids: torch.Tensor, mask: torch.Tensor, prompts: Sequence[int], generate_kwargs: Mapping[str, Any]
+) -> Any | None:
+    """The KV cache of a batch's left-padded prompts but their last token, each distinct prompt read once and copied to
+    its rows, for `generate` to start from: N samples of a prompt share one prefill instead of N (with short answers
+    the prompt is most of the tokens). The copies are the rows' own prefill, position ids as `generate` sets them.
+    `None` where nothing is shared (every row its own prompt, one-token prompts) or `cache_implementation` is set
+    (another kind of cache; "dynamic" builds this one without sharing): `generate` then reads every row's prompt."""
+    from transformers import DynamicCache
+
+    distinct = list(dict.fromkeys(prompts))
+    cache_implementation = generate_kwargs.get(
+        "cache_implementation", getattr(getattr(model, "generation_config", None), "cache_implementation", None)
+    )
+    if len(distinct) == len(prompts) or input_ids.shape[1] < 2 or cache_implementation is not None:
+        return None
+    first = torch.tensor([prompts.index(p) for p in distinct], device=input_ids.device)
+    ids, prefix_mask = input_ids[first, :-1], mask[first, :-1]
+    position_ids = (prefix_mask.long().cumsum(-1) - 1).masked_fill(prefix_mask == 0, 1)
+    cache = model(
+        input_ids=ids,
+        attention_mask=prefix_mask,
+        use_cache=True,
+        **_supported(model, position_ids=position_ids, logits_to_keep=1),
+    ).past_key_values
+    if not isinstance(cache, DynamicCache):
+        return None
+    cache.reorder_cache(torch.tensor([distinct.index(p) for p in prompts], device=input_ids.device))
+    return cache
+
+
 def _generate_batch(
     model: Any,
     tokenizer: Any,
@@ -436,10 +467,11 @@ def _generate_batch(
         mask[r, width - len(prompt_ids[p]) :] = 1
     input_ids, mask = input_ids.to(device), mask.to(device)
 
+    cache = shared_prompt_cache(model, input_ids, mask, [p for p, _ in jobs], kwargs)
     recorder = ZcRecorder(cfg.self_reward_token_id, suppressed_tokens(model, kwargs))
     handle = model.register_forward_hook(recorder, with_kwargs=True)
     try:
-        out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+        out = model.generate(input_ids=input_ids, attention_mask=mask, past_key_values=cache, **kwargs)
     finally:
         handle.remove()
     generated = out.sequences[:, width:].tolist()
