@@ -115,35 +115,52 @@ def test_row_fit_step_keeps_z_c_in_place_inside_the_answers():
 
 
 def test_answer_positions_against_plain_forwards(tokenizer):
-    from trl_laser.row_fit import answer_positions
+    from trl_laser.row_fit import answer_positions, zc_inside_answers
 
     model = answering_model(tokenizer).eval()
     generator = torch.Generator().manual_seed(6)
-    # Lengths 12, 7 and 12, forwarded shortest first (similar lengths share a batch): the results keep their order.
+    # Lengths 12, 7, 12 and 10: the first and last answer one prompt, whose prefill they share in a batch of two;
+    # batches are grouped by prompt, not by order, and the results keep their order.
     prompts = [torch.randint(10, 200, (n,), generator=generator).tolist() for n in (9, 5, 7)]
-    answers = [[36, 36, EOS], [36, EOS], [36, 36, 36, 36, EOS]]
+    prompts.append(prompts[0])
+    answers = [[36, 36, EOS], [36, EOS], [36, 36, 36, 36, EOS], [EOS]]
     sequences = [p + a for p, a in zip(prompts, answers)]
     lengths = [len(a) for a in answers]
     out = answer_positions(model, sequences, lengths, ZC, EOS, batch_size=2)
     head_input = []
     hook = model.lm_head.register_forward_pre_hook(lambda m, args: head_input.append(args[0]))
-    gram, positions = torch.zeros(32, 32, dtype=torch.float64), 0
+    mean = out["states"].mean(0)
+    step = (
+        24 * mean / mean.dot(mean)
+    )  # z_c's row moved (its logit up by 24 at the mean state): log-probs after the fit
+    gram, positions, states, after = torch.zeros(32, 32, dtype=torch.float64), 0, [], []
     try:
         for i, (seq, n) in enumerate(zip(sequences, lengths)):
             with torch.no_grad():
                 logps = model(torch.tensor([seq])).logits[0].log_softmax(-1)[:, ZC]
+                model.lm_head.weight[ZC] += step
+                after.append(model(torch.tensor([seq])).logits[0].log_softmax(-1)[:, ZC])
+                model.lm_head.weight[ZC] -= step
             span = slice(len(seq) - n - 1, len(seq) - 1)  # the positions that sampled the answer's n tokens
             assert out["draws"][i] == pytest.approx(float(logps[span].exp().sum()), rel=1e-4)
             assert out["max_logprob"][i] == pytest.approx(float(logps[span].max()), abs=1e-4)
             assert out["eos_logps"][i] == pytest.approx(float(logps[-1]), abs=1e-4)  # the EOS's: the score's
-            torch.testing.assert_close(out["eos_states"][i], head_input[-1][0, -1], rtol=1e-4, atol=1e-4)
-            h = head_input[-1][0, span].double()
-            gram += h.T @ h
+            torch.testing.assert_close(out["eos_states"][i], head_input[-2][0, -1], rtol=1e-4, atol=1e-4)
+            h = head_input[-2][0, span]
+            states.append(h)
+            gram += h.double().T @ h.double()
             positions += n
+            after[-1] = after[-1][span]
     finally:
         hook.remove()
-    assert out["positions"] == positions == 10
+    assert out["positions"] == positions == 11
+    assert out["answer"].tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 3]
+    torch.testing.assert_close(out["states"], torch.cat(states), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out["gram"], gram / positions, rtol=1e-4, atol=1e-4)
+    draws, peak = zc_inside_answers(refitted_logps(out["states"], out["logps"], step), out["answer"], 4)
+    assert max(peak) > -5  # a real move: z_c likely somewhere inside an answer
+    assert draws == pytest.approx([float(a.exp().sum()) for a in after], rel=1e-4)
+    assert peak == pytest.approx([float(a.max()) for a in after], abs=1e-4)
 
 
 def test_refitted_logps_equal_a_log_softmax_with_the_moved_row():

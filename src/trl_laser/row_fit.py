@@ -197,51 +197,57 @@ def answer_positions(
     """z_c at the positions that sample each answer's tokens (the last prompt token's to the one before the EOS's),
     and at the EOS's, where the score is read.
 
-    Returns `gram`, the mean of `h h^T` over the answers' final states (float64, for `row_fit_step`), `positions`,
-    their number, and per answer `draws`, the expected number of z_c tokens sampled inside it (sum of pi(z_c) over
-    its positions), and `max_logprob`, its largest log pi(z_c); and the EOS's final states (`eos_states`, `(N, d)`
-    float32, as `scoring.last_position` reads them) and log pi(z_c) there (`eos_logps`), so that the fit forwards each
-    answer once. One forward per left-padded batch of similar lengths, keeping the logits of those positions only.
+    Returns, over the answers' positions, their final states (`states`, `(P, d)` float32), log pi(z_c) there
+    (`logps`, float64) and the answer each belongs to (`answer`); `gram`, the mean of `h h^T` over those states
+    (float64, for `row_fit_step`); `positions`, P; per answer `draws` and `max_logprob` (`zc_inside_answers`); and
+    the EOS's final states (`eos_states`, `(N, d)` float32, as `scoring.last_position` reads them) and log pi(z_c)
+    there (`eos_logps`), so that the fit forwards each answer once, and the positions' states give z_c there after
+    the fit without another (`refitted_logps`). The answers to one prompt share its prefill
+    (`scoring.forward_after_prompts`).
     """
-    device = next(model.parameters()).device
     head = model.get_output_embeddings()
     captured: list[torch.Tensor] = []
     handle = head.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
-    gram = torch.zeros(head.weight.shape[1], head.weight.shape[1], dtype=torch.float64)
-    draws, max_logprob, positions = [0.0] * len(sequences), [0.0] * len(sequences), 0
     eos_states = torch.zeros(len(sequences), head.weight.shape[1])
     eos_logps = [0.0] * len(sequences)
+    states: list[torch.Tensor | None] = [None] * len(sequences)
+    logps: list[torch.Tensor | None] = [None] * len(sequences)
     try:
-        for rows, ids, mask, position_ids in scoring.left_padded_batches(sequences, pad_id, batch_size):
-            keep = max(completion_lengths[i] for i in rows) + 1  # the EOS's position and the answer's before it
-            captured.clear()
+        for rows, *batch in scoring.prompt_grouped_batches(sequences, completion_lengths, pad_id, batch_size):
             with torch.inference_mode():
-                logits = model(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    use_cache=False,
-                    **scoring._supported(model, position_ids=position_ids.to(device), logits_to_keep=keep),
-                ).logits[:, -keep:]
-            logps = logits.float().log_softmax(-1)[..., token_id].cpu()
-            eos_states[rows] = captured[-1][:, -1].float().cpu()
-            hidden = captured[-1][:, -keep:].double().cpu()
+                logits = scoring.forward_after_prompts(model, *batch).logits
+            batch_logps = logits.float().log_softmax(-1)[..., token_id].double().cpu()
+            hidden = captured[-1].float().cpu()
+            captured.clear()
             for r, i in enumerate(rows):
-                eos_logps[i] = float(logps[r, -1])
-                span = slice(keep - 1 - completion_lengths[i], keep - 1)  # not the EOS's own position
-                gram += hidden[r, span].T @ hidden[r, span]
-                positions += completion_lengths[i]
-                draws[i] = float(logps[r, span].exp().sum())
-                max_logprob[i] = float(logps[r, span].max())
+                n = completion_lengths[i]  # positions 0..n-1 sample the answer's tokens, n is the EOS's
+                states[i], logps[i] = hidden[r, :n], batch_logps[r, :n]
+                eos_states[i], eos_logps[i] = hidden[r, n], float(batch_logps[r, n])
     finally:
         handle.remove()
+    inside = torch.cat(states)
+    answer = torch.repeat_interleave(torch.arange(len(sequences)), torch.tensor(completion_lengths))
+    draws, max_logprob = zc_inside_answers(torch.cat(logps), answer, len(sequences))
     return {
-        "gram": gram / max(positions, 1),
-        "positions": positions,
+        "states": inside,
+        "logps": torch.cat(logps),
+        "answer": answer,
+        "gram": inside.double().T @ inside.double() / max(len(inside), 1),
+        "positions": len(inside),
         "draws": draws,
         "max_logprob": max_logprob,
         "eos_states": eos_states,
         "eos_logps": eos_logps,
     }
+
+
+def zc_inside_answers(logps: torch.Tensor, answer: torch.Tensor, n_answers: int) -> tuple[list[float], list[float]]:
+    """Per answer, from log pi(z_c) at its positions (`answer` names each position's): the expected number of z_c
+    tokens sampled inside it (the sum of pi(z_c)), and the largest log pi(z_c)."""
+    draws = torch.zeros(n_answers, dtype=torch.float64).index_add_(0, answer, logps.double().exp())
+    peak = torch.full((n_answers,), -math.inf, dtype=torch.float64)
+    peak = peak.scatter_reduce(0, answer, logps.double(), reduce="amax")
+    return draws.tolist(), peak.tolist()
 
 
 def fit_row(
@@ -336,7 +342,7 @@ def fit_row(
     with torch.no_grad():
         row[token_id] += step.to(device=row.device, dtype=row.dtype)
     fitted = refitted_logps(states, logps, step)
-    after = answer_positions(model, sequences, lengths, token_id, pad_id, sampling.batch_size)
+    after = zc_inside_answers(refitted_logps(inside["states"], inside["logps"], step), inside["answer"], len(finished))
     _save(model, tokenizer, settings, model_name_or_path, output_dir)
     signals = {name: [r[name] for r in finished] for name in BASELINES}
     signals["self_reward_before"] = self_reward_score(logps, ref, beta).tolist()
@@ -357,9 +363,9 @@ def fit_row(
             "positions": inside["positions"],
             "expected_zc_draws_per_answer": {
                 "before": sum(inside["draws"]) / len(finished),
-                "after": sum(after["draws"]) / len(finished),
+                "after": sum(after[0]) / len(finished),
             },
-            "max_zc_logprob": {"before": max(inside["max_logprob"]), "after": max(after["max_logprob"])},
+            "max_zc_logprob": {"before": max(inside["max_logprob"]), "after": max(after[1])},
         },
         "fitting_samples": {name: ranking(values, labels, groups) for name, values in signals.items()},
         "sampling": {

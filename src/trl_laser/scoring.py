@@ -23,7 +23,7 @@ import dataclasses
 import hashlib
 import inspect
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -139,6 +139,65 @@ def left_padded_batches(
             ids[r, width - len(sequences[i]) :] = torch.tensor(sequences[i])
             mask[r, width - len(sequences[i]) :] = 1
         yield rows, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def prompt_grouped_batches(
+    sequences: list[list[int]], completion_lengths: Sequence[int], pad_id: int, batch_size: int
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, list[tuple[int, ...]], torch.Tensor, torch.Tensor]]:
+    """Batches of prompt + completion sequences (the last `completion_lengths[i]` tokens the completion), the answers
+    to one prompt side by side, for `forward_after_prompts`: each batch's indices into `sequences`, its prompts
+    left-padded with their mask, each row's prompt (its key for `prompt_prefill`), and the continuations (the prompt's
+    last token, then the completion) right-padded with their mask."""
+    prompts = [tuple(seq[: len(seq) - n]) for seq, n in zip(sequences, completion_lengths)]
+    longest: dict[tuple[int, ...], int] = {}  # a prompt's longest completion: prompts alike in it share batches
+    for prompt, n in zip(prompts, completion_lengths):
+        longest[prompt] = max(n, longest.get(prompt, 0))
+    order = sorted(range(len(sequences)), key=lambda i: (longest[prompts[i]], prompts[i], completion_lengths[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        keys = [prompts[i] for i in rows]
+        width = max(len(p) for p in keys)
+        prompt_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        prompt_mask = torch.zeros_like(prompt_ids)
+        span = max(completion_lengths[i] for i in rows) + 1
+        ids = torch.full((len(rows), span), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(rows):
+            prompt_ids[r, width - len(keys[r]) :] = torch.tensor(keys[r])
+            prompt_mask[r, width - len(keys[r]) :] = 1
+            ids[r, : completion_lengths[i] + 1] = torch.tensor(sequences[i][len(keys[r]) - 1 :])
+            mask[r, : completion_lengths[i] + 1] = 1
+        yield rows, prompt_ids, prompt_mask, keys, ids, mask
+
+
+def forward_after_prompts(
+    model: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    prompts: Sequence[Hashable],
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+) -> Any:
+    """The model's output over right-padded continuations of left-padded prompts (a `prompt_grouped_batches` batch),
+    each distinct prompt but its last token forwarded once (`prompt_prefill`) and the continuations, which start with
+    that last token, after it: logits at the continuation's positions only, as a forward of each whole sequence gives
+    them. With short answers the prompt is most of the tokens, and N answers to a prompt read it once instead of N."""
+    device = _device(model)
+    prompt_ids, prompt_mask, ids, mask = (t.to(device) for t in (prompt_ids, prompt_mask, ids, mask))
+    cache = prompt_prefill(model, prompt_ids, prompt_mask, prompts)
+    prefix = prompt_mask[:, :-1]
+    if cache is None and prefix.shape[1]:
+        raise ValueError(
+            f"{type(model).__name__} returns no KV cache (`past_key_values`), which its prompts' prefill needs."
+        )
+    position_ids = prefix.sum(-1, keepdim=True) + torch.arange(ids.shape[1], device=device)
+    return model(
+        input_ids=ids,
+        attention_mask=torch.cat([prefix, mask], dim=1),
+        past_key_values=cache,
+        use_cache=cache is not None,
+        **_supported(model, position_ids=position_ids),
+    )
 
 
 def last_position(
@@ -426,12 +485,22 @@ def shared_prompt_cache(
     (another kind of cache; "dynamic" builds this one without sharing): `generate` then reads every row's prompt."""
     from transformers import DynamicCache
 
-    distinct = list(dict.fromkeys(prompts))
     cache_implementation = generate_kwargs.get(
         "cache_implementation", getattr(getattr(model, "generation_config", None), "cache_implementation", None)
     )
-    if len(distinct) == len(prompts) or input_ids.shape[1] < 2 or cache_implementation is not None:
+    if len(set(prompts)) == len(prompts) or cache_implementation is not None:
         return None
+    cache = prompt_prefill(model, input_ids, mask, prompts)
+    return cache if isinstance(cache, DynamicCache) else None
+
+
+def prompt_prefill(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, prompts: Sequence[Hashable]) -> Any | None:
+    """The KV cache of left-padded prompts but their last token, one row per prompt, with each distinct prompt (its
+    key in `prompts`) forwarded once and its cache copied to its rows; `None` for one-token prompts (nothing before
+    the last token)."""
+    if input_ids.shape[1] < 2:
+        return None
+    distinct = list(dict.fromkeys(prompts))
     first = torch.tensor([prompts.index(p) for p in distinct], device=input_ids.device)
     ids, prefix_mask = input_ids[first, :-1], mask[first, :-1]
     position_ids = (prefix_mask.long().cumsum(-1) - 1).masked_fill(prefix_mask == 0, 1)
@@ -441,9 +510,8 @@ def shared_prompt_cache(
         use_cache=True,
         **_supported(model, position_ids=position_ids, logits_to_keep=1),
     ).past_key_values
-    if not isinstance(cache, DynamicCache):
-        return None
-    cache.reorder_cache(torch.tensor([distinct.index(p) for p in prompts], device=input_ids.device))
+    if cache is not None:
+        cache.reorder_cache(torch.tensor([distinct.index(p) for p in prompts], device=input_ids.device))
     return cache
 
 
