@@ -551,3 +551,37 @@ def test_within_problem_auroc_is_logged_for_the_score_and_the_mean_token_logprob
     # Pooled over all rows, pairs across prompts count too: right 0.9, 0.2, 0.7, 0.6 against wrong 0.1 (4 pairs won)
     # and 0.8 (1 won): 5 of 8.
     assert metrics["self_reward/auroc"] == pytest.approx(5 / 8)
+
+
+@pytest.mark.parametrize("suppress", [False, True])
+def test_suppressed_self_reward_token_is_never_sampled_in_training(tiny_model_dir, tmp_path, suppress):
+    # z_c's row made EOS's, ten times over: z_c is the likeliest token everywhere, sampled at once unless suppressed.
+    sampled = []
+
+    def recording_reward(completion_ids, **kwargs):
+        sampled.extend(completion_ids)
+        return parity_reward(completion_ids)
+
+    trainer = make_trainer(
+        tiny_model_dir, tmp_path, reward_funcs=[recording_reward], self_reward_suppress_sampling=suppress
+    )
+    head = trainer.model.get_output_embeddings().weight
+    with torch.no_grad():
+        head[ZC] = head[EOS] * 10
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions(generation_batch())
+    inside = sum(ZC in ids for ids in sampled)  # the rewards see each completion without the z_c appended after EOS
+    if suppress:
+        assert inside == 0 and ZC in trainer.generation_config.suppress_tokens
+        assert ZC in trainer.generation_kwargs["suppress_tokens"]
+        # The score still reads z_c's raw log-prob after the EOS, where it is now the likeliest token.
+        scores = training_zc_logps(trainer, batch)
+        finished = batch["self_reward_index"] >= 0
+        assert finished.any() and (scores[finished] > math.log(0.5)).all()
+    else:
+        assert inside == len(sampled) == 8
+
+
+def test_suppressing_the_self_reward_token_needs_generate():
+    with pytest.raises(ValueError, match="self_reward_suppress_sampling.*use_vllm"):
+        LaSeRConfig(output_dir="unused", self_reward_suppress_sampling=True, use_vllm=True, use_cpu=True, bf16=False)

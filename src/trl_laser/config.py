@@ -232,6 +232,12 @@ class LaSeRConfig(GRPOConfig):
             itself by moving whole problems' states, which is what it does first through the shared layers. A pair
             loss (`self_reward_pair_loss_coef`) still trains the model: it only ranks the answers of one group, so
             the model learns what separates them while the row fits the level.
+        self_reward_suppress_sampling (`bool`, *optional*, defaults to `False`):
+            Keep z_c out of the completions sampled for training (transformers' `suppress_tokens`, as TRL does for
+            image tokens), as the generation config that `trl-laser fit-row` saves does at test time. Raising z_c's
+            logit after the EOS raises it inside answers too: after the first least-squares step of the quickstart
+            recipe, 0.11 z_c tokens per answer were expected. The score reads the raw logits after the EOS and is
+            unchanged. `generate` only (not with `use_vllm`).
     """
 
     self_reward_token: str | None = field(
@@ -337,6 +343,13 @@ class LaSeRConfig(GRPOConfig):
             "self-reward losses only the pair loss reaches the rest of the model."
         },
     )
+    self_reward_suppress_sampling: bool = field(
+        default=False,
+        metadata={
+            "help": "Never sample z_c inside the training completions (generate's suppress_tokens); the score after "
+            "the EOS is unchanged. A least-squares row raises z_c's logit inside answers too."
+        },
+    )
 
     def _check_step_counts(self) -> None:
         """Counts that transformers and TRL take silently or fail on obscurely, checked before their own checks:
@@ -390,6 +403,11 @@ class LaSeRConfig(GRPOConfig):
                 "`self_reward_row_only: true` trains z_c's row through the least-squares update only, but "
                 f"`self_reward_row_update` is {self.self_reward_row_update!r}. Set `self_reward_row_update: "
                 "least_squares`, or `self_reward_row_only: false`."
+            )
+        if self.self_reward_suppress_sampling and self.use_vllm:
+            raise ValueError(
+                "`self_reward_suppress_sampling: true` keeps z_c out of transformers' `generate` only, and "
+                "`use_vllm` is true. Set `use_vllm: false`, or `self_reward_suppress_sampling: false`."
             )
         pair = self.self_reward_pair_loss_coef
         if isinstance(pair, bool) or not isinstance(pair, (int, float)) or not 0 <= pair < math.inf:

@@ -53,7 +53,7 @@ from .reference import RefConstant
 from .rewards import check_verifier_values, verifier_index
 from .row_update import row_update_for
 from .self_reward_log import SelfRewardLog
-from .tokens import resolve_self_reward_token
+from .tokens import resolve_self_reward_token, suppress_in_generation
 
 
 logger = logging.getLogger(__name__)
@@ -134,6 +134,8 @@ class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
         )
 
         self._verifier_index = verifier_index(args.self_reward_verifier, self.reward_func_names, self.reward_funcs)
+        if args.self_reward_suppress_sampling:
+            suppress_in_generation(self, self.self_reward_token_id)
 
         self.row_update = row_update_for(self)  # the opt-in least-squares row update, or None
 
