@@ -129,10 +129,9 @@ def test_answer_positions_against_plain_forwards(tokenizer):
     out = answer_positions(model, sequences, lengths, ZC, EOS, batch_size=2)
     head_input = []
     hook = model.lm_head.register_forward_pre_hook(lambda m, args: head_input.append(args[0]))
+    # z_c's row moved (its logit up by 24 at the mean state): its log-probs inside the answers after the fit.
     mean = out["states"].mean(0)
-    step = (
-        24 * mean / mean.dot(mean)
-    )  # z_c's row moved (its logit up by 24 at the mean state): log-probs after the fit
+    step = 24 * mean / mean.dot(mean)
     gram, positions, states, after = torch.zeros(32, 32, dtype=torch.float64), 0, [], []
     try:
         for i, (seq, n) in enumerate(zip(sequences, lengths)):

@@ -225,12 +225,12 @@ def answer_positions(
                 eos_states[i], eos_logps[i] = hidden[r, n], float(batch_logps[r, n])
     finally:
         handle.remove()
-    inside = torch.cat(states)
+    inside, inside_logps = torch.cat(states), torch.cat(logps)
     answer = torch.repeat_interleave(torch.arange(len(sequences)), torch.tensor(completion_lengths))
-    draws, max_logprob = zc_inside_answers(torch.cat(logps), answer, len(sequences))
+    draws, max_logprob = zc_inside_answers(inside_logps, answer, len(sequences))
     return {
         "states": inside,
-        "logps": torch.cat(logps),
+        "logps": inside_logps,
         "answer": answer,
         "gram": inside.double().T @ inside.double() / max(len(inside), 1),
         "positions": len(inside),
@@ -342,7 +342,9 @@ def fit_row(
     with torch.no_grad():
         row[token_id] += step.to(device=row.device, dtype=row.dtype)
     fitted = refitted_logps(states, logps, step)
-    after = zc_inside_answers(refitted_logps(inside["states"], inside["logps"], step), inside["answer"], len(finished))
+    draws_after, peak_after = zc_inside_answers(
+        refitted_logps(inside["states"], inside["logps"], step), inside["answer"], len(finished)
+    )
     _save(model, tokenizer, settings, model_name_or_path, output_dir)
     signals = {name: [r[name] for r in finished] for name in BASELINES}
     signals["self_reward_before"] = self_reward_score(logps, ref, beta).tolist()
@@ -363,9 +365,9 @@ def fit_row(
             "positions": inside["positions"],
             "expected_zc_draws_per_answer": {
                 "before": sum(inside["draws"]) / len(finished),
-                "after": sum(after[0]) / len(finished),
+                "after": sum(draws_after) / len(finished),
             },
-            "max_zc_logprob": {"before": max(inside["max_logprob"]), "after": max(after[1])},
+            "max_zc_logprob": {"before": max(inside["max_logprob"]), "after": max(peak_after)},
         },
         "fitting_samples": {name: ranking(values, labels, groups) for name, values in signals.items()},
         "sampling": {

@@ -124,6 +124,17 @@ def _check_ids(name: str, ids: list[int], model: Any) -> None:
     )
 
 
+def left_padded(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id sequences left-padded to the longest, as `generate` pads: the input ids and the attention mask."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for r, seq in enumerate(sequences):
+        ids[r, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[r, width - len(seq) :] = 1
+    return ids, mask
+
+
 def left_padded_batches(
     sequences: list[list[int]], pad_id: int, batch_size: int
 ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -132,12 +143,7 @@ def left_padded_batches(
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        width = max(len(sequences[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            ids[r, width - len(sequences[i]) :] = torch.tensor(sequences[i])
-            mask[r, width - len(sequences[i]) :] = 1
+        ids, mask = left_padded([sequences[i] for i in rows], pad_id)
         yield rows, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
@@ -156,15 +162,11 @@ def prompt_grouped_batches(
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         keys = [prompts[i] for i in rows]
-        width = max(len(p) for p in keys)
-        prompt_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        prompt_mask = torch.zeros_like(prompt_ids)
+        prompt_ids, prompt_mask = left_padded(keys, pad_id)
         span = max(completion_lengths[i] for i in rows) + 1
         ids = torch.full((len(rows), span), pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for r, i in enumerate(rows):
-            prompt_ids[r, width - len(keys[r]) :] = torch.tensor(keys[r])
-            prompt_mask[r, width - len(keys[r]) :] = 1
             ids[r, : completion_lengths[i] + 1] = torch.tensor(sequences[i][len(keys[r]) - 1 :])
             mask[r, : completion_lengths[i] + 1] = 1
         yield rows, prompt_ids, prompt_mask, keys, ids, mask
@@ -527,12 +529,8 @@ def _generate_batch(
     """One `generate` call, one row per `(prompt index, sample index)` job, left-padded prompts; z_c's log-prob is
     recorded after each row's first EOS, and every generated token's log-prob up to it."""
     device = _device(model)
-    width = max(len(prompt_ids[p]) for p, _ in jobs)
-    input_ids = torch.full((len(jobs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for r, (p, _) in enumerate(jobs):
-        input_ids[r, width - len(prompt_ids[p]) :] = torch.tensor(prompt_ids[p])
-        mask[r, width - len(prompt_ids[p]) :] = 1
+    input_ids, mask = left_padded([prompt_ids[p] for p, _ in jobs], pad_id)
+    width = input_ids.shape[1]
     input_ids, mask = input_ids.to(device), mask.to(device)
 
     cache = shared_prompt_cache(model, input_ids, mask, [p for p, _ in jobs], kwargs)
