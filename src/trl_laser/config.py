@@ -238,6 +238,14 @@ class LaSeRConfig(GRPOConfig):
             logit after the EOS raises it inside answers too: after the first least-squares step of the quickstart
             recipe, 0.11 z_c tokens per answer were expected. The score reads the raw logits after the EOS and is
             unchanged. `generate` only (not with `use_vllm`).
+        self_reward_exclude_from_policy (`bool`, *optional*, defaults to `False`):
+            Also leave z_c out of the policy's log-softmax in the GRPO loss: each token's log-prob is renormalised
+            over the vocabulary without z_c, `log p(y) - log(1 - pi(z_c))`, the log-prob of the sampler that
+            `self_reward_suppress_sampling` makes (which it needs). Suppressed in sampling only, z_c keeps its share
+            of each token's softmax in the loss, and the policy gradient moves the model through it. Left out of
+            both, the policy does not depend on z_c's row: with `self_reward_row_only` it follows GRPO's. The score
+            after the EOS keeps the raw log-prob; entropies stay those of the whole vocabulary. Not with DeepSpeed
+            ZeRO-3, nor with a model that scales or caps its logits.
     """
 
     self_reward_token: str | None = field(
@@ -350,6 +358,13 @@ class LaSeRConfig(GRPOConfig):
             "the EOS is unchanged. A least-squares row raises z_c's logit inside answers too."
         },
     )
+    self_reward_exclude_from_policy: bool = field(
+        default=False,
+        metadata={
+            "help": "Renormalise the loss's per-token log-probs over the vocabulary without z_c (the suppressed "
+            "sampler's log-probs), so that z_c's row cannot move the policy. Needs self_reward_suppress_sampling."
+        },
+    )
 
     def _check_step_counts(self) -> None:
         """Counts that transformers and TRL take silently or fail on obscurely, checked before their own checks:
@@ -408,6 +423,12 @@ class LaSeRConfig(GRPOConfig):
             raise ValueError(
                 "`self_reward_suppress_sampling: true` keeps z_c out of transformers' `generate` only, and "
                 "`use_vllm` is true. Set `use_vllm: false`, or `self_reward_suppress_sampling: false`."
+            )
+        if self.self_reward_exclude_from_policy and not self.self_reward_suppress_sampling:
+            raise ValueError(
+                "`self_reward_exclude_from_policy: true` trains the policy that never samples z_c, and "
+                "`self_reward_suppress_sampling` is false, so the completions would come from another policy. Set "
+                "`self_reward_suppress_sampling: true`, or `self_reward_exclude_from_policy: false`."
             )
         pair = self.self_reward_pair_loss_coef
         if isinstance(pair, bool) or not isinstance(pair, (int, float)) or not 0 <= pair < math.inf:

@@ -7,6 +7,7 @@ wires them into TRL's data flow.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
 
 import torch
@@ -63,6 +64,20 @@ def laser_phase(step: int, reasoning_warmup_steps: int, self_reward_warmup_steps
 def self_reward_score(logp: torch.Tensor, ref: torch.Tensor | float, beta: float) -> torch.Tensor:
     """`r_s = beta_v * (log pi(z_c | x, y, EOS) - c_ref)`."""
     return beta * (logp - ref)
+
+
+def log1mexp(log_p: torch.Tensor) -> torch.Tensor:
+    """`log(1 - exp(log_p))` for `log_p <= 0`, stable at both ends (Maechler's two branches)."""
+    return torch.where(log_p > -math.log(2), torch.log(-torch.expm1(log_p)), torch.log1p(-torch.exp(log_p)))
+
+
+def logps_without_token(logps: torch.Tensor, label_logits: torch.Tensor, token_logits: torch.Tensor) -> torch.Tensor:
+    """Each token's log-prob over the vocabulary without one token (z_c): `log p(y) - log(1 - p(z_c))`, the log-prob
+    of a sampler that never draws z_c. The log-partition is `label_logits - logps`, so z_c's log-prob at the same
+    position is `token_logits - (label_logits - logps)`; all logits are the ones the softmax saw (temperature
+    included). Exact in value and gradient: the result does not depend on z_c's logit at all.
+    """
+    return logps - log1mexp((token_logits - (label_logits - logps)).clamp(max=0.0))
 
 
 def class_weights(

@@ -114,12 +114,3 @@ def resolve_self_reward_token(
     if problem is not None:
         raise ValueError(f"`{field}={token!r}` {problem} {_candidates_hint(tokenizer, vocab, eos_ids)}")
     return int(token_id), token_str
-
-
-def suppress_in_generation(trainer: Any, token_id: int) -> None:
-    """Never sample `token_id` in a `GRPOTrainer`'s completions: added to the `suppress_tokens` of TRL's generation
-    config and of the keyword arguments that override the model's own (`generate` sets its logit to -inf; the forward
-    hooks that read z_c after the EOS see the raw logits)."""
-    tokens = sorted({*(trainer.generation_kwargs.get("suppress_tokens") or []), token_id})
-    trainer.generation_kwargs["suppress_tokens"] = tokens
-    trainer.generation_config.suppress_tokens = tokens

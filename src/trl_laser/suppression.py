@@ -1,0 +1,100 @@
+"""z_c kept out of the policy: never sampled (`suppress_in_generation`), and left out of the log-softmax of the GRPO
+loss (`PolicyWithoutToken`), so that the loss's log-probs are those of the sampler that never draws it.
+
+The score still reads z_c's raw log-prob after the EOS. Raising z_c's logit there (the least-squares row does so
+from the first step) raises it inside answers too: suppressed in sampling only, z_c keeps a share of each token's
+softmax in the loss, and the policy gradient then moves the model through that share. Left out of both, the policy
+is the model without z_c, which z_c's row cannot move.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from .core import logps_without_token
+
+
+# Config attributes by which a model rescales or caps its logits before the softmax (read by TRL's fused head).
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
+
+
+def suppress_in_generation(trainer: Any, token_id: int) -> None:
+    """Never sample `token_id` in a `GRPOTrainer`'s completions: added to the `suppress_tokens` of TRL's generation
+    config and of the keyword arguments that override the model's own (`generate` sets its logit to -inf; the forward
+    hooks that read z_c after the EOS see the raw logits)."""
+    tokens = sorted({*(trainer.generation_kwargs.get("suppress_tokens") or []), token_id})
+    trainer.generation_kwargs["suppress_tokens"] = tokens
+    trainer.generation_config.suppress_tokens = tokens
+
+
+class PolicyWithoutToken:
+    """Renormalises the per-token log-probs of TRL's fused LM head over the vocabulary without z_c.
+
+    The fused head returns `log p(y_t)` only. Within `keeping_states(model)` the backbone's final hidden states are
+    kept (with their graph); `renormalise` then projects them on the rows of the label and of z_c alone, and applies
+    `core.logps_without_token`. The position whose label is z_c (the score after the EOS) keeps its raw log-prob.
+    """
+
+    def __init__(self, token_id: int, temperature: float):
+        self.token_id = token_id
+        self.temperature = temperature
+        self._states: list[torch.Tensor] = []
+
+    @staticmethod
+    def check_model(model: Any) -> None:
+        """Refuse models whose logits are scaled or capped before the softmax: the correction projects the bare
+        head, as TRL's fused head does for all others."""
+        config = model.config.get_text_config()
+        transforms = [name for name in _LOGIT_TRANSFORMS if getattr(config, name, None) is not None]
+        if transforms:
+            raise ValueError(
+                f"`self_reward_exclude_from_policy: true` renormalises the log-probs from the LM head's bare logits, "
+                f"and this model transforms them (`{transforms[0]}` in its config). Set "
+                "`self_reward_exclude_from_policy: false` (z_c stays suppressed in sampling)."
+            )
+
+    @contextlib.contextmanager
+    def keeping_states(self, model: Any) -> Iterator[None]:
+        """Within, each forward of `model` (unwrapped, PEFT's base model) keeps its backbone's final hidden states."""
+        hook = model.base_model.register_forward_hook(
+            lambda module, args, output: self._states.append(output.last_hidden_state)
+        )
+        self._states = []
+        try:
+            yield
+        finally:
+            hook.remove()
+
+    def renormalise(
+        self, model: Any, logps: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """`logps` (B, C), the fused head's log-probs of the last C ids, renormalised without z_c, from the states
+        kept by the forwards that computed them (TRL's chunks, in order)."""
+        states, self._states = torch.cat(self._states), []
+        keep = logps.size(1)
+        labels = input_ids[:, -keep:]
+        # only these positions: on padding, the zeros of the fused head would put z_c's share at 1 (an infinite
+        # correction, and a NaN gradient through any mask)
+        kept = attention_mask[:, -keep:].bool() & (labels != self.token_id)
+        hidden = states[:, -keep - 1 : -1][kept].float()  # position t predicts id t + 1
+        head = model.get_output_embeddings()
+        weight = head.weight.float()
+        label_logits = (hidden * weight.index_select(0, labels[kept])).sum(-1)
+        token_logits = hidden @ weight[self.token_id]
+        if head.bias is not None:
+            label_logits = label_logits + head.bias.float()[labels[kept]]
+            token_logits = token_logits + head.bias.float()[self.token_id]
+        renormalised = logps_without_token(
+            logps[kept].float(), label_logits / self.temperature, token_logits / self.temperature
+        )
+        return logps.masked_scatter(kept, renormalised.to(logps.dtype))

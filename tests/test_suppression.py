@@ -1,0 +1,142 @@
+"""z_c left out of the policy (`self_reward_exclude_from_policy`): the renormalised log-probs against the softmax
+written out, a zero gradient in z_c's row, and a policy that z_c's row no longer moves."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import EOS, ZC, force_completions
+from test_trainer import generation_batch, make_trainer
+from transformers import LlamaConfig
+
+from trl_laser import LaSeRConfig
+from trl_laser.core import log1mexp, logps_without_token
+from trl_laser.suppression import PolicyWithoutToken
+
+
+@pytest.mark.parametrize("x", [-1e-6, -1e-3, -0.5, -math.log(2), -0.8, -5.0, -40.0])
+def test_log1mexp_is_accurate_in_float32_at_both_ends(x):
+    # float64 reference; in float32, log1p(-exp(-1e-6)) alone is off by about 6% (exp rounds near 1)
+    expected = math.log(-math.expm1(x))
+    assert log1mexp(torch.tensor(x, dtype=torch.float32)).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_logps_without_token_by_hand():
+    # Vocabulary a, b, z_c, d with logits 1, 2, 3, 0; the sampled token is b.
+    logits = torch.tensor([1.0, 2.0, 3.0, 0.0], dtype=torch.float64, requires_grad=True)
+    logp_b = torch.log_softmax(logits, -1)[1]
+    value = logps_without_token(logp_b, logits[1], logits[2])
+    e = math.e
+    assert value.item() == pytest.approx(2 - math.log(e + e**2 + 1), abs=1e-12)
+    value.backward()
+    # d/dl_k of log q(b) over {a, b, d}: 1[k = b] - q_k, and 0 for z_c
+    q = [e / (e + e**2 + 1), e**2 / (e + e**2 + 1), 0.0, 1 / (e + e**2 + 1)]
+    expected = [-q[0], 1 - q[1], 0.0, -q[3]]
+    assert logits.grad.tolist() == pytest.approx(expected, abs=1e-12)
+
+
+def loss_logps(trainer, batch):
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, batch["completion_ids"].size(1))
+    return logps
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+def test_loss_logps_are_the_suppressed_samplers(tiny_model_dir, tmp_path, exclude):
+    trainer = make_trainer(
+        tiny_model_dir, tmp_path, self_reward_suppress_sampling=True, self_reward_exclude_from_policy=exclude
+    )
+    head = trainer.model.get_output_embeddings().weight
+    with torch.no_grad():
+        head[ZC] = head[EOS] * 1.2  # z_c takes a large share everywhere, as after the least-squares row's steps
+    force_completions(trainer)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions(generation_batch())
+    logps = loss_logps(trainer, batch)
+
+    largest_share = 0.0
+    for row in range(logps.size(0)):
+        prompt = batch["prompt_ids"][row][batch["prompt_mask"][row].bool()]
+        completion = batch["completion_ids"][row][batch["completion_mask"][row].bool()]
+        with torch.no_grad():
+            logits = trainer.model(input_ids=torch.cat([prompt, completion])[None]).logits[0].double()
+        logits = logits[prompt.numel() - 1 : -1]  # position t predicts completion id t
+        raw = torch.log_softmax(logits, -1).gather(1, completion[:, None]).squeeze(1)
+        without = torch.log_softmax(logits.index_fill(1, torch.tensor([ZC]), -math.inf), -1)
+        without = without.gather(1, completion[:, None]).squeeze(1)
+        is_zc = completion == ZC  # the score after the EOS keeps z_c's raw log-prob
+        expected = torch.where(is_zc, raw, without) if exclude else raw
+        assert logps[row, : completion.numel()].double().tolist() == pytest.approx(expected.tolist(), abs=2e-5)
+        largest_share = max(largest_share, (raw - without)[~is_zc].abs().max().item())
+    assert largest_share > 0.1  # the two differ: the test sees the renormalisation
+
+    # The policy's loss no longer reaches z_c's row.
+    policy = batch["completion_mask"] * batch["tool_mask"]
+    (loss_logps(trainer, batch) * policy).sum().backward()
+    # float32 rounding of the two cancelling terms leaves about 1e-5, where the raw loss gives 66
+    assert (head.grad[ZC].abs().max().item() < 1e-4) == exclude
+    assert head.grad[EOS].abs().max().item() > 1.0
+
+
+def share_of_eos(trainer) -> torch.Tensor:
+    """z_c's row made EOS's: z_c takes EOS's share of every position (about 0.12), and the row is returned."""
+    head = trainer.model.get_output_embeddings().weight
+    with torch.no_grad():
+        head[ZC] = head[EOS]
+    return head[ZC].detach().clone()
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+def test_z_c_row_no_longer_moves_the_policy(tiny_model_dir, tmp_path, exclude):
+    """LaSeR with its least-squares row, row only, against GRPO (no self-reward loss): same samples, so that every
+    other parameter ends equal when z_c is out of the policy, and only then."""
+    common = dict(
+        max_steps=3,
+        learning_rate=1e-3,
+        self_reward_advantage_coef=0.0,
+        self_reward_suppress_sampling=True,
+        self_reward_exclude_from_policy=exclude,
+    )
+    # each trained as soon as built: a trainer's init seeds the global RNG that the other's sampling draws from
+    laser = make_trainer(
+        tiny_model_dir,
+        tmp_path / "laser",
+        self_reward_row_update="least_squares",
+        self_reward_row_only=True,
+        **common,
+    )
+    initial_row = share_of_eos(laser)
+    laser.train()
+    grpo = make_trainer(tiny_model_dir, tmp_path / "grpo", self_reward_loss_coef=0.0, **common)
+    share_of_eos(grpo)
+    grpo.train()
+    laser_params, grpo_params = dict(laser.model.named_parameters()), dict(grpo.model.named_parameters())
+    row = laser_params["lm_head.weight"][ZC].detach()
+    assert (row - initial_row).norm().item() > 0.1  # the least-squares row did move
+    largest = 0.0
+    for name, value in laser_params.items():
+        other = grpo_params[name].detach()
+        value = value.detach()
+        if name == "lm_head.weight":
+            value, other = value[torch.arange(value.size(0)) != ZC], other[torch.arange(other.size(0)) != ZC]
+        largest = max(largest, (value - other).abs().max().item())
+    if exclude:
+        assert largest < 1e-5
+    else:
+        assert largest > 1e-4
+
+
+def test_exclude_from_policy_needs_suppressed_sampling():
+    with pytest.raises(ValueError, match="self_reward_exclude_from_policy.*self_reward_suppress_sampling: true"):
+        LaSeRConfig(output_dir="unused", self_reward_exclude_from_policy=True, use_cpu=True, bf16=False)
+
+
+def test_exclude_from_policy_refuses_transformed_logits():
+    class Model:
+        config = LlamaConfig(final_logit_softcapping=30.0)
+
+    with pytest.raises(ValueError, match="self_reward_exclude_from_policy.*final_logit_softcapping"):
+        PolicyWithoutToken.check_model(Model())
