@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import EOS, ZC, force_completions
 from test_trainer import generation_batch, make_trainer
-from transformers import LlamaConfig
+from transformers import GenerationConfig, LlamaConfig
 
 from trl_laser import LaSeRConfig
 from trl_laser.core import log1mexp, logps_without_token
@@ -127,6 +127,14 @@ def test_z_c_row_no_longer_moves_the_policy(tiny_model_dir, tmp_path, exclude):
         assert largest < 1e-5
     else:
         assert largest > 1e-4
+
+
+@pytest.mark.parametrize("suppress", [False, True])
+def test_saved_model_samples_as_it_was_trained(tiny_model_dir, tmp_path, suppress):
+    trainer = make_trainer(tiny_model_dir, tmp_path, self_reward_suppress_sampling=suppress)
+    trainer.save_model(str(tmp_path / "saved"))
+    saved = GenerationConfig.from_pretrained(str(tmp_path / "saved")).suppress_tokens
+    assert saved == ([ZC] if suppress else None)
 
 
 def test_exclude_from_policy_needs_suppressed_sampling():

@@ -31,10 +31,13 @@ _LOGIT_TRANSFORMS = (
 def suppress_in_generation(trainer: Any, token_id: int) -> None:
     """Never sample `token_id` in a `GRPOTrainer`'s completions: added to the `suppress_tokens` of TRL's generation
     config and of the keyword arguments that override the model's own (`generate` sets its logit to -inf; the forward
-    hooks that read z_c after the EOS see the raw logits)."""
+    hooks that read z_c after the EOS see the raw logits). The model's own generation config gains it too, so that the
+    saved model samples as it was trained to, as `trl-laser fit-row` saves its models."""
     tokens = sorted({*(trainer.generation_kwargs.get("suppress_tokens") or []), token_id})
     trainer.generation_kwargs["suppress_tokens"] = tokens
     trainer.generation_config.suppress_tokens = tokens
+    own = trainer.accelerator.unwrap_model(trainer.model).generation_config  # PEFT forwards it to the base model
+    own.suppress_tokens = sorted({*(own.suppress_tokens or []), token_id})
 
 
 class PolicyWithoutToken:
