@@ -4,6 +4,7 @@ written out, a zero gradient in z_c's row, and a policy that z_c's row no longer
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from transformers import GenerationConfig, LlamaConfig
 
 from trl_laser import LaSeRConfig
 from trl_laser.core import log1mexp, logps_without_token
-from trl_laser.suppression import PolicyWithoutToken
+from trl_laser.suppression import PolicyWithoutToken, suppress_in_generation
 
 
 @pytest.mark.parametrize("x", [-1e-6, -1e-3, -0.5, -math.log(2), -0.8, -5.0, -40.0])
@@ -135,6 +136,21 @@ def test_saved_model_samples_as_it_was_trained(tiny_model_dir, tmp_path, suppres
     trainer.save_model(str(tmp_path / "saved"))
     saved = GenerationConfig.from_pretrained(str(tmp_path / "saved")).suppress_tokens
     assert saved == ([ZC] if suppress else None)
+
+
+def test_vllm_gets_a_logit_bias_and_the_users_kwargs_stay_as_given():
+    users = {"logit_bias": {"3": -5}}  # keys as a YAML or JSON config gives them
+    model = SimpleNamespace(generation_config=GenerationConfig())
+    trainer = SimpleNamespace(
+        use_vllm=True,
+        vllm_generation=SimpleNamespace(generation_kwargs=users),
+        accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+        model=model,
+    )
+    suppress_in_generation(trainer, ZC)
+    assert trainer.vllm_generation.generation_kwargs["logit_bias"] == {3: -5.0, ZC: -100.0}
+    assert users == {"logit_bias": {"3": -5}}
+    assert model.generation_config.suppress_tokens == [ZC]  # the saved model samples as trained
 
 
 def test_exclude_from_policy_needs_suppressed_sampling():

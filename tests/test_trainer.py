@@ -582,6 +582,9 @@ def test_suppressed_self_reward_token_is_never_sampled_in_training(tiny_model_di
         assert inside == len(sampled) == 8
 
 
-def test_suppressing_the_self_reward_token_needs_generate():
-    with pytest.raises(ValueError, match="self_reward_suppress_sampling.*use_vllm"):
-        LaSeRConfig(output_dir="unused", self_reward_suppress_sampling=True, use_vllm=True, use_cpu=True, bf16=False)
+def test_suppressing_z_c_in_vllm_needs_the_policy_without_it_for_importance_sampling():
+    common = dict(output_dir="unused", self_reward_suppress_sampling=True, use_vllm=True, use_cpu=True, bf16=False)
+    with pytest.raises(ValueError, match="self_reward_exclude_from_policy: true.*vllm_importance_sampling_correction"):
+        LaSeRConfig(**common)
+    LaSeRConfig(**common, self_reward_exclude_from_policy=True)
+    LaSeRConfig(**common, vllm_importance_sampling_correction=False)

@@ -382,6 +382,38 @@ def test_colocate_weights_reach_vllm(colocate):
     assert all(i > 2 * c for c, i in zip(current[1:], initial[1:]))
 
 
+@pytest.fixture(scope="module")
+def colocate_suppressed(smollm2_dir, tmp_path_factory) -> dict:
+    """tests/scripts/vllm_colocate_suppress.py's measurements (its own process: one engine, TRL's)."""
+    out = tmp_path_factory.mktemp("colocate_suppressed")
+    script = os.path.join(ROOT, "tests", "scripts", "vllm_colocate_suppress.py")
+    done = subprocess.run(
+        [sys.executable, script, smollm2_dir, str(out)], env=ENV, capture_output=True, text=True, timeout=1200
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(out / "result.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_colocate_never_samples_a_suppressed_z_c(colocate_suppressed):
+    """z_c's row raised so that a plain forward expects it several times in every answer: vLLM, given the trainer's
+    logit bias, samples none, and its processed log-probs are the trainer's renormalised ones (to bfloat16), not the
+    raw ones, so that TRL's importance ratio compares one policy with itself."""
+    result = colocate_suppressed
+    print(
+        f"expected z_c per answer unsuppressed {result['expected_zc_draws_per_answer']:.2f}; mean |vLLM - trainer| "
+        f"renormalised {result['vllm_vs_renormalised']:.3f}, raw {result['vllm_vs_raw']:.3f}"
+    )
+    assert result["logit_bias"] == {str(result["zc"]): -100.0}
+    assert result["expected_zc_draws_per_answer"] > 1.0
+    assert not any(result["zc"] in ids for ids in result["completion_ids"])
+    assert any(result["finished"])
+    assert result["vllm_vs_renormalised"] < 0.15
+    assert result["vllm_vs_raw"] > 2 * result["vllm_vs_renormalised"]
+    steps = [h for h in result["log_history"] if "loss" in h]
+    assert len(steps) == 1 and math.isfinite(steps[0]["loss"])
+
+
 # ------------------------------------------------------------------------------------------ server mode
 def free_port() -> int:
     with socket.socket() as sock:

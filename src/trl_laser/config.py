@@ -237,7 +237,8 @@ class LaSeRConfig(GRPOConfig):
             image tokens), as the generation config that `trl-laser fit-row` saves does at test time. Raising z_c's
             logit after the EOS raises it inside answers too: after the first least-squares step of the quickstart
             recipe, 0.11 z_c tokens per answer were expected. The score reads the raw logits after the EOS and is
-            unchanged. `generate` only (not with `use_vllm`).
+            unchanged. With `use_vllm`, a logit bias of -100 (and, with vLLM's importance-sampling correction,
+            `self_reward_exclude_from_policy`).
         self_reward_exclude_from_policy (`bool`, *optional*, defaults to `False`):
             Also leave z_c out of the policy's log-softmax in the GRPO loss: each token's log-prob is renormalised
             over the vocabulary without z_c, `log p(y) - log(1 - pi(z_c))`, the log-prob of the sampler that
@@ -354,8 +355,8 @@ class LaSeRConfig(GRPOConfig):
     self_reward_suppress_sampling: bool = field(
         default=False,
         metadata={
-            "help": "Never sample z_c inside the training completions (generate's suppress_tokens); the score after "
-            "the EOS is unchanged. A least-squares row raises z_c's logit inside answers too."
+            "help": "Never sample z_c inside the training completions (generate's suppress_tokens, vLLM's logit "
+            "bias); the score after the EOS is unchanged. A least-squares row raises z_c's logit inside answers too."
         },
     )
     self_reward_exclude_from_policy: bool = field(
@@ -419,10 +420,17 @@ class LaSeRConfig(GRPOConfig):
                 f"`self_reward_row_update` is {self.self_reward_row_update!r}. Set `self_reward_row_update: "
                 "least_squares`, or `self_reward_row_only: false`."
             )
-        if self.self_reward_suppress_sampling and self.use_vllm:
+        suppressed_by_vllm = self.self_reward_suppress_sampling and self.use_vllm
+        if (
+            suppressed_by_vllm
+            and self.vllm_importance_sampling_correction
+            and not self.self_reward_exclude_from_policy
+        ):
             raise ValueError(
-                "`self_reward_suppress_sampling: true` keeps z_c out of transformers' `generate` only, and "
-                "`use_vllm` is true. Set `use_vllm: false`, or `self_reward_suppress_sampling: false`."
+                "`self_reward_suppress_sampling: true` with `use_vllm` gives every sampled token vLLM's log-prob "
+                "without z_c, and TRL's importance-sampling correction divides by it the loss's log-prob, which counts "
+                "z_c's share unless `self_reward_exclude_from_policy: true` (a ratio of 1 - pi(z_c) on every token). "
+                "Set `self_reward_exclude_from_policy: true`, or `vllm_importance_sampling_correction: false`."
             )
         if self.self_reward_exclude_from_policy and not self.self_reward_suppress_sampling:
             raise ValueError(

@@ -28,14 +28,26 @@ _LOGIT_TRANSFORMS = (
 )
 
 
+# vLLM's logit bias for a token it must not sample: its server clamps biases to [-100, 100]; exp(-100) is 4e-44.
+SUPPRESS_BIAS = -100.0
+
+
 def suppress_in_generation(trainer: Any, token_id: int) -> None:
-    """Never sample `token_id` in a `GRPOTrainer`'s completions: added to the `suppress_tokens` of TRL's generation
-    config and of the keyword arguments that override the model's own (`generate` sets its logit to -inf; the forward
-    hooks that read z_c after the EOS see the raw logits). The model's own generation config gains it too, so that the
-    saved model samples as it was trained to, as `trl-laser fit-row` saves its models."""
-    tokens = sorted({*(trainer.generation_kwargs.get("suppress_tokens") or []), token_id})
-    trainer.generation_kwargs["suppress_tokens"] = tokens
-    trainer.generation_config.suppress_tokens = tokens
+    """Never sample `token_id` in a `GRPOTrainer`'s completions. With `generate`: added to the `suppress_tokens` of
+    TRL's generation config and of the keyword arguments that override the model's own (its logit set to -inf).
+    With vLLM: a logit bias of -100 in the sampling parameters TRL sends, colocated or to `trl vllm-serve` (whose
+    JSON keys vLLM turns back into ids). The forward hooks that read z_c after the EOS see the raw logits. The model's
+    own generation config gains it too, so that the saved model samples as it was trained to, as `trl-laser fit-row`
+    saves its models."""
+    if trainer.use_vllm:
+        vllm = trainer.vllm_generation
+        bias = {int(k): float(v) for k, v in (vllm.generation_kwargs.get("logit_bias") or {}).items()}
+        # a new dict: TRL's may be the user's `args.generation_kwargs` itself
+        vllm.generation_kwargs = {**vllm.generation_kwargs, "logit_bias": {**bias, token_id: SUPPRESS_BIAS}}
+    else:
+        tokens = sorted({*(trainer.generation_kwargs.get("suppress_tokens") or []), token_id})
+        trainer.generation_kwargs["suppress_tokens"] = tokens
+        trainer.generation_config.suppress_tokens = tokens
     own = trainer.accelerator.unwrap_model(trainer.model).generation_config  # PEFT forwards it to the base model
     own.suppress_tokens = sorted({*(own.suppress_tokens or []), token_id})
 

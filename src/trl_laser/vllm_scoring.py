@@ -35,11 +35,10 @@ from .scoring import (
     score_of,
 )
 from .settings import SelfRewardSettings, resolve_settings
+from .suppression import SUPPRESS_BIAS
 
 
 # The bias that keeps a suppressed token out of vLLM's samples: its odds against every other token fall by e^100.
-SUPPRESS_BIAS = -100.0
-
 # `generate`'s sampling arguments that the vLLM sampler takes, and their vLLM names.
 _SAMPLING_NAMES = {
     "max_new_tokens": "max_tokens",
