@@ -307,17 +307,21 @@ def hand_mix(batch: dict, config: dict, num_generations: int = 4) -> list[float]
     return mixed
 
 
-@pytest.fixture(scope="module")
-def colocate(smollm2_dir, tmp_path_factory) -> dict:
-    """tests/scripts/vllm_colocate_train.py's measurements (its own process: one engine, TRL's)."""
-    out = tmp_path_factory.mktemp("colocate")
-    script = os.path.join(ROOT, "tests", "scripts", "vllm_colocate_train.py")
+def run_script(name: str, smollm2_dir: str, out) -> dict:
+    """Run tests/scripts/NAME on the model into `out` (its own process: one engine, released at exit); its result."""
+    script = os.path.join(ROOT, "tests", "scripts", name)
     done = subprocess.run(
         [sys.executable, script, smollm2_dir, str(out)], env=ENV, capture_output=True, text=True, timeout=1200
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    with open(out / "result.json", encoding="utf-8") as f:
-        result = json.load(f)
+    with open(os.path.join(out, "result.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def colocate(smollm2_dir, tmp_path_factory) -> dict:
+    """tests/scripts/vllm_colocate_train.py's measurements (TRL's own engine)."""
+    result = run_script("vllm_colocate_train.py", smollm2_dir, tmp_path_factory.mktemp("colocate"))
     print(f"TRL's own weight sync on this build: {result['trl_sync_error']}; vLLM dtype {result['vllm_dtype']}")
     return result
 
@@ -384,15 +388,8 @@ def test_colocate_weights_reach_vllm(colocate):
 
 @pytest.fixture(scope="module")
 def colocate_suppressed(smollm2_dir, tmp_path_factory) -> dict:
-    """tests/scripts/vllm_colocate_suppress.py's measurements (its own process: one engine, TRL's)."""
-    out = tmp_path_factory.mktemp("colocate_suppressed")
-    script = os.path.join(ROOT, "tests", "scripts", "vllm_colocate_suppress.py")
-    done = subprocess.run(
-        [sys.executable, script, smollm2_dir, str(out)], env=ENV, capture_output=True, text=True, timeout=1200
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    with open(out / "result.json", encoding="utf-8") as f:
-        return json.load(f)
+    """tests/scripts/vllm_colocate_suppress.py's measurements (TRL's own engine)."""
+    return run_script("vllm_colocate_suppress.py", smollm2_dir, tmp_path_factory.mktemp("colocate_suppressed"))
 
 
 def test_colocate_never_samples_a_suppressed_z_c(colocate_suppressed):
@@ -515,3 +512,4 @@ def test_server_mode_generates_and_scores_for_the_trainer(server, reference):
 
     with pytest.raises(NotImplementedError, match="needs a CUDA device"):
         client.init_communicator(device="cpu")
+

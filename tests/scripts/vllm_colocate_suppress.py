@@ -25,6 +25,7 @@ from vllm_colocate_train import (
     INSTRUCTION,
     PROBLEMS,
     TOKEN,
+    colocate_config,
     dataset,
     generation_inputs,
     longer_half_reward,
@@ -32,7 +33,7 @@ from vllm_colocate_train import (
     token_logps,
 )
 
-from trl_laser import LaSeRConfig, LaSeRGRPOTrainer
+from trl_laser import LaSeRGRPOTrainer
 from trl_laser.data import make_conversation
 
 
@@ -56,25 +57,10 @@ def main(model_dir: str, output_dir: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     zc = tokenizer.convert_tokens_to_ids(TOKEN)
     raise_zc_row(model, tokenizer, zc)
-    args = LaSeRConfig(
-        output_dir=os.path.join(output_dir, "train"),
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=24,
+    args = colocate_config(
+        output_dir,
         max_steps=1,
         learning_rate=1e-4,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        beta=0.0,
-        use_vllm=True,
-        vllm_mode="colocate",
-        vllm_max_model_length=128,
-        vllm_importance_sampling_correction=True,
-        self_reward_token=TOKEN,
         self_reward_ref_constant=-15.6,
         self_reward_advantage_coef=0.0,
         self_reward_suppress_sampling=True,
