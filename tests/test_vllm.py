@@ -513,3 +513,48 @@ def test_server_mode_generates_and_scores_for_the_trainer(server, reference):
     with pytest.raises(NotImplementedError, match="needs a CUDA device"):
         client.init_communicator(device="cpu")
 
+
+def test_server_mode_never_samples_a_token_the_trainer_suppresses(server, reference):
+    """`self_reward_suppress_sampling` in server mode: the sampling arguments the trainer's `suppress_in_generation`
+    sets (a logit bias of -100, keyed by token id) go through TRL's client as JSON to `trl vllm-serve`, which samples
+    the token no more, and returns the log-probs of the distribution without it (TRL serves with
+    `--logprobs-mode processed_logprobs`), those that `self_reward_exclude_from_policy` computes in the loss. The
+    token is the one the model writes most (z_c, raised, is what the colocate test suppresses)."""
+    from types import SimpleNamespace
+
+    from trl.generation.vllm_client import VLLMClient
+
+    from trl_laser.suppression import suppress_in_generation
+
+    model, tokenizer = reference
+    client = VLLMClient(base_url=server)
+    prompt = tokenize_prompt(tokenizer, prompts()[0])
+    plain = client.generate(prompts=[prompt], n=8, max_tokens=24, logprobs=0, generation_kwargs={"seed": 0})
+    counts = {}
+    for ids in plain["completion_ids"]:
+        for t in ids:
+            counts[t] = counts.get(t, 0) + 1
+    common = max((t for t in counts if t != tokenizer.eos_token_id), key=counts.get)
+    assert counts[common] >= 4  # unsuppressed, the model writes it often
+
+    trainer = SimpleNamespace(  # what `suppress_in_generation` reads of a GRPOTrainer in server mode
+        use_vllm=True,
+        vllm_generation=SimpleNamespace(generation_kwargs={"seed": 0}),
+        accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+        model=SimpleNamespace(generation_config=SimpleNamespace(suppress_tokens=None)),
+    )
+    suppress_in_generation(trainer, common)
+    kwargs = trainer.vllm_generation.generation_kwargs
+    assert kwargs == {"seed": 0, "logit_bias": {common: -100.0}}
+    out = client.generate(prompts=[prompt], n=8, max_tokens=24, logprobs=0, generation_kwargs=kwargs)
+    assert all(common not in ids for ids in out["completion_ids"])
+    assert out["completion_ids"] != plain["completion_ids"]
+    shares = []
+    for ids, seq in zip(out["completion_ids"], out["logprobs"]):
+        served = [top[0] for top in seq]
+        without = teacher_forced_logps(model, prompt, ids, excluded=[common])
+        raw = teacher_forced_logps(model, prompt, ids)
+        growth = max(math.exp(k - r) for r, k in zip(raw, without))  # 1 / (1 - p): the error's growth (engine test)
+        assert served == pytest.approx(without, abs=LOGP_TOLERANCE * growth)
+        shares.append(max(k - r for r, k in zip(raw, without)))
+    assert max(shares) > 1e-2  # the raw log-probs would be off by more than the tolerance
