@@ -197,6 +197,58 @@ def test_last_position_reads_the_final_state_that_predicts_z_c(model_and_tokeniz
     assert last_position(model, sequences, ZC, EOS, 4)[1] is None
 
 
+def test_last_position_after_shared_prompts_equals_whole_forwards(model_and_tokenizer):
+    """With the completions' lengths, the answers to one prompt are read after its prefill: the same log pi(z_c) and
+    final states as forwards of each whole sequence, for any batch (prompts of two lengths, answers of several,
+    answers to a prompt split across batches), and the probe's states too."""
+    model, tokenizer = model_and_tokenizer
+    prompts = [
+        list(
+            tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        )
+        for p in PROMPTS + [[{"role": "user", "content": "What is 12 + 30, and why?"}]]
+    ]
+    completions = [c for c in FIXED for _ in range(2)]
+    sequences = [prompts[k % 3] + c for k, c in enumerate(completions)]
+    lengths = [len(c) for c in completions]
+    whole_logps, whole_states = last_position(model, sequences, ZC, EOS, 8, hidden_states=True)
+    assert len({p[-1] for p in prompts}) == 1 and len({len(p) for p in prompts}) == 2
+    spread = max(whole_logps) - min(whole_logps)
+    for batch_size in (1, 3, 5, 16):
+        logps, states = last_position(
+            model, sequences, ZC, EOS, batch_size, hidden_states=True, completion_lengths=lengths
+        )
+        assert logps == pytest.approx(whole_logps, abs=1e-5)
+        assert torch.allclose(states, whole_states, atol=1e-5)
+    assert spread > 1e-2  # the sensitive model's z_c differs by context: a misplaced read would show
+    assert not model.lm_head._forward_pre_hooks
+
+
+def test_last_position_shares_each_prompts_prefill(model_and_tokenizer):
+    """N answers to one prompt: the model reads the prompt once (a prefill of the distinct prompts, then the answers
+    after it), not once per answer."""
+    model, tokenizer = model_and_tokenizer
+    prompt = list(
+        tokenizer.apply_chat_template(PROMPTS[0], add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+    )
+    sequences = [prompt + c for c in FIXED]
+    tokens = []
+    handle = model.model.embed_tokens.register_forward_hook(lambda m, args, out: tokens.append(args[0].numel()))
+    try:
+        last_position(model, sequences, ZC, EOS, 8, completion_lengths=[len(c) for c in FIXED])
+        shared = sum(tokens)
+        tokens.clear()
+        last_position(model, sequences, ZC, EOS, 8)
+        whole = sum(tokens)
+    finally:
+        handle.remove()
+    width = max(len(c) for c in FIXED) + 1  # the prompt's last token, then each answer, right-padded
+    assert shared == (len(prompt) - 1) + len(FIXED) * width
+    assert whole == len(FIXED) * max(len(s) for s in sequences)
+
+
 # ------------------------------------------------------------------------------------------ during generation
 @pytest.mark.parametrize(("max_new_tokens", "temperature"), [(5, 1.0), (64, 1.0), (2, 0.7)])
 def test_generation_scores_equal_score_completions(model_and_tokenizer, max_new_tokens, temperature):

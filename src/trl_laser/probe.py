@@ -331,7 +331,13 @@ def _eos_states(
     model.eval()
     with torch.inference_mode():
         logps, states = scoring.last_position(
-            model, sequences, settings.self_reward_token_id, pad_id, batch_size, hidden_states=True
+            model,
+            sequences,
+            settings.self_reward_token_id,
+            pad_id,
+            batch_size,
+            hidden_states=True,
+            completion_lengths=[len(r["token_ids"]) for r in finished],
         )
     check_eos_logps(logps, finished, tolerance)
     return states

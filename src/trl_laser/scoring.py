@@ -179,11 +179,13 @@ def forward_after_prompts(
     prompts: Sequence[Hashable],
     ids: torch.Tensor,
     mask: torch.Tensor,
+    logits_to_keep: torch.Tensor | None = None,
 ) -> Any:
     """The model's output over right-padded continuations of left-padded prompts (a `prompt_grouped_batches` batch),
     each distinct prompt but its last token forwarded once (`prompt_prefill`) and the continuations, which start with
     that last token, after it: logits at the continuation's positions only, as a forward of each whole sequence gives
-    them. With short answers the prompt is most of the tokens, and N answers to a prompt read it once instead of N."""
+    them. With short answers the prompt is most of the tokens, and N answers to a prompt read it once instead of N.
+    `logits_to_keep` (continuation positions) limits the logits to those, where the model takes the argument."""
     device = _device(model)
     prompt_ids, prompt_mask, ids, mask = (t.to(device) for t in (prompt_ids, prompt_mask, ids, mask))
     cache = prompt_prefill(model, prompt_ids, prompt_mask, prompts)
@@ -198,20 +200,30 @@ def forward_after_prompts(
         attention_mask=torch.cat([prefix, mask], dim=1),
         past_key_values=cache,
         use_cache=cache is not None,
-        **_supported(model, position_ids=position_ids),
+        **_supported(
+            model, position_ids=position_ids, **({} if logits_to_keep is None else {"logits_to_keep": logits_to_keep})
+        ),
     )
 
 
 def last_position(
-    model: Any, sequences: list[list[int]], token_id: int, pad_id: int, batch_size: int, hidden_states: bool = False
+    model: Any,
+    sequences: list[list[int]],
+    token_id: int,
+    pad_id: int,
+    batch_size: int,
+    hidden_states: bool = False,
+    completion_lengths: Sequence[int] | None = None,
 ) -> tuple[list[float], torch.Tensor | None]:
-    """log pi(token | sequence) at each sequence's last position: left-padded batches, last-position logits only.
+    """log pi(token | sequence) at each sequence's last position, from the logits of that position only.
 
     With `hidden_states`, also the input of the output embedding at that position, `(len(sequences), hidden)` in
     float32 on the CPU: the final state from which the model predicts the token (read by a forward hook, so any
-    architecture's own final norm is included).
+    architecture's own final norm is included). With `completion_lengths` (each sequence ends with a completion of
+    that many tokens) and a prompt shared by several sequences, the answers to one prompt are forwarded after its
+    prefill (`forward_after_prompts`), so that N answers read their prompt once; else each sequence is forwarded
+    whole, in left-padded batches.
     """
-    device = _device(model)
     result = [0.0] * len(sequences)
     states: list[torch.Tensor | None] = [None] * len(sequences)
     captured: list[torch.Tensor] = []
@@ -220,22 +232,19 @@ def last_position(
         raise ValueError(
             "The model has no output embedding (`get_output_embeddings()`): its final state cannot be read."
         )
+    shared = completion_lengths is not None and _repeated_prompts(sequences, completion_lengths)
     handle = None if head is None else head.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
     try:
-        for rows, ids, mask, position_ids in left_padded_batches(sequences, pad_id, batch_size):
-            captured.clear()
-            logits = model(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                use_cache=False,
-                **_supported(model, position_ids=position_ids.to(device), logits_to_keep=1),
-            ).logits[:, -1]
+        if shared:
+            forwards = _after_prompts(model, sequences, completion_lengths, pad_id, batch_size, captured)
+        else:
+            forwards = _whole_sequences(model, sequences, pad_id, batch_size, captured)
+        for rows, logits, hidden in forwards:
             values = logits.float().log_softmax(-1)[:, token_id].tolist()
-            hidden = captured[-1][:, -1].float().cpu() if head is not None else None
             for r, i in enumerate(rows):
                 result[i] = values[r]
-                if hidden is not None:
-                    states[i] = hidden[r]
+                if head is not None:
+                    states[i] = hidden[r].float().cpu()
     finally:
         if handle is not None:
             handle.remove()
@@ -244,6 +253,49 @@ def last_position(
     if not sequences:
         return result, torch.empty((0, head.weight.shape[1]))
     return result, torch.stack(states)
+
+
+def _repeated_prompts(sequences: Sequence[Sequence[int]], completion_lengths: Sequence[int]) -> bool:
+    prompts = [tuple(seq[: len(seq) - n]) for seq, n in zip(sequences, completion_lengths)]
+    return len(set(prompts)) < len(prompts)
+
+
+def _whole_sequences(
+    model: Any, sequences: list[list[int]], pad_id: int, batch_size: int, captured: list[torch.Tensor]
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
+    """Per batch of whole left-padded sequences: its rows, the last position's logits and (hooked) final states."""
+    device = _device(model)
+    for rows, ids, mask, position_ids in left_padded_batches(sequences, pad_id, batch_size):
+        captured.clear()
+        logits = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            use_cache=False,
+            **_supported(model, position_ids=position_ids.to(device), logits_to_keep=1),
+        ).logits[:, -1]
+        yield rows, logits, captured[-1][:, -1] if captured else None
+
+
+def _after_prompts(
+    model: Any,
+    sequences: list[list[int]],
+    completion_lengths: Sequence[int],
+    pad_id: int,
+    batch_size: int,
+    captured: list[torch.Tensor],
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
+    """As `_whole_sequences`, with each batch's prompts prefilled once (`forward_after_prompts`) and the logits kept
+    at the continuations' last positions only (index n of a continuation of n + 1 tokens)."""
+    device = _device(model)
+    for rows, *batch in prompt_grouped_batches(sequences, completion_lengths, pad_id, batch_size):
+        captured.clear()
+        last = torch.tensor([completion_lengths[i] for i in rows], device=device)
+        keep, column = torch.unique(last, return_inverse=True)
+        logits = forward_after_prompts(model, *batch, logits_to_keep=keep).logits
+        # a model without `logits_to_keep` returns every position: index those by the last positions themselves
+        index = column if logits.shape[1] == len(keep) else last
+        arange = torch.arange(len(rows), device=device)
+        yield rows, logits[arange, index], captured[-1][arange, index] if captured else None
 
 
 def score_completions(
@@ -259,20 +311,23 @@ def score_completions(
 ) -> list[float | None]:
     """Self-reward scores r_s of finished completions, `None` for those without EOS.
 
-    One forward pass over `prompt + completion` per completion (the official way of scoring after the fact);
-    `generate_with_self_rewards` gets the same numbers for one extra token. Settings as in `resolve_settings`; the
+    One forward pass over `prompt + completion` per completion (the official way of scoring after the fact), the
+    answers to one prompt after its shared prefill (`last_position`); `generate_with_self_rewards` gets the same
+    numbers for one extra token. Settings as in `resolve_settings`; the
     chat-template arguments default to the saved ones (training's), and a model trained with `cast_lm_head_to_fp32`
     is scored with a float32 head, as in training.
     """
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
     cfg = resolve_settings(model, tokenizer, settings, overrides)
-    sequences, rows = finished_sequences(model, tokenizer, prompts, completions, cfg, chat_template_kwargs)
+    sequences, rows, lengths = finished_sequences(model, tokenizer, prompts, completions, cfg, chat_template_kwargs)
     scores: list[float | None] = [None] * len(completions)
     if sequences:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else cfg.eos_token_ids[0]
         with _inference(model), lm_head_in_fp32(model, cfg.cast_lm_head_to_fp32):
-            logps, _ = last_position(model, sequences, cfg.self_reward_token_id, pad_id, batch_size)
+            logps, _ = last_position(
+                model, sequences, cfg.self_reward_token_id, pad_id, batch_size, completion_lengths=lengths
+            )
         for i, logp in zip(rows, logps):
             scores[i] = score_of(logp, cfg)
     return scores
@@ -285,17 +340,17 @@ def finished_sequences(
     completions: Sequence[Any],
     cfg: SelfRewardSettings,
     chat_template_kwargs: dict | None = None,
-) -> tuple[list[list[int]], list[int]]:
-    """The ids `prompt + completion` of each completion that ends with EOS, and their row numbers: what a scorer
-    scores (checked: one prompt per completion, ids in the vocabulary; the chat-template arguments default to the
-    saved ones)."""
+) -> tuple[list[list[int]], list[int], list[int]]:
+    """The ids `prompt + completion` of each completion that ends with EOS, their row numbers and their completions'
+    lengths: what a scorer scores (checked: one prompt per completion, ids in the vocabulary; the chat-template
+    arguments default to the saved ones)."""
     _check_batch("prompts", prompts)
     _check_batch("completions", completions)
     if len(prompts) != len(completions):
         raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions: give one prompt each.")
     eos = set(cfg.eos_token_ids)
     template_kwargs = chat_template_kwargs if chat_template_kwargs is not None else cfg.chat_template_kwargs
-    sequences, rows = [], []
+    sequences, rows, lengths = [], [], []
     for i, (prompt, completion) in enumerate(zip(prompts, completions)):
         ids = tokenize_completion(tokenizer, completion)
         _check_ids(f"completions[{i}]", ids, model)
@@ -304,7 +359,8 @@ def finished_sequences(
             _check_ids(f"prompts[{i}]", prompt_ids, model)
             sequences.append(prompt_ids + ids)
             rows.append(i)
-    return sequences, rows
+            lengths.append(len(ids))
+    return sequences, rows, lengths
 
 
 def score_of(logp: float, cfg: SelfRewardSettings) -> float:

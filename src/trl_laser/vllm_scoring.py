@@ -151,7 +151,7 @@ def score_completions_vllm(
     `resolve_settings`); one request of one token per finished completion.
     """
     cfg = resolve_settings(model, tokenizer, settings, overrides)
-    sequences, rows = finished_sequences(model, tokenizer, prompts, completions, cfg, chat_template_kwargs)
+    sequences, rows, _ = finished_sequences(model, tokenizer, prompts, completions, cfg, chat_template_kwargs)
     scores: list[float | None] = [None] * len(completions)
     for i, logp in zip(rows, next_token_logprobs(model.llm, sequences, cfg.self_reward_token_id)[0]):
         scores[i] = score_of(logp, cfg)
