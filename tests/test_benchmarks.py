@@ -346,3 +346,72 @@ def test_choice_rules_by_hand():
     assert selection.RULES["mean (fit-row's)"](table) is table[0]
     assert selection.larger_ridge(table) is table[1]
     assert selection.within_only(table) is table[3]
+
+
+objectives = load("row_fit_objectives")
+
+
+def test_within_pairs_and_the_pair_loss_by_hand():
+    import math
+
+    import torch
+
+    labels = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 2])  # problem 1 all right, problem 2 all wrong: no pairs there
+    right, wrong = objectives.within_pairs(labels, groups)
+    assert sorted(zip(right.tolist(), wrong.tolist())) == [(0, 1), (0, 2)]
+    logps = torch.tensor([-2.0, -3.0, -1.0, 0.0, 0.0, 0.0], dtype=torch.float64, requires_grad=True)
+    loss = objectives.pair_loss(logps, right, wrong)
+    # softplus(-(x_0 - x_1)) = log(1 + e^{-1}), softplus(-(x_0 - x_2)) = log(1 + e^{1}), averaged
+    assert loss.item() == pytest.approx((math.log1p(math.exp(-1)) + math.log1p(math.exp(1))) / 2)
+    loss.backward()
+    s1, s2 = 1 / (1 + math.exp(1)), 1 / (1 + math.exp(-1))  # sigmoid(x_j - x_i) per pair
+    assert logps.grad.tolist() == pytest.approx([-(s1 + s2) / 2, s1 / 2, s2 / 2, 0, 0, 0])
+    assert objectives.pair_loss(logps, right[:0], wrong[:0]).item() == 0.0
+
+
+def test_pair_refinement_stays_at_the_start_when_held_and_ranks_when_free():
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    groups = torch.arange(20).repeat_interleave(4)
+    labels = torch.tensor([1.0, 0.0, 1.0, 0.0] * 20)
+    states = torch.randn(80, 6, generator=generator, dtype=torch.float64)
+    states[:, 0] += 3 * labels  # within each problem the right answers lie further along the first axis
+    logps = torch.full((80,), -20.0, dtype=torch.float64)
+    start = torch.zeros(6, dtype=torch.float64)
+    held = objectives.pair_refined_step(states, logps, labels, groups, start, strength=1e6)
+    assert held.abs().max() < 1e-4
+    free = objectives.pair_refined_step(states, logps, labels, groups, start, strength=1e-3)
+    assert free[0] > 1.0 and free[0] > 3 * free[1:].abs().max()
+    assert ranking_within(refitted(states, logps, free), labels, groups) > 0.95
+
+
+def test_centred_and_a_free_signal_the_states_carry_exactly():
+    import torch
+
+    groups = torch.tensor([0, 0, 1, 1, 1])
+    values = torch.tensor([[1.0], [3.0], [2.0], [4.0], [9.0]], dtype=torch.float64)
+    assert objectives.centred(values, groups).flatten().tolist() == pytest.approx([-1, 1, -3, -1, 4])
+    generator = torch.Generator().manual_seed(1)
+    groups = torch.arange(30).repeat_interleave(4)
+    states = torch.randn(120, 5, generator=generator, dtype=torch.float64)
+    free = states @ torch.tensor([1.0, -2.0, 0.0, 0.5, 0.0], dtype=torch.float64)
+    labels = (free > free.median()).double()
+    fitting = {"states": states, "labels": labels, "groups": groups, "mean_token_logprobs": free}
+    rows = objectives.free_signal_readout(fitting, (1e-6,), folds=3)
+    assert rows[0]["within_problem_correlation"] == pytest.approx(1.0, abs=1e-6)
+    exact = ranking_within(free, labels, groups)
+    assert rows[0]["auroc_within_problem"] == pytest.approx(exact, abs=1e-6)
+
+
+def refitted(states, logps, step):
+    from trl_laser.row_fit import refitted_logps
+
+    return refitted_logps(states, logps, step)
+
+
+def ranking_within(scores, labels, groups) -> float:
+    from trl_laser.evaluation.summary import ranking
+
+    return ranking(scores.tolist(), labels.bool().tolist(), groups.tolist())["auroc_within_problem"]
