@@ -241,10 +241,11 @@ def last_position(
             forwards = _whole_sequences(model, sequences, pad_id, batch_size, captured)
         for rows, logits, hidden in forwards:
             values = logits.float().log_softmax(-1)[:, token_id].tolist()
+            hidden = hidden.float().cpu() if head is not None else None
             for r, i in enumerate(rows):
                 result[i] = values[r]
-                if head is not None:
-                    states[i] = hidden[r].float().cpu()
+                if hidden is not None:
+                    states[i] = hidden[r]
     finally:
         if handle is not None:
             handle.remove()
