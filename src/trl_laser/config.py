@@ -245,8 +245,8 @@ class LaSeRConfig(GRPOConfig):
             `self_reward_suppress_sampling` makes (which it needs). Suppressed in sampling only, z_c keeps its share
             of each token's softmax in the loss, and the policy gradient moves the model through it. Left out of
             both, the policy does not depend on z_c's row: with `self_reward_row_only` it follows GRPO's. The score
-            after the EOS keeps the raw log-prob; entropies stay those of the whole vocabulary. Not with DeepSpeed
-            ZeRO-3, nor with a model that scales or caps its logits.
+            after the EOS keeps the raw log-prob; entropies stay those of the whole vocabulary. Runs inside the
+            model's forward (ZeRO-3 included); not with a model that scales or caps its logits.
     """
 
     self_reward_token: str | None = field(

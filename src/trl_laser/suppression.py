@@ -10,10 +10,12 @@ is the model without z_c, which z_c's row cannot move.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .core import logps_without_token
 
@@ -55,15 +57,17 @@ def suppress_in_generation(trainer: Any, token_id: int) -> None:
 class PolicyWithoutToken:
     """Renormalises the per-token log-probs of TRL's fused LM head over the vocabulary without z_c.
 
-    The fused head returns `log p(y_t)` only. Within `keeping_states(model)` the backbone's final hidden states are
-    kept (with their graph); `renormalise` then projects them on the rows of the label and of z_c alone, and applies
-    `core.logps_without_token`. The position whose label is z_c (the score after the EOS) keeps its raw log-prob.
+    The fused head returns `log p(y_t)` only. Within `renormalising(model)` each fused forward of the model keeps its
+    backbone's final hidden states (with their graph), projects them on the rows of the label and of z_c alone, and
+    returns `core.logps_without_token` in place of `log p(y_t)`. This runs inside the model's forward, with the head's
+    weight gathered, as TRL's fused head does (`maybe_gather_lm_head_ctx`): under ZeRO-3 the head is partitioned
+    everywhere else, and its gradient is reduced by the hooks that the model's forward arms. The position whose label
+    is z_c (the score after the EOS) keeps its raw log-prob.
     """
 
     def __init__(self, token_id: int, temperature: float):
         self.token_id = token_id
         self.temperature = temperature
-        self._states: list[torch.Tensor] = []
 
     @staticmethod
     def check_model(model: Any) -> None:
@@ -79,37 +83,58 @@ class PolicyWithoutToken:
             )
 
     @contextlib.contextmanager
-    def keeping_states(self, model: Any) -> Iterator[None]:
-        """Within, each forward of `model` (unwrapped, PEFT's base model) keeps its backbone's final hidden states."""
-        hook = model.base_model.register_forward_hook(
-            lambda module, args, output: self._states.append(output.last_hidden_state)
-        )
-        self._states = []
+    def renormalising(self, model: Any) -> Iterator[None]:
+        """Within, the fused forwards of `model` (unwrapped, PEFT's base model, whose `forward` TRL's
+        `add_fused_lm_head` replaced) return their log-probs renormalised without z_c. PEFT and DeepSpeed call the
+        instance's `forward`, so the wrapper runs inside their calls."""
+        fused = model.forward
+        own = "forward" in vars(model)
+
+        @functools.wraps(fused)
+        def forward(*args, fused_lm_head: bool = False, labels=None, shift_labels=None, **kwargs):
+            if not fused_lm_head:
+                return fused(*args, labels=labels, shift_labels=shift_labels, **kwargs)
+            states = []
+            hook = model.base_model.register_forward_hook(
+                lambda module, inputs, output: states.append(output.last_hidden_state)
+            )
+            try:
+                output = fused(*args, fused_lm_head=True, labels=labels, shift_labels=shift_labels, **kwargs)
+            finally:
+                hook.remove()
+            (hidden,) = states
+            if shift_labels is None:  # position t predicts id t + 1
+                hidden, shift_labels = hidden[:, :-1], labels[:, 1:]
+            output.log_probs = self._renormalise(model, output.log_probs, hidden, shift_labels)
+            return output
+
+        model.forward = forward
         try:
             yield
         finally:
-            hook.remove()
+            if own:
+                model.forward = fused
+            else:
+                del model.forward
 
-    def renormalise(
-        self, model: Any, logps: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    def _renormalise(
+        self, model: Any, logps: torch.Tensor, hidden: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
-        """`logps` (B, C), the fused head's log-probs of the last C ids, renormalised without z_c, from the states
-        kept by the forwards that computed them (TRL's chunks, in order)."""
-        states, self._states = torch.cat(self._states), []
-        keep = logps.size(1)
-        labels = input_ids[:, -keep:]
-        # only these positions: on padding, the zeros of the fused head would put z_c's share at 1 (an infinite
+        """`logps` (B, T), the fused head's log-probs of `labels` (-100: not scored) from `hidden` (B, T, D)."""
+        # only scored positions: on the others the zeros of the fused head would put z_c's share at 1 (an infinite
         # correction, and a NaN gradient through any mask)
-        kept = attention_mask[:, -keep:].bool() & (labels != self.token_id)
-        hidden = states[:, -keep - 1 : -1][kept].float()  # position t predicts id t + 1
+        kept = (labels != -100) & (labels != self.token_id)
+        hidden = hidden[kept].float()
+        ids = labels[kept]
+        rows = torch.cat([ids, ids.new_tensor([self.token_id])])  # each kept label's row, then z_c's
         head = model.get_output_embeddings()
-        weight = head.weight.float()
-        label_logits = (hidden * weight.index_select(0, labels[kept])).sum(-1)
-        token_logits = hidden @ weight[self.token_id]
-        if head.bias is not None:
-            label_logits = label_logits + head.bias.float()[labels[kept]]
-            token_logits = token_logits + head.bias.float()[self.token_id]
-        renormalised = logps_without_token(
-            logps[kept].float(), label_logits / self.temperature, token_logits / self.temperature
-        )
+        with maybe_gather_lm_head_ctx(head.weight, head.bias):
+            # index_select copies: the graph keeps the rows, not the gathered weight that ZeRO-3 frees on exit
+            weight = head.weight.index_select(0, rows).float()
+            bias = None if head.bias is None else head.bias.index_select(0, rows).float()
+        logits = (hidden * weight[:-1]).sum(-1), hidden @ weight[-1]
+        if bias is not None:
+            logits = logits[0] + bias[:-1], logits[1] + bias[-1]
+        label_logits, token_logits = (x / self.temperature for x in logits)
+        renormalised = logps_without_token(logps[kept].float(), label_logits, token_logits)
         return logps.masked_scatter(kept, renormalised.to(logps.dtype))

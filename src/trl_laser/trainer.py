@@ -137,7 +137,7 @@ class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
         self._verifier_index = verifier_index(args.self_reward_verifier, self.reward_func_names, self.reward_funcs)
         if args.self_reward_suppress_sampling:
             suppress_in_generation(self, self.self_reward_token_id)
-        self.policy_without_zc = self._policy_without_zc(zero_stage)
+        self.policy_without_zc = self._policy_without_zc()
 
         self.row_update = row_update_for(self)  # the opt-in least-squares row update, or None
 
@@ -163,16 +163,10 @@ class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
         self._laser_scored_batches = 0  # generation batches whose verifier values were checked
         self._laser_timeouts = verification_timeouts()
 
-    def _policy_without_zc(self, zero_stage: int | None) -> PolicyWithoutToken | None:
+    def _policy_without_zc(self) -> PolicyWithoutToken | None:
         """`self_reward_exclude_from_policy`'s renormalisation of the loss's log-probs, or None."""
         if not self.args.self_reward_exclude_from_policy:
             return None
-        if zero_stage == 3:
-            raise ValueError(
-                "`self_reward_exclude_from_policy: true` projects the final hidden states on two rows of the LM "
-                "head outside the model's forward, which ZeRO-3's partitioned head does not allow. Set "
-                "`self_reward_exclude_from_policy: false`, or train with ZeRO stage 0-2."
-            )
         model = self.accelerator.unwrap_model(self.model)
         PolicyWithoutToken.check_model(model.get_base_model() if is_peft_model(model) else model)
         return PolicyWithoutToken(self.self_reward_token_id, self.temperature)
@@ -255,13 +249,12 @@ class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
         unwrapped = unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
         with (
             self.row_update.capturing(True) if capture else contextlib.nullcontext(),
-            renormalise.keeping_states(unwrapped) if renormalise is not None else contextlib.nullcontext(),
+            # the loss's log-probs without z_c (`self_reward_exclude_from_policy`)
+            renormalise.renormalising(unwrapped) if renormalise is not None else contextlib.nullcontext(),
         ):
             result = super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
             )
-        if renormalise is not None:  # the loss's log-probs without z_c (`self_reward_exclude_from_policy`)
-            result = (renormalise.renormalise(unwrapped, result[0], input_ids, attention_mask), *result[1:])
         if self._laser_capture:  # the policy forward of `_compute_loss`: keep its log-probs, graph included
             self._laser_captured = result[0]
             self._laser_capture = False

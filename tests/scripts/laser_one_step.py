@@ -10,7 +10,9 @@ the z_c log-probs that `generate` would have read (from a plain, unsharded copy 
 hand none: the mix then takes rank 0's values as read and computes the others' by the forward that every process
 joins, which must change nothing. ROW_UPDATE `least_squares+groups` also switches on the levers that act within a
 group: the within-group fit of z_c's row, per-group class weights and the pair loss; `least_squares+refit` the
-end-of-training refit of the row (each process re-reads its own micro-batches, the sums are reduced).
+end-of-training refit of the row (each process re-reads its own micro-batches, the sums are reduced);
+`optimizer+exclude` leaves z_c out of the loss's softmax (`self_reward_exclude_from_policy`), whose two head rows
+ZeRO-3 must gather inside the forward.
 """
 
 import contextlib
@@ -89,6 +91,8 @@ def main(model_dir: str, out_path: str, row_update: str, zero_stage: int, captur
     )
     if "refit" in extras:
         levers["self_reward_row_refit_steps"] = 1
+    if "exclude" in extras:
+        levers.update(self_reward_suppress_sampling=True, self_reward_exclude_from_policy=True)
     args = LaSeRConfig(
         output_dir=out_path + ".run",
         per_device_train_batch_size=8 // int(os.environ.get("WORLD_SIZE", "1")),  # one generation batch of 8
