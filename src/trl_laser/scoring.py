@@ -84,9 +84,10 @@ def _inference(model: Any) -> Iterator[None]:
 
 
 def _supported(model: Any, **kwargs: Any) -> dict[str, Any]:
-    """The keyword arguments that `model.forward` takes (`logits_to_keep`, `position_ids`), the others dropped."""
+    """The keyword arguments that `model.forward` takes (`logits_to_keep`, `position_ids`), the others and those that
+    are None (the model's own default) dropped."""
     parameters = inspect.signature(model.forward).parameters
-    return {k: v for k, v in kwargs.items() if k in parameters}
+    return {k: v for k, v in kwargs.items() if v is not None and k in parameters}
 
 
 def _device(model: Any) -> torch.device:
@@ -154,7 +155,7 @@ def prompt_grouped_batches(
     to one prompt side by side, for `forward_after_prompts`: each batch's indices into `sequences`, its prompts
     left-padded with their mask, each row's prompt (its key for `prompt_prefill`), and the continuations (the prompt's
     last token, then the completion) right-padded with their mask."""
-    prompts = [tuple(seq[: len(seq) - n]) for seq, n in zip(sequences, completion_lengths)]
+    prompts = _prompts(sequences, completion_lengths)
     longest: dict[tuple[int, ...], int] = {}  # a prompt's longest completion: prompts alike in it share batches
     for prompt, n in zip(prompts, completion_lengths):
         longest[prompt] = max(n, longest.get(prompt, 0))
@@ -200,9 +201,7 @@ def forward_after_prompts(
         attention_mask=torch.cat([prefix, mask], dim=1),
         past_key_values=cache,
         use_cache=cache is not None,
-        **_supported(
-            model, position_ids=position_ids, **({} if logits_to_keep is None else {"logits_to_keep": logits_to_keep})
-        ),
+        **_supported(model, position_ids=position_ids, logits_to_keep=logits_to_keep),
     )
 
 
@@ -256,8 +255,13 @@ def last_position(
     return result, torch.stack(states)
 
 
+def _prompts(sequences: Sequence[Sequence[int]], completion_lengths: Sequence[int]) -> list[tuple[int, ...]]:
+    """Each sequence's prompt: all but its last `completion_lengths[i]` tokens."""
+    return [tuple(seq[: len(seq) - n]) for seq, n in zip(sequences, completion_lengths)]
+
+
 def _repeated_prompts(sequences: Sequence[Sequence[int]], completion_lengths: Sequence[int]) -> bool:
-    prompts = [tuple(seq[: len(seq) - n]) for seq, n in zip(sequences, completion_lengths)]
+    prompts = _prompts(sequences, completion_lengths)
     return len(set(prompts)) < len(prompts)
 
 
