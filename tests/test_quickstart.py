@@ -41,8 +41,8 @@ def test_quickstart_short_trains_saves_and_evaluates(tiny_model_dir, tmp_path, c
     printed = capsys.readouterr().out
     assert "Final self-verification metrics (step 2)" in printed
     assert "self_reward/c_ref=" in printed
-    # The last lines: the row's refit on training problems (the row was trained alone), then the held-out evaluation
-    # of the refitted model, with the recipe's prompt and length.
+    # The last lines: the row's refit on training problems (the row took least-squares steps on earlier states), then
+    # the held-out evaluation of the refitted model, with the recipe's prompt and length.
     fit = f"trl-laser fit-row --model {out} --dataset builtin:arithmetic --split train --max-problems 128 "
     fit += f"--num-samples 8 --max-new-tokens 12 --output-dir {out}-fit"
     evaluate = f"trl-laser eval --model {out}-fit --dataset builtin:arithmetic --split test --num-samples 4 "
@@ -90,8 +90,8 @@ def test_quickstart_logs_self_reward_metrics_every_step(tiny_model_dir, tmp_path
     assert [entry["step"] for entry in logged] == [1, 2]
     assert [entry["self_reward/phase"] for entry in logged] == [1.0, 2.0]  # MSE on from step 1
     assert all("self_reward/mse" in entry for entry in logged)
-    # Row only, no mix: the MSE moves z_c's row alone, and the policy learns by GRPO alone.
-    assert parsed.training_args.self_reward_row_only and parsed.training_args.self_reward_advantage_coef == 0
+    # No mix: the policy's advantage is GRPO's alone; the MSE trains the whole model.
+    assert not parsed.training_args.self_reward_row_only and parsed.training_args.self_reward_advantage_coef == 0
 
 
 def test_the_refit_starts_from_a_trainer_without_its_optimizer_state(tiny_model_dir, tmp_path):
@@ -179,13 +179,13 @@ def test_a_failed_refit_keeps_the_trained_model_and_says_how_to_retry(tiny_model
 
 
 def test_the_printed_commands_follow_the_recipe():
-    """The commands training prints last: columns and splits from the recipe; a model trained with the MSE reaching
-    the whole model (no row-only) is evaluated as it is."""
+    """The commands training prints last: columns and splits from the recipe; a model whose row was trained by the
+    optimizer alongside the rest (neither least-squares nor row-only) is evaluated as it is."""
     from trl_laser.recipe import parse_args
     from trl_laser.scripts.train import eval_command, fit_row_command
 
     argv = ["--config", QUICKSTART, "--output_dir", "runs/q/", "--problem_column", "question", "--dataset_config", "c"]
-    parsed = parse_args([*argv, "--dataset_train_split", "validation", "--self_reward_row_only", "false"])
+    parsed = parse_args([*argv, "--dataset_train_split", "validation", "--self_reward_row_update", "optimizer"])
     script, training = parsed.script_args, parsed.training_args
     assert fit_row_command(script, training, "runs/q-fit").split() == [
         *("trl-laser", "fit-row", "--model", "runs/q/", "--dataset", "builtin:arithmetic", "--split", "validation"),

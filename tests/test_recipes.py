@@ -140,9 +140,9 @@ def test_quickstart_recipe_is_small_and_offline():
     assert args.num_generations == 8 and args.max_completion_length <= 48 and args.max_steps <= 64
     assert 1e-5 <= args.learning_rate <= 2e-5
     assert args.self_reward_row_update == "least_squares"  # 16 Adam steps teach the base rate, not the answer
-    # Row only, no mix (issue 17): GRPO trains the policy; `make quickstart` then refits the row with `fit-row`.
-    assert args.self_reward_row_only and args.self_reward_advantage_coef == 0
-    # z_c out of the policy: the row trains beside GRPO's policy without moving it.
+    # No mix (issue 17), the MSE into the whole model; `make quickstart` then refits the row with `fit-row`.
+    assert not args.self_reward_row_only and args.self_reward_advantage_coef == 0
+    # z_c out of the policy: neither sampled nor in the loss's softmax, so z_c's row cannot move the policy.
     assert args.self_reward_suppress_sampling and args.self_reward_exclude_from_policy
     assert args.logging_steps == 1 and not args.use_vllm and not args.bf16
 

@@ -31,7 +31,8 @@ from trl_laser.row_update import ROW_STATE_NAME
 from trl_laser.run_dir import checkpoint_problem, is_complete, latest_checkpoint
 
 
-# The paper's row update, for runs under DeepSpeed or across processes: the recipe's row-only MSE needs least squares.
+# The paper's row update, for runs under DeepSpeed or across processes: the recipe's least-squares row does not run
+# there (and a row-only MSE needs it).
 OPTIMIZER_ROW = ["--self_reward_row_update", "optimizer", "--self_reward_row_only", "false"]
 
 
@@ -309,8 +310,9 @@ def test_sigint_ends_a_launch_waiting_for_another_machine(tiny_model_dir, tmp_pa
             ["--accelerate_config", "zero3", "--ds3_gather_for_generation", "false"],
             "`ds3_gather_for_generation: false`",
         ),
+        (["--accelerate_config", "zero2"], "Set `self_reward_row_update: optimizer`, or train without DeepSpeed."),
         (
-            ["--accelerate_config", "zero2"],
+            ["--accelerate_config", "zero2", "--self_reward_row_only", "true"],
             "Set `self_reward_row_update: optimizer` and `self_reward_row_only: false`, or train without DeepSpeed.",
         ),
     ],
