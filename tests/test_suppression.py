@@ -38,6 +38,45 @@ def test_logps_without_token_by_hand():
     assert logits.grad.tolist() == pytest.approx(expected, abs=1e-12)
 
 
+def test_renormalisation_where_z_c_takes_nearly_all_the_softmax():
+    """Where z_c's share rounds to 1 in float32 the identity gives -inf - -inf; those positions' softmax is written out
+    without z_c instead: values and gradients equal a float64 hand computation at every position."""
+    torch.manual_seed(0)
+    vocab, dim = 7, 5
+    hidden = torch.randn(1, 4, dim)
+    weight = torch.randn(vocab, dim)
+    hidden[0, 3] = -hidden[0, 1]
+    weight[ZC % vocab] = hidden[0, 1] * 40 / hidden[0, 1].norm() ** 2  # z_c's logit 40 at position 1, -40 at 3
+    zc = ZC % vocab
+    labels = torch.tensor([[-100, 3, 5, 1]])  # position t's log-prob is of labels[t] (-100: not scored)
+    head = torch.nn.Linear(dim, vocab, bias=False)
+    head.weight.data.copy_(weight)
+    model = SimpleNamespace(get_output_embeddings=lambda: head)
+    policy = PolicyWithoutToken(zc, temperature=0.7)
+
+    h = hidden.clone().requires_grad_(True)
+    logits = (h @ head.weight.T) / 0.7  # the fused head's float32 log-probs of the labels
+    fused = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    fused = fused.masked_fill(labels == -100, 0.0)
+    out = policy._renormalise(model, fused, h, labels)
+    shares = torch.softmax(logits, -1)[0, :, zc].detach()
+    assert shares[1] == 1.0 and shares[2:].max() < 0.5  # one position rounds to 1, the others take the identity
+
+    h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    logits64 = ((h64 @ w64.T) / 0.7).index_fill(-1, torch.tensor([zc]), -math.inf)
+    expected = torch.log_softmax(logits64, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    expected = expected.masked_fill(labels == -100, 0.0)
+    assert out[0].tolist() == pytest.approx(expected[0].tolist(), abs=1e-5)
+    assert out[0, 0].item() == 0.0
+
+    out.sum().backward()
+    expected.sum().backward()
+    assert torch.isfinite(h.grad).all() and torch.isfinite(head.weight.grad).all()
+    torch.testing.assert_close(h.grad.double(), h64.grad, atol=1e-4, rtol=0)
+    torch.testing.assert_close(head.weight.grad.double(), w64.grad, atol=1e-4, rtol=0)
+    assert head.weight.grad[zc].abs().max() < 1e-5  # still no gradient in z_c's row
+
+
 def loss_logps(trainer, batch):
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)

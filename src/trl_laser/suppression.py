@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +29,10 @@ _LOGIT_TRANSFORMS = (
     "lm_head_multiplier",
     "logits_scaling",
 )
+
+
+# z_c's log-prob above which the renormalisation writes the position's softmax out (a share above one half).
+DOMINANT_LOGP = math.log(0.5)
 
 
 # vLLM's logit bias for a token it must not sample: its server clamps biases to [-100, 100]; exp(-100) is 4e-44.
@@ -126,15 +131,32 @@ class PolicyWithoutToken:
         kept = (labels != -100) & (labels != self.token_id)
         hidden = hidden[kept].float()
         ids = labels[kept]
+        kept_logps = logps[kept].float()
         rows = torch.cat([ids, ids.new_tensor([self.token_id])])  # each kept label's row, then z_c's
         head = model.get_output_embeddings()
         with maybe_gather_lm_head_ctx(head.weight, head.bias):
             # index_select copies: the graph keeps the rows, not the gathered weight that ZeRO-3 frees on exit
             weight = head.weight.index_select(0, rows).float()
             bias = None if head.bias is None else head.bias.index_select(0, rows).float()
-        logits = (hidden * weight[:-1]).sum(-1), hidden @ weight[-1]
-        if bias is not None:
-            logits = logits[0] + bias[:-1], logits[1] + bias[-1]
-        label_logits, token_logits = (x / self.temperature for x in logits)
-        renormalised = logps_without_token(logps[kept].float(), label_logits, token_logits)
+            label_logits, token_logits = (hidden * weight[:-1]).sum(-1), hidden @ weight[-1]
+            if bias is not None:
+                label_logits, token_logits = label_logits + bias[:-1], token_logits + bias[-1]
+            label_logits, token_logits = label_logits / self.temperature, token_logits / self.temperature
+            # Where z_c takes most of the softmax, the identity subtracts two nearly equal float32 log-partitions
+            # (and where its share rounds to 1, -inf from -inf: a NaN that reaches every weight): there the softmax
+            # without z_c is written out from the position's logits. Rare (z_c is never sampled), so the rows are few.
+            dominant = (token_logits - (label_logits - kept_logps)).detach() > DOMINANT_LOGP
+            written = self._written_out(head, hidden[dominant], ids[dominant]) if dominant.any() else None
+        renormalised = logps_without_token(kept_logps, label_logits, token_logits.masked_fill(dominant, -math.inf))
+        if written is not None:
+            renormalised = renormalised.masked_scatter(dominant, written)
         return logps.masked_scatter(kept, renormalised.to(logps.dtype))
+
+    def _written_out(self, head: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """log-softmax of `ids` over the vocabulary without z_c, from the positions' logits over the whole vocabulary
+        (`(len(ids), vocab)` floats). Called within the head's gather: the weight is copied, as ZeRO-3 frees it."""
+        logits = hidden @ head.weight.float().clone().T
+        if head.bias is not None:
+            logits = logits + head.bias.float().clone()
+        logits = (logits / self.temperature).index_fill(-1, ids.new_tensor([self.token_id]), -math.inf)
+        return logits.gather(-1, ids[:, None]).squeeze(-1) - logits.logsumexp(-1)
