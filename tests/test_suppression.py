@@ -42,12 +42,12 @@ def test_renormalisation_where_z_c_takes_nearly_all_the_softmax():
     """Where z_c's share rounds to 1 in float32 the identity gives -inf - -inf; those positions' softmax is written out
     without z_c instead: values and gradients equal a float64 hand computation at every position."""
     torch.manual_seed(0)
-    vocab, dim = 7, 5
+    vocab, dim, zc = 9, 5, ZC
     hidden = torch.randn(1, 4, dim)
     weight = torch.randn(vocab, dim)
+    hidden[0, 2] -= hidden[0, 2] @ hidden[0, 1] / hidden[0, 1].norm() ** 2 * hidden[0, 1]  # z_c's logit 0 there
     hidden[0, 3] = -hidden[0, 1]
-    weight[ZC % vocab] = hidden[0, 1] * 40 / hidden[0, 1].norm() ** 2  # z_c's logit 40 at position 1, -40 at 3
-    zc = ZC % vocab
+    weight[zc] = hidden[0, 1] * 40 / hidden[0, 1].norm() ** 2  # z_c's logit 40 at position 1, -40 at 3
     labels = torch.tensor([[-100, 3, 5, 1]])  # position t's log-prob is of labels[t] (-100: not scored)
     head = torch.nn.Linear(dim, vocab, bias=False)
     head.weight.data.copy_(weight)

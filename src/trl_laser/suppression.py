@@ -155,8 +155,8 @@ class PolicyWithoutToken:
     def _written_out(self, head: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """log-softmax of `ids` over the vocabulary without z_c, from the positions' logits over the whole vocabulary
         (`(len(ids), vocab)` floats). Called within the head's gather: the weight is copied, as ZeRO-3 frees it."""
-        logits = hidden @ head.weight.float().clone().T
+        logits = hidden @ head.weight.to(torch.float32, copy=True).T
         if head.bias is not None:
-            logits = logits + head.bias.float().clone()
+            logits = logits + head.bias.to(torch.float32, copy=True)
         logits = (logits / self.temperature).index_fill(-1, ids.new_tensor([self.token_id]), -math.inf)
         return logits.gather(-1, ids[:, None]).squeeze(-1) - logits.logsumexp(-1)

@@ -159,14 +159,13 @@ def main(
     hub_model_id = trainer.hub_model_id if training_args.push_to_hub else None
     if script_args.fit_row_problems:
         model = refit_row(script_args, training_args, trainer, report)
-    elif training_args.self_reward_row_only or training_args.self_reward_row_update == "least_squares":
+    elif training_args.self_reward_row_update == "least_squares":  # row-only runs too (the config requires it)
         # the row was fitted on the way, to states the model has since left: its refit on the final states comes next
         model = fit_dir(training_args.output_dir)
         report(
-            "Its score's row was fitted on the way, to earlier states (self_reward_row_update: least_squares, or "
-            "self_reward_row_only): refit it to the final model's own answers on training problems "
-            "(`--fit_row_problems 128` does it at the end of training):\n  "
-            + fit_row_command(script_args, training_args, model, hub_model_id)
+            "Its score's row was fitted on the way, to earlier states (self_reward_row_update: least_squares): refit "
+            "it to the final model's own answers on training problems (`--fit_row_problems 128` does it at the end "
+            "of training):\n  " + fit_row_command(script_args, training_args, model, hub_model_id)
         )
     report(
         "Check its self-verification on problems it never saw, beside the free mean-token-log-prob baseline:\n  "
