@@ -1,5 +1,6 @@
-"""The levers that act within a group (one prompt's completions): per-group class weights, the pair loss and the
-within-group fit of z_c's row, each against a hand computation, then in the trainer."""
+"""The levers that act within a group (one prompt's completions): per-group class weights, the pair loss, the
+within-group fit of z_c's row and the MSE's between-group part weighted down in the model's gradient, each against a
+hand computation, then in the trainer."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from trl_laser import LaSeRConfig
 from trl_laser.core import (
+    between_group_gradient,
     group_centred_system,
     group_class_weights,
     least_squares_row_step,
@@ -71,6 +73,38 @@ def test_pair_loss_value_and_gradient_by_hand():
     value, fixed_gradient, n = pairwise_loss_gradient(scores.detach(), targets, valid, 4)
     assert value == pytest.approx(expected, rel=1e-6) and n == 6
     torch.testing.assert_close(fixed_gradient, torch.tensor(gradient))
+
+
+def test_between_group_gradient_by_hand():
+    """Against autograd of the MSE written out as its within-group part plus the weighted between-group part, minus the
+    pooled MSE's gradient. Group 1 has a row out of the MSE (weight 0, its score NaN); group 2 has no weight at all."""
+    scores = [0.9, 0.2, 0.6, 0.1, 0.7, float("nan"), 0.3, 0.8, 0.5, 0.4]
+    targets = [1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    coef = [0.3, 0.1, 0.2, 0.4, 0.25, 0.0, 0.15, 0.05, 0.0, 0.0]
+    for between in (0.0, 0.3, 1.0):
+        leaf = torch.tensor([0.0 if c == 0 else s for s, c in zip(scores, coef)], dtype=torch.float64)
+        leaf.requires_grad_()
+        pooled = within = outer = 0.0
+        for g in range(5):
+            rows = [i for i in range(2 * g, 2 * g + 2) if coef[i] > 0]
+            if not rows:
+                continue
+            weight = sum(coef[i] for i in rows)
+            mean = sum(coef[i] * (leaf[i] - targets[i]) for i in rows) / weight
+            for i in rows:
+                pooled = pooled + coef[i] * (leaf[i] - targets[i]) ** 2
+                within = within + coef[i] * (leaf[i] - targets[i] - mean) ** 2
+            outer = outer + weight * mean**2
+        (g_pooled,) = torch.autograd.grad(pooled, leaf, retain_graph=True)
+        (g_split,) = torch.autograd.grad(within + between * outer, leaf)
+        assert float(pooled) == pytest.approx(float(within + outer))  # the split is exact
+        got = between_group_gradient(torch.tensor(scores), torch.tensor(targets), torch.tensor(coef), 2, between)
+        torch.testing.assert_close(got.double(), g_split - g_pooled, rtol=1e-6, atol=1e-7)
+        assert not torch.isnan(got).any()
+    assert (
+        between_group_gradient(torch.tensor(scores), torch.tensor(targets), torch.tensor(coef), 2, 0.0).abs()[:5].min()
+        > 1e-3
+    )
 
 
 def test_pair_loss_without_pairs_is_an_exact_zero():
@@ -133,6 +167,8 @@ def test_group_centred_system_solves_the_centred_regression():
         ("self_reward_class_weights", "problem"),
         ("self_reward_pair_loss_coef", -1.0),
         ("self_reward_pair_loss_coef", float("inf")),
+        ("self_reward_mse_between_weight", -0.1),
+        ("self_reward_mse_between_weight", 0.5),  # without the least-squares row update
     ],
 )
 def test_bad_setting_names_the_field(tmp_path, field, value):
@@ -148,6 +184,18 @@ def test_group_weights_need_the_balanced_mse(tmp_path):
             bf16=False,
             self_reward_balanced=False,
             self_reward_class_weights="group",
+        )
+
+
+def test_mse_between_weight_needs_the_mse_in_the_model(tmp_path):
+    with pytest.raises(ValueError, match="self_reward_mse_between_weight.*self_reward_row_only"):
+        LaSeRConfig(
+            output_dir=str(tmp_path),
+            self_reward_token="<gh_stars>",
+            bf16=False,
+            self_reward_row_update="least_squares",
+            self_reward_row_only=True,
+            self_reward_mse_between_weight=0.0,
         )
 
 
@@ -211,6 +259,54 @@ def test_pair_loss_moves_the_row_by_its_gradient(tiny_model_dir, tmp_path):
     assert metrics[coef]["self_reward/pairs"] == 4
     # the pair term adds nothing to the logged loss: only its gradient acts
     assert metrics[coef]["loss"] == pytest.approx(metrics[0.0]["loss"], rel=1e-6)
+
+
+def test_mse_between_weight_moves_the_model_by_its_gradient(tiny_model_dir, tmp_path):
+    """With SGD, weighting the MSE's between-group part by 0.25 moves the final norm's weight by `-lr * sum_i g_i *
+    d r_s_i / d theta` beyond the pooled run, with `g_i = -2 * 0.75 * c_i * m_g` from plain forwards (by hand); the row
+    (least squares), the loss's value and the logged MSE stay the pooled run's."""
+    lr, between, beta, loss_coef = 0.5, 0.25, 0.1, 0.1
+    common = dict(LS, max_steps=1, learning_rate=lr, optim="sgd", max_grad_norm=0.0, self_reward_advantage_coef=0.0)
+    params, rows, metrics = {}, {}, {}
+    for weight in (1.0, between):
+        trainer = make_trainer(tiny_model_dir, tmp_path / str(weight), self_reward_mse_between_weight=weight, **common)
+        force_completions(trainer)
+        snapshots = Snapshots()
+        trainer.add_callback(snapshots)
+        batches = capture_batches(trainer)
+        trainer.train()
+        params[weight] = trainer.model.model.norm.weight.detach().double().clone()
+        rows[weight] = trainer.model.lm_head.weight[ZC].detach().clone()
+        metrics[weight] = trainer.state.log_history[0]
+    state, batch = snapshots.states[0], batches[0]
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.load_state_dict(state)
+    scores, coefs = {}, {}
+    for row in range(8):
+        index = batch["self_reward_index"][row].item()
+        if index < 0:
+            continue
+        prompt = batch["prompt_ids"][row][batch["prompt_mask"][row].bool()]
+        ids = torch.cat([prompt, batch["completion_ids"][row, :index]])[None]
+        logits = model(input_ids=ids).logits[0, -1].double()
+        scores[row] = beta * (torch.log_softmax(logits, -1)[ZC] - batch["self_reward_ref"][row].double())
+        coefs[row] = batch["self_reward_coef"][row].item() * loss_coef
+    surrogate = 0.0
+    for group in (range(4), range(4, 8)):
+        members = [i for i in group if i in scores and coefs[i] > 0]
+        residuals = {i: scores[i].item() - batch["self_reward_target"][i].item() for i in members}
+        mean = sum(coefs[i] * residuals[i] for i in members) / sum(coefs[i] for i in members)
+        for i in members:
+            surrogate = surrogate + (-2 * (1 - between) * coefs[i] * mean) * scores[i]
+    (gradient,) = torch.autograd.grad(surrogate, model.model.norm.weight)
+    expected = -lr * gradient.double()
+    # atol: a few float32 ulps of weights near 1, by which the two runs' updates round apart
+    torch.testing.assert_close(params[between] - params[1.0], expected, rtol=1e-3, atol=3e-7)
+    assert (expected.abs() > 3e-6).sum() >= 8  # beyond the rounding, in most dimensions besides the constant one
+    torch.testing.assert_close(rows[between], rows[1.0])
+    assert metrics[between]["loss"] == pytest.approx(metrics[1.0]["loss"], rel=1e-6)
+    assert metrics[between]["self_reward/mse"] == pytest.approx(metrics[1.0]["self_reward/mse"], rel=1e-6)
 
 
 def test_within_group_row_step_by_hand(tiny_model_dir, tmp_path):

@@ -21,7 +21,11 @@ from trl_laser.row_update import ROW_STATE_NAME
 LS = dict(self_reward_row_update="least_squares", self_reward_row_ridge=0.5, self_reward_row_forgetting=0.8)
 # the levers that act within a group (tests/test_group_levers.py): they keep the row's state too
 LEVERS = dict(
-    LS, self_reward_row_between_weight=0.0, self_reward_class_weights="group", self_reward_pair_loss_coef=0.5
+    LS,
+    self_reward_row_between_weight=0.0,
+    self_reward_class_weights="group",
+    self_reward_pair_loss_coef=0.5,
+    self_reward_mse_between_weight=0.25,
 )
 # the end-of-training refit keeps the last steps' micro-batches: in the checkpoint, one file per process
 REFIT = dict(LS, self_reward_row_refit_steps=2)

@@ -137,6 +137,25 @@ class LaSeRScriptArguments:
         },
     )
 
+    def _check_mse_between_weight(self) -> None:
+        weight = self.self_reward_mse_between_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+            raise ValueError(f"`self_reward_mse_between_weight` must be a number in [0, 1], got {weight!r}.")
+        if weight == 1:
+            return
+        if self.self_reward_row_update != "least_squares":
+            raise ValueError(
+                f"`self_reward_mse_between_weight: {weight}` leaves the score's level to z_c's least-squares row, but "
+                f"`self_reward_row_update` is {self.self_reward_row_update!r}. Set `self_reward_row_update: "
+                "least_squares`, or leave `self_reward_mse_between_weight` at 1.0."
+            )
+        if self.self_reward_row_only:
+            raise ValueError(
+                f"`self_reward_mse_between_weight: {weight}` weighs the MSE's gradient into the model, and "
+                "`self_reward_row_only: true` keeps the MSE out of the model. Set `self_reward_row_only: false`, or "
+                "leave `self_reward_mse_between_weight` at 1.0."
+            )
+
     def __post_init__(self):
         if self.fit_row_problems is not None and (
             isinstance(self.fit_row_problems, bool) or self.fit_row_problems < FIT_ROW_FOLDS
@@ -225,6 +244,14 @@ class LaSeRConfig(GRPOConfig):
             the (right, wrong) pairs of every group of the generation batch, beside the MSE (and switched on with it
             after `reasoning_warmup_steps`). Its gradient is taken at the generating policy's scores (exact with one
             update per generation batch). `0.0` disables it.
+        self_reward_mse_between_weight (`float`, *optional*, defaults to `1.0`):
+            With `"least_squares"` and not `self_reward_row_only`: weight, in [0, 1], of the MSE's part between groups
+            in the gradient that trains the model. The MSE splits exactly into a part within groups (each answer's
+            error about its group's mean error) and a part between them (each group's mean error); the second is
+            lowered by predicting how often each problem is solved, and dominates. Below 1 the MSE's gradient into
+            the model asks mostly what separates one problem's answers, and the least-squares row, which still fits
+            the pooled MSE (`self_reward_row_between_weight`), sets the level. Taken at the generating policy's scores
+            (exact with one update per generation batch). The loss's value and the logged MSE are unchanged.
         self_reward_row_only (`bool`, *optional*, defaults to `False`):
             With `"least_squares"`: the MSE trains z_c's output row only, through the least-squares update, and the
             MSE's gradient does not reach the rest of the model, which follows GRPO's loss (and the advantage mix).
@@ -344,6 +371,14 @@ class LaSeRConfig(GRPOConfig):
             "(0 disables it)."
         },
     )
+    self_reward_mse_between_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "With least_squares, not row only: weight in [0, 1] of the MSE's part between groups in the "
+            "model's gradient (1: pooled; lower: the MSE trains the model mostly on what separates one prompt's "
+            "answers, and z_c's least-squares row sets the level)."
+        },
+    )
 
     self_reward_row_only: bool = field(
         default=False,
@@ -438,9 +473,29 @@ class LaSeRConfig(GRPOConfig):
                 "`self_reward_suppress_sampling` is false, so the completions would come from another policy. Set "
                 "`self_reward_suppress_sampling: true`, or `self_reward_exclude_from_policy: false`."
             )
+        self._check_mse_between_weight()
         pair = self.self_reward_pair_loss_coef
         if isinstance(pair, bool) or not isinstance(pair, (int, float)) or not 0 <= pair < math.inf:
             raise ValueError(f"`self_reward_pair_loss_coef` must be a finite number >= 0, got {pair!r}.")
+
+    def _check_mse_between_weight(self) -> None:
+        weight = self.self_reward_mse_between_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+            raise ValueError(f"`self_reward_mse_between_weight` must be a number in [0, 1], got {weight!r}.")
+        if weight == 1:
+            return
+        if self.self_reward_row_update != "least_squares":
+            raise ValueError(
+                f"`self_reward_mse_between_weight: {weight}` leaves the score's level to z_c's least-squares row, but "
+                f"`self_reward_row_update` is {self.self_reward_row_update!r}. Set `self_reward_row_update: "
+                "least_squares`, or leave `self_reward_mse_between_weight` at 1.0."
+            )
+        if self.self_reward_row_only:
+            raise ValueError(
+                f"`self_reward_mse_between_weight: {weight}` weighs the MSE's gradient into the model, and "
+                "`self_reward_row_only: true` keeps the MSE out of the model. Set `self_reward_row_only: false`, or "
+                "leave `self_reward_mse_between_weight` at 1.0."
+            )
 
     def __post_init__(self):
         self._check_step_counts()

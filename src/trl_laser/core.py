@@ -209,6 +209,38 @@ def pairwise_loss_gradient(
     return loss.item(), gradient.to(torch.float32), n_pairs
 
 
+def between_group_gradient(
+    scores: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, group_size: int, between_weight: float
+) -> torch.Tensor:
+    """What to add, in each score, to the gradient of `self_reward_loss` so that it becomes the gradient of the MSE's
+    part within groups plus `between_weight` times its part between groups, at fixed scores.
+
+    With residuals `r_i = r_s_i - r_v_i`, a group's weight `C_g = sum_g c_i` and weighted mean residual `m_g`, the
+    weighted MSE splits exactly: `sum_i c_i r_i^2 = sum_g sum_{i in g} c_i (r_i - m_g)^2 + sum_g C_g m_g^2`. The
+    pooled gradient in score i is `2 c_i r_i`; with the between part weighted, `2 c_i (r_i - (1 - between_weight)
+    m_g)`. The part between groups is what the MSE lowers by predicting how often each problem is solved; weighted
+    down, the MSE's gradient into the model asks mostly what separates one problem's answers
+    (`self_reward_mse_between_weight`). The trainer adds `sum_i g_i * r_s_i` to the loss, as for the pair loss.
+
+    Args:
+        scores: `(N_rows,)` r_s (any value where `coef` is 0).
+        targets: `(N_rows,)` verifier rewards, groups of `group_size` consecutive rows.
+        coef: `(N_rows,)` the MSE's weights, as `self_reward_loss` takes them (0: not in the MSE).
+        group_size: rows per group.
+        between_weight: the weight of the part between groups, in [0, 1] (1: the pooled MSE, a zero correction).
+
+    Returns:
+        `(N_rows,)` float32, `-2 (1 - between_weight) c_i m_g` (0 where `c_i` is 0).
+    """
+    coef = coef.double().view(-1, group_size)
+    residual = torch.where(
+        coef != 0, scores.double().view(-1, group_size) - targets.double().view(-1, group_size), 0.0
+    )
+    total = coef.sum(1, keepdim=True)
+    mean = (coef * residual).sum(1, keepdim=True) / torch.where(total > 0, total, 1.0)
+    return (-2 * (1 - between_weight) * coef * mean).view(-1).to(torch.float32)
+
+
 # TRL 1.16's `scale_rewards` (after `GRPOConfig` maps True/False) and `multi_objective_aggregation` values.
 SCALE_REWARDS = ("group", "batch", "none")
 AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")

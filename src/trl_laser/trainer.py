@@ -40,6 +40,7 @@ from .config import LaSeRConfig, check_zero3_generation
 from .core import (
     Phase,
     append_self_reward_token,
+    between_group_gradient,
     class_weights,
     group_class_weights,
     laser_phase,
@@ -83,6 +84,7 @@ class _GenerationBatch:
     phase: Phase
     mixing: bool
     pairing: bool  # the pair loss is on: it needs the generating policy's scores
+    centring: bool  # the MSE's part between groups is weighted down in the model's gradient: it needs them too
     process_slice: slice
     finished_local: torch.Tensor
     finished: torch.Tensor
@@ -285,6 +287,7 @@ class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
             phase=phase,
             mixing=phase == Phase.MIXED and self.args.self_reward_advantage_coef > 0 and mode == "train",
             pairing=phase != Phase.REASONING and self.args.self_reward_pair_loss_coef > 0 and mode == "train",
+            centring=phase != Phase.REASONING and self.args.self_reward_mse_between_weight < 1 and mode == "train",
             process_slice=slice(start, start + local_n),
             finished_local=finished_local,
             finished=gather(finished_local),
@@ -299,7 +302,8 @@ class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
         train, index, finished_local = batch.mode == "train", batch.index, batch.finished_local
         local_n, device = index.numel(), index.device
         estimate = self.ref_constant.needs_estimate and train
-        old_zc = self._generation_zc(output, batch) if batch.mixing or batch.pairing or estimate else None
+        needed = batch.mixing or batch.pairing or batch.centring or estimate
+        old_zc = self._generation_zc(output, batch) if needed else None
 
         def sums(values: torch.Tensor) -> list[float]:  # over all processes, of the finished rows
             return (
@@ -387,8 +391,8 @@ class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
     def _laser_attach(
         self, output: dict, batch: _GenerationBatch, ref: torch.Tensor, old_zc: torch.Tensor | None
     ) -> None:
-        """Step 3: targets, class weights over the whole generation batch (all processes) or per group, the pair
-        loss's gradient, c_ref and row numbers as per-row columns of the batch, and the batch's metrics."""
+        """Step 3: targets, class weights over the whole generation batch (all processes) or per group, the gradients
+        in each score of the group levers, c_ref and row numbers as per-row columns of the batch, and its metrics."""
         args, mode, finished, targets = self.args, batch.mode, batch.finished, batch.targets
         local_n, device = batch.index.numel(), batch.index.device
         valid = finished & ~torch.isnan(targets) & ~torch.isnan(gather(ref))
@@ -397,17 +401,25 @@ class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
             if args.self_reward_class_weights == "group"
             else class_weights(torch.nan_to_num(targets), valid, balanced=args.self_reward_balanced)
         )
-        pair_grad = torch.zeros(finished.numel(), device=device)
-        if batch.pairing:
+        loss_coef = 0.0 if batch.phase == Phase.REASONING else args.self_reward_loss_coef
+        # Gradients in each score, taken over the whole batch at the generating policy's scores: the pair loss's, and
+        # the MSE's part between groups weighted down (`self_reward_mse_between_weight`)
+        score_grad = torch.zeros(finished.numel(), device=device)
+        if batch.pairing or batch.centring:
             scores = gather(self_reward_score(old_zc, ref, args.self_reward_beta))  # NaN where not finished
+        if batch.pairing:
             value, gradient, n_pairs = pairwise_loss_gradient(
                 scores, torch.nan_to_num(targets), valid, self.num_generations
             )
-            pair_grad = args.self_reward_pair_loss_coef * gradient.to(device)
+            score_grad += args.self_reward_pair_loss_coef * gradient.to(device)
             self._metrics[mode]["self_reward/pair_loss"].append(value)
             self._metrics[mode]["self_reward/pairs"].append(float(n_pairs))
-        output["self_reward_pair_grad"] = pair_grad[batch.process_slice]
-        loss_coef = 0.0 if batch.phase == Phase.REASONING else args.self_reward_loss_coef
+        if batch.centring:
+            weights = torch.where(valid & ~torch.isnan(scores), coef * loss_coef, 0.0)
+            score_grad += between_group_gradient(
+                scores, torch.nan_to_num(targets), weights, self.num_generations, args.self_reward_mse_between_weight
+            ).to(device)
+        output["self_reward_score_grad"] = score_grad[batch.process_slice]
         output["self_reward_index"] = batch.index
         output["self_reward_target"] = torch.nan_to_num(targets[batch.process_slice])
         output["self_reward_coef"] = coef[batch.process_slice]
@@ -444,8 +456,9 @@ class LaSeRGRPOTrainer(SelfRewardCheckpointing, GRPOTrainer):
         # `self_reward_row_only`: the MSE reaches z_c's row only (least squares); the pair loss still trains the model
         mse_scores = scores.detach() if self.row_only else scores
         mse_term = self_reward_loss(mse_scores, inputs["self_reward_target"], coef * inputs["self_reward_loss_coef"])
-        # + the pair loss: zero in value, its gradient in each score the one `_laser_attach` took over the whole batch
-        terms = mse_term + (inputs["self_reward_pair_grad"] * (scores - scores.detach())).sum()
+        # + the pair loss and the MSE's between-group reweighting: zero in value, their gradient in each score the one
+        # `_laser_attach` took over the whole batch
+        terms = mse_term + (inputs["self_reward_score_grad"] * (scores - scores.detach())).sum()
         loss = loss + self.accelerator.num_processes * per_step * terms
         if self.row_update is not None:
             self.row_update.accumulate(inputs, logp_zc, scores)

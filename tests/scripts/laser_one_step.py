@@ -9,8 +9,9 @@ changes none of them. ZERO_STAGE 0 (default) is plain DDP. With CAPTURED 1, rank
 the z_c log-probs that `generate` would have read (from a plain, unsharded copy of the model), and the other ranks'
 hand none: the mix then takes rank 0's values as read and computes the others' by the forward that every process
 joins, which must change nothing. ROW_UPDATE `least_squares+groups` also switches on the levers that act within a
-group: the within-group fit of z_c's row, per-group class weights and the pair loss; `least_squares+refit` the
-end-of-training refit of the row (each process re-reads its own micro-batches, the sums are reduced);
+group: the within-group fit of z_c's row, per-group class weights, the pair loss and the MSE's between-group part
+weighted down; `least_squares+refit` the end-of-training refit of the row (each process re-reads its own
+micro-batches, the sums are reduced);
 `optimizer+exclude` leaves z_c out of the loss's softmax (`self_reward_exclude_from_policy`), whose two head rows
 ZeRO-3 must gather inside the forward.
 """
@@ -85,7 +86,12 @@ def main(model_dir: str, out_path: str, row_update: str, zero_stage: int, captur
     logp = generation_time_zc(model_dir) if captured else None
     row_update, *extras = row_update.split("+")
     levers = (
-        dict(self_reward_row_between_weight=0.0, self_reward_class_weights="group", self_reward_pair_loss_coef=0.5)
+        dict(
+            self_reward_row_between_weight=0.0,
+            self_reward_class_weights="group",
+            self_reward_pair_loss_coef=0.5,
+            self_reward_mse_between_weight=0.25,
+        )
         if "groups" in extras
         else {}
     )
