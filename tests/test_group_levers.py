@@ -176,27 +176,22 @@ def test_bad_setting_names_the_field(tmp_path, field, value):
         LaSeRConfig(output_dir=str(tmp_path), self_reward_token="<gh_stars>", bf16=False, **{field: value})
 
 
-def test_group_weights_need_the_balanced_mse(tmp_path):
-    with pytest.raises(ValueError, match="self_reward_balanced"):
-        LaSeRConfig(
-            output_dir=str(tmp_path),
-            self_reward_token="<gh_stars>",
-            bf16=False,
-            self_reward_balanced=False,
-            self_reward_class_weights="group",
-        )
-
-
-def test_mse_between_weight_needs_the_mse_in_the_model(tmp_path):
-    with pytest.raises(ValueError, match="self_reward_mse_between_weight.*self_reward_row_only"):
-        LaSeRConfig(
-            output_dir=str(tmp_path),
-            self_reward_token="<gh_stars>",
-            bf16=False,
-            self_reward_row_update="least_squares",
-            self_reward_row_only=True,
-            self_reward_mse_between_weight=0.0,
-        )
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        (dict(self_reward_balanced=False, self_reward_class_weights="group"), "self_reward_balanced"),
+        (
+            dict(
+                self_reward_row_update="least_squares", self_reward_row_only=True, self_reward_mse_between_weight=0.0
+            ),
+            "self_reward_mse_between_weight.*self_reward_row_only",
+        ),
+    ],
+    ids=["group-weights-need-the-balanced-mse", "mse-between-weight-needs-the-mse-in-the-model"],
+)
+def test_settings_that_contradict_each_other_name_both(tmp_path, settings, match):
+    with pytest.raises(ValueError, match=match):
+        LaSeRConfig(output_dir=str(tmp_path), self_reward_token="<gh_stars>", bf16=False, **settings)
 
 
 def test_trainer_attaches_per_group_class_weights(tiny_model_dir, tmp_path):
@@ -216,6 +211,17 @@ def eos_state(model, batch, row: int) -> tuple[torch.Tensor, torch.Tensor]:
         return h, torch.log_softmax(model.lm_head(h.float()).double(), -1)[ZC]
 
 
+def one_step(model_dir, path, **settings) -> tuple:
+    """The trainer after one step on the fixed completions, its model's state before the step, and its batch."""
+    trainer = make_trainer(model_dir, path, **settings)
+    force_completions(trainer)
+    snapshots = Snapshots()
+    trainer.add_callback(snapshots)
+    batches = capture_batches(trainer)
+    trainer.train()
+    return trainer, snapshots.states[0], batches[0]
+
+
 def test_pair_loss_moves_the_row_by_its_gradient(tiny_model_dir, tmp_path):
     """With SGD, the pair loss adds `-lr * coef * sum_i g_i * beta * (1 - p_i) h_i` to z_c's output row, with g the
     gradient of the pair loss at the scores of a plain forward (checked by hand); every other setting equal."""
@@ -223,15 +229,11 @@ def test_pair_loss_moves_the_row_by_its_gradient(tiny_model_dir, tmp_path):
     common = dict(max_steps=1, learning_rate=lr, optim="sgd", max_grad_norm=0.0, self_reward_advantage_coef=0.0)
     rows, metrics = {}, {}
     for pair in (0.0, coef):
-        trainer = make_trainer(tiny_model_dir, tmp_path / str(pair), self_reward_pair_loss_coef=pair, **common)
-        force_completions(trainer)
-        snapshots = Snapshots()
-        trainer.add_callback(snapshots)
-        batches = capture_batches(trainer)
-        trainer.train()
-        rows[pair] = trainer.model.lm_head.weight[ZC].detach().double() - snapshots.states[0]["lm_head.weight"][ZC]
+        trainer, state, batch = one_step(
+            tiny_model_dir, tmp_path / str(pair), self_reward_pair_loss_coef=pair, **common
+        )
+        rows[pair] = trainer.model.lm_head.weight[ZC].detach().double() - state["lm_head.weight"][ZC]
         metrics[pair] = trainer.state.log_history[0]
-    state, batch = snapshots.states[0], batches[0]
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model.load_state_dict(state)
@@ -269,16 +271,12 @@ def test_mse_between_weight_moves_the_model_by_its_gradient(tiny_model_dir, tmp_
     common = dict(LS, max_steps=1, learning_rate=lr, optim="sgd", max_grad_norm=0.0, self_reward_advantage_coef=0.0)
     params, rows, metrics = {}, {}, {}
     for weight in (1.0, between):
-        trainer = make_trainer(tiny_model_dir, tmp_path / str(weight), self_reward_mse_between_weight=weight, **common)
-        force_completions(trainer)
-        snapshots = Snapshots()
-        trainer.add_callback(snapshots)
-        batches = capture_batches(trainer)
-        trainer.train()
+        trainer, state, batch = one_step(
+            tiny_model_dir, tmp_path / str(weight), self_reward_mse_between_weight=weight, **common
+        )
         params[weight] = trainer.model.model.norm.weight.detach().double().clone()
         rows[weight] = trainer.model.lm_head.weight[ZC].detach().clone()
         metrics[weight] = trainer.state.log_history[0]
-    state, batch = snapshots.states[0], batches[0]
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model.load_state_dict(state)

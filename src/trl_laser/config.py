@@ -137,25 +137,6 @@ class LaSeRScriptArguments:
         },
     )
 
-    def _check_mse_between_weight(self) -> None:
-        weight = self.self_reward_mse_between_weight
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
-            raise ValueError(f"`self_reward_mse_between_weight` must be a number in [0, 1], got {weight!r}.")
-        if weight == 1:
-            return
-        if self.self_reward_row_update != "least_squares":
-            raise ValueError(
-                f"`self_reward_mse_between_weight: {weight}` leaves the score's level to z_c's least-squares row, but "
-                f"`self_reward_row_update` is {self.self_reward_row_update!r}. Set `self_reward_row_update: "
-                "least_squares`, or leave `self_reward_mse_between_weight` at 1.0."
-            )
-        if self.self_reward_row_only:
-            raise ValueError(
-                f"`self_reward_mse_between_weight: {weight}` weighs the MSE's gradient into the model, and "
-                "`self_reward_row_only: true` keeps the MSE out of the model. Set `self_reward_row_only: false`, or "
-                "leave `self_reward_mse_between_weight` at 1.0."
-            )
-
     def __post_init__(self):
         if self.fit_row_problems is not None and (
             isinstance(self.fit_row_problems, bool) or self.fit_row_problems < FIT_ROW_FOLDS
