@@ -202,12 +202,16 @@ def test_trainer_attaches_per_group_class_weights(tiny_model_dir, tmp_path):
     torch.testing.assert_close(batches[0]["self_reward_coef"], torch.tensor(EXPECTED_GROUP_COEF))
 
 
+def eos_ids(batch, row: int) -> torch.Tensor:
+    """A finished row's prompt and completion up to its EOS, unpadded, as a batch of one."""
+    prompt = batch["prompt_ids"][row][batch["prompt_mask"][row].bool()]
+    return torch.cat([prompt, batch["completion_ids"][row, : batch["self_reward_index"][row]]])[None]
+
+
 def eos_state(model, batch, row: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The final hidden state at a finished row's EOS and log pi(z_c) there, from a plain unpadded forward."""
-    prompt = batch["prompt_ids"][row][batch["prompt_mask"][row].bool()]
-    ids = torch.cat([prompt, batch["completion_ids"][row, : batch["self_reward_index"][row]]])[None]
     with torch.no_grad():
-        h = model.model(input_ids=ids).last_hidden_state[0, -1].double()
+        h = model.model(input_ids=eos_ids(batch, row)).last_hidden_state[0, -1].double()
         return h, torch.log_softmax(model.lm_head(h.float()).double(), -1)[ZC]
 
 
@@ -282,12 +286,9 @@ def test_mse_between_weight_moves_the_model_by_its_gradient(tiny_model_dir, tmp_
     model.load_state_dict(state)
     scores, coefs = {}, {}
     for row in range(8):
-        index = batch["self_reward_index"][row].item()
-        if index < 0:
+        if batch["self_reward_index"][row] < 0:
             continue
-        prompt = batch["prompt_ids"][row][batch["prompt_mask"][row].bool()]
-        ids = torch.cat([prompt, batch["completion_ids"][row, :index]])[None]
-        logits = model(input_ids=ids).logits[0, -1].double()
+        logits = model(input_ids=eos_ids(batch, row)).logits[0, -1].double()  # with its graph, unlike eos_state
         scores[row] = beta * (torch.log_softmax(logits, -1)[ZC] - batch["self_reward_ref"][row].double())
         coefs[row] = batch["self_reward_coef"][row].item() * loss_coef
     surrogate = 0.0
