@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -72,12 +74,15 @@ def nested_selection(
     inner_folds: int = 5,
     seed: int = 0,
     bands: Sequence[str] | None = None,
+    train_mask: torch.Tensor | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per rule: the pooled outer AUROC overall and within a problem (and per band, given each sample's), and each
     outer fold's chosen cell.
 
     Each outer fold (grouped by problem, stratified) is scored by the row fitted on the other folds with the cell the
-    rule picks from `cross_validate_row_fit` run on those other folds only (`inner_folds`).
+    rule picks from `cross_validate_row_fit` run on those other folds only (`inner_folds`). With `train_mask`, only
+    the other folds' samples it marks train: the outer folds stay those of all samples, so two calls pair on the same
+    problems (a fit on fewer problems against one on all).
     """
     states, logps, labels, groups = fitting["states"], fitting["logps"], fitting["labels"], fitting["groups"]
     beta, ref, other = fitting["beta"], fitting["ref"], fitting.get("other_gram")
@@ -87,6 +92,8 @@ def nested_selection(
     chosen: dict[str, list[dict[str, float]]] = {name: [] for name in rules}
     for k in range(outer_folds):
         train, test = fold_of != k, fold_of == k
+        if train_mask is not None:
+            train = train & train_mask
         inner_labels = [y for y, t in zip(label_list, train.tolist()) if t]
         inner_groups = [g for g, t in zip(group_list, train.tolist()) if t]
         table = cross_validate_row_fit(
@@ -168,10 +175,15 @@ def arithmetic_bands(groups: Sequence[int], split: str, num_problems: int) -> li
     return [band_of[texts[g]] for g in groups]
 
 
+def first_problems(groups: torch.Tensor, num_problems: int) -> torch.Tensor:
+    """Which samples belong to the first `num_problems` problems (in the order they were sampled)."""
+    keep = list(dict.fromkeys(groups.tolist()))[:num_problems]
+    return torch.isin(groups, torch.tensor(keep))
+
+
 def subset(fitting: dict[str, Any], num_problems: int) -> dict[str, Any]:
     """The fitting samples of the first `num_problems` problems (in the order they were sampled)."""
-    keep = list(dict.fromkeys(fitting["groups"].tolist()))[:num_problems]
-    mask = torch.isin(fitting["groups"], torch.tensor(keep))
+    mask = first_problems(fitting["groups"], num_problems)
     per_sample = [key for key in ("states", "logps", "labels", "groups", "mean_token_logprobs") if key in fitting]
     return {**fitting, **{key: fitting[key][mask] for key in per_sample}}
 
@@ -186,6 +198,13 @@ def make_parser() -> argparse.ArgumentParser:
         nargs="*",
         default=[64, 128, 192],
         help="Also nest fit-row's rule on the first N problems only, for each N (how the fit grows with problems).",
+    )
+    parser.add_argument(
+        "--paired-size",
+        type=int,
+        default=None,
+        help="Also score the same outer folds by fit-row's rule trained only on their other folds' problems among the "
+        "first N: a fit on N problems against one on all, paired on the same held-out problems.",
     )
     parser.add_argument(
         "--arithmetic-split",
@@ -217,6 +236,16 @@ def main(args: argparse.Namespace) -> None:
     for size in args.sizes:
         nested = nested_selection(subset(fitting, size), {"mean": choice}, outer_folds=args.outer_folds)
         curve[str(size)] = {key: nested["mean"][key] for key in ("auroc", "auroc_within_problem")}
+    paired = None
+    if args.paired_size is not None:
+        mask = first_problems(fitting["groups"], args.paired_size)
+        nested = nested_selection(
+            fitting, {"mean": choice}, outer_folds=args.outer_folds, inner_folds=fitting["folds"], train_mask=mask
+        )["mean"]
+        paired = {
+            "size": args.paired_size,
+            **{key: nested[key] for key in ("auroc", "auroc_within_problem", "chosen")},
+        }
     mixed = len(mixed_problems(labels, groups))
     results = {
         "states": args.states,
@@ -227,7 +256,8 @@ def main(args: argparse.Namespace) -> None:
         "cross_validation": {"chosen": choice(table), "table": table},
         "nested": rules,
         "nested_by_problems": curve,
-        "command": f"python benchmarks/row_fit_selection.py {args.states}",
+        "nested_paired_first_problems": paired,
+        "command": shlex.join(["python", "benchmarks/row_fit_selection.py", *sys.argv[1:]]),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
@@ -251,6 +281,11 @@ def main(args: argparse.Namespace) -> None:
     for size, r in curve.items():
         print(
             f"fit-row's rule on the first {size} problems: outer AUROC {r['auroc']:.3f}, within {r['auroc_within_problem']:.3f}"
+        )
+    if paired is not None:
+        print(
+            f"fit-row's rule trained on the first {paired['size']} problems only, the same outer folds: outer AUROC "
+            f"{paired['auroc']:.3f}, within {paired['auroc_within_problem']:.3f}"
         )
     print(f"[row_fit_selection] wrote {args.output}")
 

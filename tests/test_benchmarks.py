@@ -301,6 +301,38 @@ def test_a_fixed_choice_nested_is_the_plain_cross_validation_of_that_cell():
     assert nested["fixed"]["chosen"] == [{"ridge": 0.1, "between_weight": 0.5}] * 3
 
 
+def test_a_fit_on_the_first_problems_scores_the_same_outer_folds_by_hand():
+    import torch
+
+    from trl_laser.evaluation.summary import ranking
+    from trl_laser.readout import grouped_folds
+    from trl_laser.row_fit import refitted_logps, row_fit_step
+
+    generator = torch.Generator().manual_seed(1)
+    n_groups, per_group = 12, 5
+    groups = torch.arange(n_groups).repeat_interleave(per_group)
+    labels = torch.tensor([float((i * 5 + g) % 3 == 0) for i, g in enumerate(groups.tolist())])
+    states = torch.randn(len(labels), 3, generator=generator, dtype=torch.float64) + labels[:, None]
+    logps = torch.full((len(labels),), -20.0, dtype=torch.float64) + 0.1 * groups
+    fitting = {"states": states, "logps": logps, "labels": labels, "groups": groups, "beta": 0.1, "ref": -20.0}
+    fixed = {"ridge": 0.1, "between_weight": 0.5, "auroc": 0.0, "auroc_within_problem": 0.0}
+    mask = selection.first_problems(groups, 7)
+    assert mask.tolist() == [True] * 35 + [False] * 25
+    nested = selection.nested_selection(fitting, {"fixed": lambda t: fixed}, (0.1,), (0.5,), 3, 3, train_mask=mask)
+    # By hand: the folds of all 12 problems, each scored by the row fitted on its other folds' problems 0-6 only.
+    fold_of = torch.tensor(grouped_folds(groups.tolist(), 3, 0, labels.bool().tolist()))
+    scores = torch.empty(len(labels), dtype=torch.float64)
+    for k in range(3):
+        train = (fold_of != k) & (groups < 7)
+        step = row_fit_step(states[train], logps[train], labels[train], groups[train], 0.1, -20.0, 0.1, 0.5)
+        scores[fold_of == k] = refitted_logps(states[fold_of == k], logps[fold_of == k], step)
+    rank = ranking(scores.tolist(), labels.bool().tolist(), groups.tolist())
+    assert nested["fixed"]["auroc"] == pytest.approx(rank["auroc"])
+    assert nested["fixed"]["auroc_within_problem"] == pytest.approx(rank["auroc_within_problem"])
+    everything = selection.nested_selection(fitting, {"fixed": lambda t: fixed}, (0.1,), (0.5,), 3, 3)
+    assert everything["fixed"]["auroc"] != pytest.approx(rank["auroc"])
+
+
 def test_a_subset_keeps_the_first_problems_samples():
     import torch
 
