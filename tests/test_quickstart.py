@@ -205,7 +205,7 @@ def test_the_printed_commands_follow_the_recipe():
 @pytest.mark.slow
 def test_quickstart_full(tmp_path):
     """`make quickstart` as shipped: SmolLM2-135M-Instruct, 64 steps of 4 prompts x 8 completions, the row refitted
-    on 256 distinct training problems at the end of training, then the evaluation of the fitted model on the 406
+    on 512 distinct training problems at the end of training, then the evaluation of the fitted model on the 406
     distinct held-out problems (about 1.5 hours on 2 cores)."""
 
     def run(*argv: str) -> str:
@@ -216,7 +216,7 @@ def test_quickstart_full(tmp_path):
         return result.stdout
 
     out, fitted = tmp_path / "quickstart", tmp_path / "quickstart-fit"
-    fit = ["--fit_row_problems", "256", "--fit_row_split", "train_distinct"]
+    fit = ["--fit_row_problems", "512", "--fit_row_split", "train_distinct"]
     printed = run("train", "--config", QUICKSTART, "--output_dir", str(out), *fit)
     assert "Final self-verification metrics (step 64)" in printed
     assert (out / SELF_REWARD_CONFIG_NAME).is_file()
