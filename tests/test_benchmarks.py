@@ -279,19 +279,26 @@ def test_seeds_are_compared_per_seed_and_on_the_mean():
 selection = load("row_fit_selection")
 
 
-def test_a_fixed_choice_nested_is_the_plain_cross_validation_of_that_cell():
+FIXED_CELL = {"ridge": 0.1, "between_weight": 0.5, "auroc": 0.0, "auroc_within_problem": 0.0}
+
+
+def fitting_states(seed: int, n_groups: int, per_group: int, dim: int, stride: int) -> dict:
+    """Synthetic `fit-row --save-states` content: states shifted by the label, log pi(z_c) shifted by the group."""
     import torch
 
+    generator = torch.Generator().manual_seed(seed)
+    groups = torch.arange(n_groups).repeat_interleave(per_group)
+    labels = torch.tensor([float((i * stride + g) % 3 == 0) for i, g in enumerate(groups.tolist())])
+    states = torch.randn(len(labels), dim, generator=generator, dtype=torch.float64) + labels[:, None]
+    logps = torch.full((len(labels),), -20.0, dtype=torch.float64) + 0.1 * groups
+    return {"states": states, "logps": logps, "labels": labels, "groups": groups, "beta": 0.1, "ref": -20.0}
+
+
+def test_a_fixed_choice_nested_is_the_plain_cross_validation_of_that_cell():
     from trl_laser.row_fit import cross_validate_row_fit
 
-    generator = torch.Generator().manual_seed(0)
-    n_groups, per_group = 15, 6
-    groups = torch.arange(n_groups).repeat_interleave(per_group)
-    labels = torch.tensor([float((i * 7 + g) % 3 == 0) for i, g in enumerate(groups.tolist())])
-    states = torch.randn(len(labels), 4, generator=generator, dtype=torch.float64) + labels[:, None]
-    logps = torch.full((len(labels),), -20.0, dtype=torch.float64) + 0.1 * groups
-    fitting = {"states": states, "logps": logps, "labels": labels, "groups": groups, "beta": 0.1, "ref": -20.0}
-    fixed = {"ridge": 0.1, "between_weight": 0.5, "auroc": 0.0, "auroc_within_problem": 0.0}
+    fitting, fixed = fitting_states(0, 15, 6, 4, 7), FIXED_CELL
+    states, logps, labels, groups = (fitting[key] for key in ("states", "logps", "labels", "groups"))
     nested = selection.nested_selection(fitting, {"fixed": lambda table: fixed}, (0.1, 1.0), (1.0, 0.5), 3, 3)
     plain = cross_validate_row_fit(
         states, logps, labels.bool().tolist(), groups.tolist(), 0.1, -20.0, (0.1,), (0.5,), 3
@@ -308,14 +315,8 @@ def test_a_fit_on_the_first_problems_scores_the_same_outer_folds_by_hand():
     from trl_laser.readout import grouped_folds
     from trl_laser.row_fit import refitted_logps, row_fit_step
 
-    generator = torch.Generator().manual_seed(1)
-    n_groups, per_group = 12, 5
-    groups = torch.arange(n_groups).repeat_interleave(per_group)
-    labels = torch.tensor([float((i * 5 + g) % 3 == 0) for i, g in enumerate(groups.tolist())])
-    states = torch.randn(len(labels), 3, generator=generator, dtype=torch.float64) + labels[:, None]
-    logps = torch.full((len(labels),), -20.0, dtype=torch.float64) + 0.1 * groups
-    fitting = {"states": states, "logps": logps, "labels": labels, "groups": groups, "beta": 0.1, "ref": -20.0}
-    fixed = {"ridge": 0.1, "between_weight": 0.5, "auroc": 0.0, "auroc_within_problem": 0.0}
+    fitting, fixed = fitting_states(1, 12, 5, 3, 5), FIXED_CELL
+    states, logps, labels, groups = (fitting[key] for key in ("states", "logps", "labels", "groups"))
     mask = selection.first_problems(groups, 7)
     assert mask.tolist() == [True] * 35 + [False] * 25
     nested = selection.nested_selection(fitting, {"fixed": lambda t: fixed}, (0.1,), (0.5,), 3, 3, train_mask=mask)
