@@ -163,10 +163,11 @@ def main(model_dir: str, out_path: str, row_update: str, zero_stage: int, captur
         torch.save(delta.double(), out_path + ".delta.pt")
         with open(out_path, "w") as f:
             json.dump({"rows": all_rows, "metrics": metrics, "world": world}, f)
-    # Every process waits for the main one to have written before any tears the process group down: a gloo rank that
-    # exits while another still works can abort ("terminate called without an active exception"), as `trl-laser
-    # train` saw once.
+    # Every process waits for the main one to have written, then tears the gloo group down before the interpreter
+    # exits, as `trl-laser train` does: gloo's worker threads still alive at exit abort a rank ("terminate called
+    # without an active exception"), which CI saw once with the barrier alone.
     trainer.accelerator.wait_for_everyone()
+    trainer.end()
 
 
 if __name__ == "__main__":
