@@ -215,6 +215,21 @@ def make_parser() -> argparse.ArgumentParser:
         "--max-problems", type=int, default=None, help="With --arithmetic-split: the problems the fit sampled."
     )
     parser.add_argument(
+        "--ridges",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_RIDGES),
+        help="The ridges of every table and choice (default: fit-row's). With the same outer folds, a run over another "
+        "grid pairs with one over the default.",
+    )
+    parser.add_argument(
+        "--between-weights",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_BETWEEN_WEIGHTS),
+        help="The between-problem weights of every table and choice (default: fit-row's).",
+    )
+    parser.add_argument(
         "--output", default=os.path.join(ROOT, "benchmarks", "results", "row_fit_selection.json"), help="JSON file."
     )
     return parser
@@ -227,20 +242,28 @@ def main(args: argparse.Namespace) -> None:
     bands = None
     if args.arithmetic_split is not None:
         bands = arithmetic_bands(groups, args.arithmetic_split, args.max_problems)
+    grid = {"ridges": args.ridges, "between_weights": args.between_weights}
     table = cross_validate_row_fit(
-        fitting["states"], fitting["logps"], labels, groups, fitting["beta"], fitting["ref"],
+        fitting["states"], fitting["logps"], labels, groups, fitting["beta"], fitting["ref"], **grid,
         folds=fitting["folds"], seed=fitting["seed"], other_gram=fitting["other_gram"],
     )  # fmt: skip
-    rules = nested_selection(fitting, RULES, outer_folds=args.outer_folds, inner_folds=fitting["folds"], bands=bands)
+    rules = nested_selection(
+        fitting, RULES, **grid, outer_folds=args.outer_folds, inner_folds=fitting["folds"], bands=bands
+    )
     curve = {}
     for size in args.sizes:
-        nested = nested_selection(subset(fitting, size), {"mean": choice}, outer_folds=args.outer_folds)
+        nested = nested_selection(subset(fitting, size), {"mean": choice}, **grid, outer_folds=args.outer_folds)
         curve[str(size)] = {key: nested["mean"][key] for key in ("auroc", "auroc_within_problem")}
     paired = None
     if args.paired_size is not None:
         mask = first_problems(fitting["groups"], args.paired_size)
         nested = nested_selection(
-            fitting, {"mean": choice}, outer_folds=args.outer_folds, inner_folds=fitting["folds"], train_mask=mask
+            fitting,
+            {"mean": choice},
+            **grid,
+            outer_folds=args.outer_folds,
+            inner_folds=fitting["folds"],
+            train_mask=mask,
         )["mean"]
         paired = {
             "size": args.paired_size,
@@ -252,6 +275,7 @@ def main(args: argparse.Namespace) -> None:
         "n_samples": len(labels),
         "n_problems": len(set(groups)),
         "n_problems_with_both_classes": mixed,
+        "grid": grid,
         "before_fit": {"auroc": before["auroc"], "auroc_within_problem": before["auroc_within_problem"]},
         "cross_validation": {"chosen": choice(table), "table": table},
         "nested": rules,
