@@ -334,6 +334,24 @@ def test_a_fit_on_the_first_problems_scores_the_same_outer_folds_by_hand():
     assert everything["fixed"]["auroc"] != pytest.approx(rank["auroc"])
 
 
+def test_a_grid_reaches_every_table_and_choice(tmp_path):
+    import json
+
+    import torch
+
+    fitting = {**fitting_states(2, 12, 5, 3, 5), "other_gram": None, "folds": 3, "seed": 0}
+    torch.save(fitting, tmp_path / "states.pt")
+    out = tmp_path / "grid.json"
+    args = ["--sizes", "--outer-folds", "3", "--ridges", "0.01", "2.0", "--between-weights", "0.3", "--output"]
+    selection.main(selection.make_parser().parse_args([str(tmp_path / "states.pt"), *args, str(out)]))
+    result = json.loads(out.read_text())
+    assert result["grid"] == {"ridges": [0.01, 2.0], "between_weights": [0.3]}
+    cells = {(row["ridge"], row["between_weight"]) for row in result["cross_validation"]["table"]}
+    assert cells == {(0.01, 0.3), (2.0, 0.3)}
+    for rule in result["nested"].values():
+        assert all((c["ridge"], c["between_weight"]) in cells for c in rule["chosen"])
+
+
 def test_a_subset_keeps_the_first_problems_samples():
     import torch
 
