@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import EOS, SELF_REWARD_TOKEN, ZC, answering_model
+from conftest import EOS, SELF_REWARD_TOKEN, ZC, answering_model, load_benchmark
 from huggingface_hub import HfApi
 from safetensors.torch import load_file
 
@@ -313,6 +313,40 @@ def test_cli_fits_the_row_and_changes_nothing_else(laser_dir, tmp_path, capsys):
     inside = result["inside_answers"]
     assert inside["other_weight"] == 0.0 and inside["positions"] >= result["n_finished"]
     assert set(inside["expected_zc_draws_per_answer"]) == {"before", "after"}
+
+
+def test_a_refit_from_saved_states_is_fit_rows_row_and_takes_another_grid(laser_dir, tmp_path, capsys):
+    refit = load_benchmark("refit_from_states")
+    out, states_file = str(tmp_path / "fitted"), str(tmp_path / "states.pt")
+    argv = ["fit-row", "--model", laser_dir, "--dataset", "builtin:arithmetic", "--split", "test"]
+    argv += ["--max-problems", "6", "--num-samples", "8", "--max-new-tokens", "6", "--folds", "3"]
+    assert cli_main([*argv, "--output-dir", out, "--save-states", states_file, "--ridges", "0.01", "0.1"]) == 0
+    capsys.readouterr()
+    with open(os.path.join(out, ROW_FIT_FILE), encoding="utf-8") as f:
+        fit_rows = json.load(f)
+
+    def run(output_dir: str, *grid: str) -> dict:
+        options = ["--model", laser_dir, "--states", states_file, "--output-dir", output_dir, *grid]
+        refit.main(refit.make_parser().parse_args(options))
+        with open(os.path.join(output_dir, ROW_FIT_FILE), encoding="utf-8") as f:
+            return json.load(f)
+
+    # fit-row's grid: its choice, its table and its row, to the last bit; every other file as fit-row saved it.
+    same = run(str(tmp_path / "same"), "--ridges", "0.01", "0.1")
+    assert "saved to" in capsys.readouterr().out
+    assert same["chosen"] == fit_rows["chosen"] and same["cross_validation"] == fit_rows["cross_validation"]
+    fitted, again = (load_file(os.path.join(d, "model.safetensors")) for d in (out, str(tmp_path / "same")))
+    assert set(fitted) == set(again) and all(torch.equal(fitted[k], again[k]) for k in fitted)
+    assert set(os.listdir(out)) == set(os.listdir(tmp_path / "same"))
+    # Another grid: the choice is among its cells alone, and only z_c's row moves from the trained model's.
+    other = run(str(tmp_path / "other"), "--ridges", "3.0", "--between-weights", "0.05")
+    assert [(r["ridge"], r["between_weight"]) for r in other["cross_validation"]["table"]] == [(3.0, 0.05)]
+    before = load_file(os.path.join(laser_dir, "model.safetensors"))["lm_head.weight"]
+    moved = load_file(os.path.join(tmp_path / "other", "model.safetensors"))["lm_head.weight"] - before
+    assert float(moved[ZC].norm()) == pytest.approx(other["step_norm"], rel=1e-5) and other["step_norm"] > 0
+    assert torch.count_nonzero(moved.abs().sum(-1)) == 1
+    with pytest.raises(ValueError, match="already holds files"):
+        run(str(tmp_path / "other"))
 
 
 def test_cli_pushes_the_fitted_model_with_its_card(laser_dir, tmp_path, uploads, capsys):
