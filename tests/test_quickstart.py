@@ -189,7 +189,7 @@ def test_the_printed_commands_follow_the_recipe():
     script, training = parsed.script_args, parsed.training_args
     assert fit_row_command(script, training, "runs/q-fit").split() == [
         *("trl-laser", "fit-row", "--model", "runs/q/", "--dataset", "builtin:arithmetic", "--split", "validation"),
-        *("--max-problems", "128", "--num-samples", "8", "--max-new-tokens", "40", "--dataset-config", "c"),
+        *("--max-problems", "512", "--num-samples", "8", "--max-new-tokens", "40", "--dataset-config", "c"),
         *("--problem-column", "question", "--output-dir", "runs/q-fit"),
     ]
     distinct = parse_args([*argv, "--fit_row_split", "train_distinct"]).script_args

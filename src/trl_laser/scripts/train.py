@@ -36,6 +36,9 @@ from trl_laser.run_dir import (
 
 
 TRACEBACK_ENV = "TRL_LASER_TRACEBACK"  # set to 1 for the full trace of an error raised while training
+# The refit the end of a run suggests: on 512 problems x 8 it read the quickstart's trained states better than on 256
+# (docs/miniature.md, "A fit on 512 problems, over the four seeds").
+SUGGESTED_FIT_ROW_PROBLEMS = 512
 
 
 def make_parser(prog: str | None = None) -> RecipeParser:
@@ -164,8 +167,9 @@ def main(
         model = fit_dir(training_args.output_dir)
         report(
             "Its score's row was fitted on the way, to earlier states (self_reward_row_update: least_squares): refit "
-            "it to the final model's own answers on training problems (`--fit_row_problems 128` does it at the end "
-            "of training):\n  " + fit_row_command(script_args, training_args, model, hub_model_id)
+            "it to the final model's own answers on training problems (`--fit_row_problems "
+            f"{SUGGESTED_FIT_ROW_PROBLEMS}` does it at the end of training):\n  "
+            + fit_row_command(script_args, training_args, model, hub_model_id)
         )
     report(
         "Check its self-verification on problems it never saw, beside the free mean-token-log-prob baseline:\n  "
@@ -276,12 +280,13 @@ def fit_row_command(
     training_args: LaSeRConfig,
     fitted: str,
     hub_model_id: str | None = None,
-    max_problems: int = 128,
+    max_problems: int | None = None,
 ) -> str:
     """The `trl-laser fit-row` command that refits z_c's row of the saved model on `max_problems` training problems
-    (128 by default), into `fitted`, then pushes it to `hub_model_id` when given (a new commit over the trained
+    (`SUGGESTED_FIT_ROW_PROBLEMS` by default), into `fitted`, then pushes it to `hub_model_id` when given (a new commit over the trained
     model's: the fitted model is the one to score with)."""
     command = ["trl-laser", "fit-row", "--model", training_args.output_dir, "--dataset", str(script_args.dataset_name)]
+    max_problems = max_problems or SUGGESTED_FIT_ROW_PROBLEMS
     command += ["--split", fit_row_split(script_args), "--max-problems", str(max_problems), "--num-samples", "8"]
     command += ["--max-new-tokens", str(training_args.max_completion_length), *_columns(script_args)]
     command += ["--output-dir", fitted]
