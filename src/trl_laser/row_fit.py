@@ -93,6 +93,15 @@ def row_fit_step(
     Returns:
         `(d,)` the step, in float64.
     """
+    system = row_fit_system(states, logps, labels, groups, beta, ref)
+    return solve_row_fit(system, beta, ridge, between_weight, other_gram, other_weight)
+
+
+def row_fit_system(
+    states: torch.Tensor, logps: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, beta: float, ref: float
+) -> tuple[torch.Tensor, ...]:
+    """What `row_fit_step` solves, before its ridge and between weight: the gradient `u`, the matrix `B`, and each
+    problem's sums (`core.group_centred_system`), in float64. Built once, it serves every cell of a grid."""
     states, logps, labels = states.double(), logps.double(), labels.double()
     coef = class_weights(labels, torch.ones_like(labels, dtype=torch.bool))[0].double()
     phi = (1 - logps.exp())[:, None] * states
@@ -103,7 +112,19 @@ def row_fit_step(
     group_sums = torch.zeros(len(ids), phi.size(1), dtype=phi.dtype).index_add_(0, groups, phi * coef[:, None])
     group_weights = torch.zeros(len(ids), dtype=phi.dtype).index_add_(0, groups, coef)
     group_residuals = torch.zeros(len(ids), dtype=phi.dtype).index_add_(0, groups, coef * residual)
-    gradient, gram = group_centred_system(gradient, gram, group_sums, group_weights, group_residuals, between_weight)
+    return gradient, gram, group_sums, group_weights, group_residuals
+
+
+def solve_row_fit(
+    system: tuple[torch.Tensor, ...],
+    beta: float,
+    ridge: float,
+    between_weight: float = 1.0,
+    other_gram: torch.Tensor | None = None,
+    other_weight: float = 0.0,
+) -> torch.Tensor:
+    """`row_fit_step` from its `row_fit_system`, for one ridge and between weight."""
+    gradient, gram = group_centred_system(*system, between_weight)
     if other_gram is not None and other_weight > 0:
         gram = gram + other_weight * other_gram.double()
     return least_squares_row_step(gram, gradient, beta, ridge)
@@ -141,26 +162,20 @@ def cross_validate_row_fit(
     term (`row_fit_step`) reads no label, so every fold uses the one of all samples.
     """
     fold_of = torch.tensor(grouped_folds(groups, folds, seed, labels))
-    ids = torch.tensor([{g: i for i, g in enumerate(dict.fromkeys(groups))}[g] for g in groups])
+    index = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+    ids = torch.tensor([index[g] for g in groups])
     y = torch.tensor([float(v) for v in labels], dtype=torch.float64)
+    systems = [
+        row_fit_system(states[fold_of != k], logps[fold_of != k], y[fold_of != k], ids[fold_of != k], beta, ref)
+        for k in range(folds)
+    ]
     table = []
     for between in between_weights:
         for ridge in ridges:
             scores = torch.empty(len(y), dtype=torch.float64)
             for k in range(folds):
-                train, test = fold_of != k, fold_of == k
-                step = row_fit_step(
-                    states[train],
-                    logps[train],
-                    y[train],
-                    ids[train],
-                    beta,
-                    ref,
-                    ridge,
-                    between,
-                    other_gram,
-                    other_weight,
-                )
+                test = fold_of == k
+                step = solve_row_fit(systems[k], beta, ridge, between, other_gram, other_weight)
                 scores[test] = refitted_logps(states[test], logps[test], step)
             rank = ranking(scores.tolist(), labels, groups)
             table.append(
