@@ -252,7 +252,7 @@ def test_cli_fits_the_row_and_changes_nothing_else(laser_dir, tmp_path, capsys):
     step = row_fit_step(saved["states"], saved["logps"], saved["labels"], saved["groups"], *fit_args)
     assert float(step.norm()) == pytest.approx(result["step_norm"], rel=1e-9)
     assert printed["chosen"] == result["chosen"] and result["split"] == "test"
-    assert len(result["cross_validation"]["table"]) == 2 * 4  # 2 ridges x the 4 default between weights
+    assert len(result["cross_validation"]["table"]) == 2 * 5  # 2 ridges x the 5 default between weights
     assert result["chosen"] == choice(result["cross_validation"]["table"])
     assert 0 < result["n_correct_finished"] < result["n_finished"] <= 48
 

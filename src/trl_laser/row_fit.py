@@ -49,11 +49,13 @@ from .settings import resolve_settings
 # Ridges relative to trace(B) / d (as the training-time row update). The step starts from the trained row, so a small
 # ridge keeps it where the samples say nothing. On SmolLM2-135M's arithmetic miniature (2,000 samples, d = 576) the
 # folds grouped by position chose the smallest of 0.003-1, and grouped by problem text (`problem_groups`) the largest,
-# 1.0 (docs/miniature.md): the grid reaches a decade beyond both.
-DEFAULT_RIDGES = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+# 1.0; on 512 distinct problems x 8 most choices were the smallest then, 0.0003, and the grid reaching 0.00001 (and
+# the between weight 0.05) ranked within a problem 0.0055 better, nested over four trained models (docs/miniature.md,
+# "fit-row's grid reaches smaller ridges").
+DEFAULT_RIDGES = (0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 # Weights of the part of the fit between problems: 1 is the pooled MSE, lower weights fit more of what separates
 # answers to the same problem (0 alone would leave the level across problems unfitted, so it is not a default).
-DEFAULT_BETWEEN_WEIGHTS = (1.0, 0.5, 0.25, 0.1)
+DEFAULT_BETWEEN_WEIGHTS = (1.0, 0.5, 0.25, 0.1, 0.05)
 # Weight of keeping z_c's logit where it was at the positions that sample the answers (`row_fit_step`). Off by
 # default: the saved generation config suppresses z_c instead (`_save`), which leaves every other token's sampling
 # probability exactly as before the fit, where this term costs ranking (on the miniature's row-only model the

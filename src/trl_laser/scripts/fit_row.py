@@ -36,14 +36,18 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
         "--folds", type=int, default=5, help="Cross-validation folds, grouped by problem (default: 5)."
     )
     parser.add_argument(
-        "--ridges", type=float, nargs="+", default=None, help="Ridges to choose from (default: 0.0003 0.001 ... 1)."
+        "--ridges",
+        type=float,
+        nargs="+",
+        default=None,
+        help="Ridges to choose from (default: 0.00001 0.00003 ... 10).",
     )
     parser.add_argument(
         "--between-weights",
         type=float,
         nargs="+",
         default=None,
-        help="Weights in (0, 1] of the fit between problems to choose from (default: 1 0.5 0.25 0.1).",
+        help="Weights in (0, 1] of the fit between problems to choose from (default: 1 0.5 0.25 0.1 0.05).",
     )
     parser.add_argument(
         "--other-weight",
