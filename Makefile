@@ -19,13 +19,13 @@ install: $(STAMP)
 
 QUICKSTART_MODEL := outputs/quickstart/SmolLM2-135M-Instruct-LaSeR-arithmetic
 
-# Train, then refit z_c's row to the trained model's answers on 512 distinct training problems (into
+# Train, then refit z_c's row to the trained model's answers on 1,024 distinct training problems (into
 # $(QUICKSTART_MODEL)-fit); then score that model on the 406 distinct held-out problems x 8 answers it never saw,
 # beside the free mean token log-prob (distinct problems: within-problem rankings need many problems that got both
 # right and wrong answers, each counted once; the 200 of `--split test` are 110 texts, 20 of them mixed).
 # A demo: running it again replaces its own earlier results (a user's run into a used folder is refused instead).
 quickstart: $(STAMP)
-	trl-laser train --config recipes/quickstart/laser/config_smollm2_arithmetic.yaml --fit_row_problems 512 \
+	trl-laser train --config recipes/quickstart/laser/config_smollm2_arithmetic.yaml --fit_row_problems 1024 \
 		--fit_row_split train_distinct --overwrite_output_dir true
 	trl-laser eval --model $(QUICKSTART_MODEL)-fit --dataset builtin:arithmetic --split test_distinct \
 		--num-samples 8 --max-new-tokens 40 --batch-size 32 --output-dir $(QUICKSTART_MODEL)-fit-eval --overwrite

@@ -43,7 +43,7 @@ def test_quickstart_short_trains_saves_and_evaluates(tiny_model_dir, tmp_path, c
     assert "self_reward/c_ref=" in printed
     # The last lines: the row's refit on training problems (the row took least-squares steps on earlier states), then
     # the held-out evaluation of the refitted model, with the recipe's prompt and length.
-    fit = f"trl-laser fit-row --model {out} --dataset builtin:arithmetic --split train --max-problems 128 "
+    fit = f"trl-laser fit-row --model {out} --dataset builtin:arithmetic --split train --max-problems 1024 "
     fit += f"--num-samples 8 --max-new-tokens 12 --output-dir {out}-fit"
     evaluate = f"trl-laser eval --model {out}-fit --dataset builtin:arithmetic --split test --num-samples 4 "
     evaluate += f"--max-new-tokens 12 --output-dir {out}-fit-eval"
@@ -189,7 +189,7 @@ def test_the_printed_commands_follow_the_recipe():
     script, training = parsed.script_args, parsed.training_args
     assert fit_row_command(script, training, "runs/q-fit").split() == [
         *("trl-laser", "fit-row", "--model", "runs/q/", "--dataset", "builtin:arithmetic", "--split", "validation"),
-        *("--max-problems", "512", "--num-samples", "8", "--max-new-tokens", "40", "--dataset-config", "c"),
+        *("--max-problems", "1024", "--num-samples", "8", "--max-new-tokens", "40", "--dataset-config", "c"),
         *("--problem-column", "question", "--output-dir", "runs/q-fit"),
     ]
     distinct = parse_args([*argv, "--fit_row_split", "train_distinct"]).script_args
@@ -205,7 +205,7 @@ def test_the_printed_commands_follow_the_recipe():
 @pytest.mark.slow
 def test_quickstart_full(tmp_path):
     """`make quickstart` as shipped: SmolLM2-135M-Instruct, 64 steps of 4 prompts x 8 completions, the row refitted
-    on 512 distinct training problems at the end of training, then the evaluation of the fitted model on the 406
+    on 1,024 distinct training problems at the end of training, then the evaluation of the fitted model on the 406
     distinct held-out problems (about 1.5 hours on 2 cores)."""
 
     def run(*argv: str) -> str:
@@ -216,7 +216,7 @@ def test_quickstart_full(tmp_path):
         return result.stdout
 
     out, fitted = tmp_path / "quickstart", tmp_path / "quickstart-fit"
-    fit = ["--fit_row_problems", "512", "--fit_row_split", "train_distinct"]
+    fit = ["--fit_row_problems", "1024", "--fit_row_split", "train_distinct"]
     printed = run("train", "--config", QUICKSTART, "--output_dir", str(out), *fit)
     assert "Final self-verification metrics (step 64)" in printed
     assert (out / SELF_REWARD_CONFIG_NAME).is_file()

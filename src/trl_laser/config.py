@@ -114,7 +114,7 @@ class LaSeRScriptArguments:
             "help": "After training, refit z_c's output row in closed form to the final model's own answers (8 per "
             "problem, temperature 1) on the first N problems of the training split, as `trl-laser fit-row` does, into "
             "`<output_dir>-fit`; with `push_to_hub`, that model is pushed to the same repository after the trained "
-            "one. It pays most after a run whose row took least-squares steps (the quickstart: 512). At least 5 "
+            "one. It pays most after a run whose row took least-squares steps (the quickstart: 1024). At least 5 "
             "(the folds of its cross-validation). Default: off."
         },
     )
