@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from row_fit_selection import add_grid_arguments
 
 from trl_laser.evaluation.sampling import load_for_sampling
 from trl_laser.row_fit import (
@@ -96,14 +97,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="The trained model the states were read from.")
     parser.add_argument("--states", required=True, help="A file written by `trl-laser fit-row --save-states`.")
     parser.add_argument("--output-dir", required=True, help="Where the model with the refitted row goes (new).")
-    parser.add_argument("--ridges", type=float, nargs="+", default=list(DEFAULT_RIDGES), help="Ridges to choose from.")
-    parser.add_argument(
-        "--between-weights",
-        type=float,
-        nargs="+",
-        default=list(DEFAULT_BETWEEN_WEIGHTS),
-        help="Between-problem weights in (0, 1] to choose from.",
-    )
+    add_grid_arguments(parser)
     return parser
 
 

@@ -188,6 +188,21 @@ def subset(fitting: dict[str, Any], num_problems: int) -> dict[str, Any]:
     return {**fitting, **{key: fitting[key][mask] for key in per_sample}}
 
 
+def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--ridges` and `--between-weights`, fit-row's grid by default: a run over another grid pairs with one over the
+    default on the same outer folds (here), or refits a model over it (`refit_from_states.py`)."""
+    parser.add_argument(
+        "--ridges", type=float, nargs="+", default=list(DEFAULT_RIDGES), help="Ridges to choose from (fit-row's)."
+    )
+    parser.add_argument(
+        "--between-weights",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_BETWEEN_WEIGHTS),
+        help="Between-problem weights in (0, 1] to choose from (fit-row's).",
+    )
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("states", help="A file written by `trl-laser fit-row --save-states`.")
@@ -214,21 +229,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-problems", type=int, default=None, help="With --arithmetic-split: the problems the fit sampled."
     )
-    parser.add_argument(
-        "--ridges",
-        type=float,
-        nargs="+",
-        default=list(DEFAULT_RIDGES),
-        help="The ridges of every table and choice (default: fit-row's). With the same outer folds, a run over another "
-        "grid pairs with one over the default.",
-    )
-    parser.add_argument(
-        "--between-weights",
-        type=float,
-        nargs="+",
-        default=list(DEFAULT_BETWEEN_WEIGHTS),
-        help="The between-problem weights of every table and choice (default: fit-row's).",
-    )
+    add_grid_arguments(parser)
     parser.add_argument(
         "--output", default=os.path.join(ROOT, "benchmarks", "results", "row_fit_selection.json"), help="JSON file."
     )
